@@ -1,0 +1,1 @@
+"""Core: rasters, models, inference and metrics. Never imports Qt or QGIS."""

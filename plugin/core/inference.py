@@ -1,0 +1,232 @@
+"""Tiled, streaming height prediction over an embeddings raster of any size.
+
+Tiles overlap and are blended with weights that fall to ~0 at tile edges, so no seam
+shows. The raster is processed in column bands, each top to bottom with a rolling
+accumulator one tile high: memory depends on tile, batch and band width, never on the
+area. The output appears under its name only once complete.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+
+from .device import describe_device, select_device
+from .errors import InputError
+from .models import ModelPackage, load_model
+from .rasters import (OUTPUT_NODATA, EmbeddingRaster, Grid, atomic_write, check_output_path,
+                      describe_band, float_profile, valid_mask)
+
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+DEFAULT_BAND_WIDTH = 4096
+
+
+class Cancelled(Exception):
+    """The caller asked to stop; no output was written."""
+
+
+@dataclass
+class PredictionResult:
+    path: Path
+    grid: Grid
+    tiles: int
+    seconds: float
+    device: str
+    stats: dict = field(default_factory=dict)
+
+
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``length``; the last one is flush."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def blend_weights(rows: int, cols: int, overlap: int) -> np.ndarray:
+    """2-D weights: 1 in the tile core, ramping towards ~0 across the overlap at each edge."""
+    def ramp(n: int) -> np.ndarray:
+        if overlap <= 0:
+            return np.ones(n, dtype=np.float32)
+        i = np.arange(n, dtype=np.float32)
+        return np.clip(np.minimum(i + 1, n - i) / (overlap + 1), 1e-3, 1.0)
+    return np.outer(ramp(rows), ramp(cols)).astype(np.float32)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class _Runner:
+    """Holds the model on its device and turns batches of embeddings into heights."""
+
+    def __init__(self, package: ModelPackage, device_name: str, amp: bool, channels_last: Optional[bool]) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = select_device(device_name)
+        self.channels_last = self.device.type != "mps" if channels_last is None else channels_last
+        self.amp = amp and self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.module = package.module.to(self.device, memory_format=memory_format).eval()
+        self.mean, self.std = package.target_mean, package.target_std
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        x = torch.from_numpy(np.nan_to_num(batch, nan=0.0)).to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            y = self.module(x)[:, 0].float()
+        return (y * self.std + self.mean).cpu().numpy()
+
+
+def _check_tiling(tile: int, overlap: int, batch_size: int, multiple: int) -> None:
+    if tile < multiple or tile % multiple:
+        raise InputError(f"tile size {tile}", f"is not a positive multiple of {multiple}, which this model needs",
+                         f"Use a tile size such as {max(multiple, _round_up(tile, multiple))}")
+    if not 0 <= overlap <= tile // 2:
+        raise InputError(f"overlap {overlap}", f"must be between 0 and half the tile ({tile // 2})",
+                         "Use a smaller overlap, e.g. a quarter of the tile")
+    if batch_size < 1:
+        raise InputError(f"batch size {batch_size}", "must be at least 1", "Use --batch-size 1 or more")
+
+
+def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | ModelPackage,
+                   out_path: str | os.PathLike, *, tile: Optional[int] = None, overlap: Optional[int] = None,
+                   batch_size: int = 4, device: str = "auto", amp: bool = True,
+                   channels_last: Optional[bool] = None, band_width: int = DEFAULT_BAND_WIDTH,
+                   progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> PredictionResult:
+    """Predict surface height (m) for every pixel of an embeddings raster into a GeoTIFF."""
+    started = time.perf_counter()
+    package = model if isinstance(model, ModelPackage) else load_model(model)
+    tile = int(tile or package.default("tile", 256))
+    overlap = int(package.default("overlap", tile // 4) if overlap is None else overlap)
+    _check_tiling(tile, overlap, batch_size, package.multiple)
+    out = check_output_path(out_path, embeddings)
+    with EmbeddingRaster(embeddings) as source:
+        runner = _Runner(package, device, amp, channels_last)
+        grid = source.grid
+        plan = _Plan(grid, tile, overlap, package.multiple, max(band_width, tile))
+        stats = _Stats()
+        with atomic_write(out) as tmp:
+            with rasterio.open(tmp, "w", **float_profile(grid)) as dst:
+                describe_band(dst, "predicted surface height", "m", MODEL=package.name,
+                              SOURCE_EMBEDDINGS=Path(embeddings).name, TILE=str(tile), OVERLAP=str(overlap))
+                done = 0
+                for c0, c1 in plan.bands():
+                    for finished in _predict_band(source, runner, plan, c0, c1, batch_size, cancel):
+                        window, values, n_tiles = finished
+                        stats.add(values)
+                        dst.write(values, 1, window=window)
+                        done += n_tiles
+                        if progress:
+                            progress(done, plan.total_tiles)
+                dst.update_tags(1, **stats.tags())
+    return PredictionResult(out, grid, plan.total_tiles, time.perf_counter() - started,
+                            describe_device(runner.device), stats.summary())
+
+
+@dataclass
+class _Plan:
+    """Tile geometry: tile height/width (shrunk for small rasters), overlaps and bands."""
+
+    grid: Grid
+    tile: int
+    overlap: int
+    multiple: int
+    band_width: int
+
+    def __post_init__(self) -> None:
+        self.th = min(self.tile, _round_up(self.grid.height, self.multiple))
+        self.tw = min(self.tile, _round_up(self.grid.width, self.multiple))
+        self.rows = tile_starts(self.grid.height, self.th, max(1, self.th - self.overlap))
+        self.cols = tile_starts(self.grid.width, self.tw, max(1, self.tw - self.overlap))
+        self.weights = blend_weights(self.th, self.tw, self.overlap)
+        self.total_tiles = sum(len(self.band_cols(c0, c1)) for c0, c1 in self.bands()) * len(self.rows)
+
+    def bands(self) -> list[tuple[int, int]]:
+        width = self.grid.width
+        return [(c0, min(c0 + self.band_width, width)) for c0 in range(0, width, self.band_width)]
+
+    def band_cols(self, c0: int, c1: int) -> list[int]:
+        return [c for c in self.cols if c < c1 and c + self.tw > c0]
+
+
+def _predict_band(source: EmbeddingRaster, runner: _Runner, plan: _Plan, c0: int, c1: int,
+                  batch_size: int, cancel: Optional[CancelFn]):
+    """Yield (window, heights, tiles done) strips of the band [c0, c1), top to bottom."""
+    cols = plan.band_cols(c0, c1)
+    left = cols[0]
+    span = cols[-1] + plan.tw - left
+    num = np.zeros((plan.th, span), dtype=np.float32)
+    den = np.zeros((plan.th, span), dtype=np.float32)
+    valid = np.zeros((plan.th, span), dtype=bool)
+    for k, r in enumerate(plan.rows):
+        for first in range(0, len(cols), batch_size):
+            if cancel and cancel():
+                raise Cancelled("prediction cancelled")
+            chunk = cols[first:first + batch_size]
+            batch = np.stack([source.read(Window(c, r, plan.tw, plan.th)) for c in chunk])
+            heights = runner(batch)
+            for c, emb, h in zip(chunk, batch, heights):
+                sl = np.s_[:, c - left:c - left + plan.tw]
+                num[sl] += h * plan.weights
+                den[sl] += plan.weights
+                valid[sl] |= valid_mask(emb)
+        next_r = plan.rows[k + 1] if k + 1 < len(plan.rows) else min(r + plan.th, plan.grid.height)
+        n = next_r - r
+        a, b = c0 - left, c1 - left
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values = np.where(valid[:n, a:b], num[:n, a:b] / den[:n, a:b], OUTPUT_NODATA).astype(np.float32)
+        yield Window(c0, r, c1 - c0, n), values, len(cols)
+        for buf in (num, den, valid):
+            _shift_up(buf, n)
+
+
+def _shift_up(buf: np.ndarray, n: int) -> None:
+    """Drop the first n finished rows of a rolling accumulator and clear the rows freed."""
+    if n < len(buf):
+        buf[:-n] = buf[n:].copy()
+    buf[-n:] = 0
+
+
+class _Stats:
+    """Running min/max/mean/std of valid output, written as GDAL statistics tags."""
+
+    def __init__(self) -> None:
+        self.n, self.total, self.sq = 0, 0.0, 0.0
+        self.lo, self.hi = np.inf, -np.inf
+
+    def add(self, values: np.ndarray) -> None:
+        v = values[values != OUTPUT_NODATA].astype(np.float64)
+        if v.size:
+            self.n += v.size
+            self.total += v.sum()
+            self.sq += (v * v).sum()
+            self.lo, self.hi = min(self.lo, v.min()), max(self.hi, v.max())
+
+    def summary(self) -> dict:
+        if not self.n:
+            return {"valid_pixels": 0}
+        mean = self.total / self.n
+        std = max(self.sq / self.n - mean * mean, 0.0) ** 0.5
+        return {"valid_pixels": self.n, "min": float(self.lo), "max": float(self.hi),
+                "mean": float(mean), "std": float(std)}
+
+    def tags(self) -> dict:
+        s = self.summary()
+        if not self.n:
+            return {}
+        return {"STATISTICS_MINIMUM": f"{s['min']:.3f}", "STATISTICS_MAXIMUM": f"{s['max']:.3f}",
+                "STATISTICS_MEAN": f"{s['mean']:.3f}", "STATISTICS_STDDEV": f"{s['std']:.3f}",
+                "VALID_PIXELS": str(s["valid_pixels"])}

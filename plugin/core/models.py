@@ -1,0 +1,190 @@
+"""Model packages: a folder with ``model.safetensors`` (weights) and ``model.json`` (card).
+
+The card is the single source of truth: it builds the network, tells inference how to
+prepare the input and undo the target normalisation, and records what the model was
+trained on. Pickled checkpoints are never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import aef
+from .errors import InputError
+
+CARD_FILE = "model.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FORMAT = "alphaearth-height-model"
+ARCHITECTURES = {"unet": "Unet", "unetplusplus": "UnetPlusPlus"}
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".bin")
+DEFAULT_DECODER_CHANNELS = {5: [256, 128, 64, 32, 16], 4: [128, 64, 32, 16], 3: [64, 32, 16]}
+
+
+def architecture_config(arch: str = "unetplusplus", encoder: str = "resnet18", encoder_depth: int = 5,
+                        decoder_channels: list[int] | None = None) -> dict[str, Any]:
+    """The card's ``model`` section: everything needed to rebuild the network."""
+    if arch not in ARCHITECTURES:
+        raise InputError(f"architecture '{arch}'", "is not supported",
+                         f"Use one of: {', '.join(ARCHITECTURES)}")
+    if not 3 <= encoder_depth <= 5:
+        raise InputError(f"encoder depth {encoder_depth}", "is out of range", "Use 3, 4 or 5")
+    channels = list(decoder_channels or DEFAULT_DECODER_CHANNELS[encoder_depth])
+    if len(channels) != encoder_depth:
+        raise InputError(f"decoder channels {channels}", f"need {encoder_depth} values (one per encoder stage)",
+                         "Give as many decoder channels as the encoder depth")
+    return {"architecture": arch, "encoder": encoder, "encoder_depth": encoder_depth,
+            "decoder_channels": channels, "in_channels": aef.N_BANDS, "classes": 1}
+
+
+def build_model(config: dict[str, Any]):
+    """Build the torch module a card's ``model`` section describes (no pretrained weights)."""
+    import segmentation_models_pytorch as smp
+    import torch
+
+    depth = int(config["encoder_depth"])
+    try:
+        model = smp.create_model(
+            config["architecture"], encoder_name=config["encoder"], encoder_weights=None,
+            in_channels=int(config["in_channels"]), classes=int(config["classes"]),
+            encoder_depth=depth, decoder_channels=list(config["decoder_channels"]))
+    except KeyError as exc:
+        raise InputError(f"encoder '{config['encoder']}'", f"is unknown to segmentation-models-pytorch ({exc})",
+                         "Pick an encoder from segmentation_models_pytorch.encoders.get_encoder_names()") from None
+    # ResNet encoders keep stages beyond `depth` that forward() never runs; dropping
+    # them keeps weight files small and the saved state equal to what is used.
+    for stage in range(depth, 5):
+        if isinstance(getattr(model.encoder, f"layer{stage}", None), torch.nn.Module):
+            setattr(model.encoder, f"layer{stage}", torch.nn.Identity())
+    return model
+
+
+def size_multiple(config: dict[str, Any]) -> int:
+    """Tiles must be multiples of this (2 ** encoder depth) for the skip connections to align."""
+    return 2 ** int(config["encoder_depth"])
+
+
+@dataclass
+class ModelPackage:
+    """A loaded model: the torch module (eval mode, CPU) and its card."""
+
+    module: Any
+    card: dict[str, Any]
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.card.get("name", self.path.name))
+
+    @property
+    def target_mean(self) -> float:
+        return float(self.card["target"]["normalisation"]["mean"])
+
+    @property
+    def target_std(self) -> float:
+        return float(self.card["target"]["normalisation"]["std"])
+
+    @property
+    def multiple(self) -> int:
+        return size_multiple(self.card["model"])
+
+    def default(self, key: str, fallback: int) -> int:
+        return int(self.card.get("inference", {}).get(key, fallback))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def software_versions() -> dict[str, str]:
+    import segmentation_models_pytorch as smp
+    import torch
+
+    from ... import __version__ as ours
+
+    return {"alphaearth_height": ours, "torch": torch.__version__,
+            "segmentation_models_pytorch": smp.__version__}
+
+
+def save_model(folder: str | os.PathLike, module: Any, card: dict[str, Any]) -> Path:
+    """Write weights and card; the card gets the weights' hash, size and software versions."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    weights = folder / WEIGHTS_FILE
+    save_file(state, str(weights), metadata={"format": CARD_FORMAT})
+    card = dict(card)
+    card.update(format=CARD_FORMAT, format_version=1, software=software_versions(), weights={
+        "file": WEIGHTS_FILE, "sha256": _sha256(weights),
+        "parameters": int(sum(v.numel() for v in state.values())),
+    })
+    (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    return folder
+
+
+def _read_card(folder: Path) -> dict[str, Any]:
+    card_path = folder / CARD_FILE
+    if not card_path.is_file():
+        raise InputError(folder, f"has no {CARD_FILE} model card",
+                         "Give a model folder written by 'alphaearth-height train' (model.json + model.safetensors)")
+    try:
+        card = json.loads(card_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(card_path, f"is not valid JSON ({exc})", "Restore the card from the model's release") from None
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        raise InputError(card_path, "is not an AlphaEarth Height model card",
+                         "Give a model folder written by 'alphaearth-height train'")
+    for key in ("model", "target"):
+        if key not in card:
+            raise InputError(card_path, f"lacks the '{key}' section", "Restore the card from the model's release")
+    return card
+
+
+def load_model(folder: str | os.PathLike) -> ModelPackage:
+    """Load and validate a model folder; the weights must match the card exactly."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        if folder.suffix.lower() in PICKLE_SUFFIXES:
+            raise InputError(folder, "is a pickled PyTorch checkpoint, which can run arbitrary code when loaded",
+                             "Use a model folder with model.safetensors + model.json")
+        raise InputError(folder, "is not a model folder", "Give the folder holding model.json and model.safetensors")
+    card = _read_card(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        hint = f" (found pickled {', '.join(pickles)}, which is never loaded)" if pickles else ""
+        raise InputError(folder, f"has no {WEIGHTS_FILE}{hint}", "Export the weights as safetensors")
+    expected = card.get("weights", {}).get("sha256")
+    if expected and expected != _sha256(weights):
+        raise InputError(weights, "does not match the hash in model.json (corrupt or replaced)",
+                         "Re-copy the model folder")
+    module = build_model(card["model"])
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise InputError(weights, f"cannot be read ({exc})", "Re-copy the model folder") from None
+    expected_shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found_shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if expected_shapes != found_shapes:
+        missing = len(expected_shapes.keys() - found_shapes.keys())
+        unexpected = len(found_shapes.keys() - expected_shapes.keys())
+        reshaped = sum(1 for k in expected_shapes.keys() & found_shapes.keys() if expected_shapes[k] != found_shapes[k])
+        raise InputError(weights, "does not match the architecture in model.json "
+                         f"({missing} missing, {unexpected} unexpected, {reshaped} mis-shaped tensors)",
+                         "Use the card that was saved with these weights")
+    module.load_state_dict(state, strict=True)
+    module.eval()
+    return ModelPackage(module=module, card=card, path=folder)

@@ -1,0 +1,230 @@
+"""Reading embedding rasters by windows and writing outputs atomically.
+
+Every raster is seen north-up: bottom-up files (positive y pixel size, as the public
+AEF COGs are stored) are flipped on read, so callers never meet the difference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
+
+from . import aef
+from .errors import InputError
+
+OUTPUT_NODATA = -9999.0
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A north-up pixel grid: CRS, affine transform and size."""
+
+    crs: CRS
+    transform: Affine
+    width: int
+    height: int
+
+    @property
+    def resolution(self) -> tuple[float, float]:
+        return abs(self.transform.a), abs(self.transform.e)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        left, top = self.transform.c, self.transform.f
+        return left, top + self.transform.e * self.height, left + self.transform.a * self.width, top
+
+    def window_transform(self, window: Window) -> Affine:
+        return self.transform * Affine.translation(window.col_off, window.row_off)
+
+
+def _north_up(transform: Affine, height: int) -> tuple[Affine, bool]:
+    """Return the north-up transform and whether the file stores rows bottom-up."""
+    if transform.e > 0:
+        return Affine(transform.a, 0.0, transform.c, 0.0, -transform.e,
+                      transform.f + transform.e * height), True
+    return transform, False
+
+
+def check_projected(path: object, crs: Optional[CRS], transform: Affine) -> None:
+    """Refuse rasters whose grid is not in metres or not axis-aligned."""
+    if crs is None:
+        raise InputError(path, "has no coordinate reference system",
+                         "Assign one, e.g. gdal_edit.py -a_srs EPSG:32630 FILE")
+    if crs.is_geographic:
+        raise InputError(path, f"is in a geographic CRS ({crs.to_string()}) but 10 m work needs metres",
+                         "Reproject it to its UTM zone, e.g. gdalwarp -t_srs EPSG:32630 -tr 10 10 -r near IN OUT")
+    if transform.b != 0 or transform.d != 0:
+        raise InputError(path, "has a rotated or sheared geotransform",
+                         "Warp it to a north-up grid with gdalwarp first")
+
+
+def open_raster(path: str | os.PathLike) -> rasterio.DatasetReader:
+    """Open any GDAL raster, turning GDAL's failure into a one-line InputError."""
+    if not Path(path).exists() and "://" not in str(path) and not str(path).startswith("/vsi"):
+        raise InputError(path, "does not exist", "Check the path")
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else "unknown GDAL error"
+        raise InputError(path, f"cannot be read as a raster ({reason})",
+                         "Give a GeoTIFF or another raster GDAL can open") from None
+
+
+class EmbeddingRaster:
+    """A 64-band embeddings raster (AEF int8 or float), read by north-up windows."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(path)
+        self._ds = open_raster(path)
+        try:
+            self._validate()
+        except Exception:
+            self._ds.close()
+            raise
+        transform, self.bottom_up = _north_up(self._ds.transform, self._ds.height)
+        self.grid = Grid(self._ds.crs, transform, self._ds.width, self._ds.height)
+
+    def _validate(self) -> None:
+        ds = self._ds
+        if ds.count != aef.N_BANDS:
+            raise InputError(self.path, f"has {ds.count} band(s) but embeddings need {aef.N_BANDS} (A00..A63)",
+                             "Give an AlphaEarth embeddings raster with all 64 bands")
+        dtype = np.dtype(ds.dtypes[0])
+        if dtype == np.int8:
+            self.quantised = True
+        elif dtype.kind == "f":
+            self.quantised = False
+        else:
+            raise InputError(self.path, f"has data type {dtype.name}; embeddings are int8 (AEF) or float",
+                             "Give the AEF int8 tiles or float embeddings exported from Earth Engine")
+        check_projected(self.path, ds.crs, ds.transform)
+
+    @property
+    def width(self) -> int:
+        return self.grid.width
+
+    @property
+    def height(self) -> int:
+        return self.grid.height
+
+    def read(self, window: Window) -> np.ndarray:
+        """Float32 embeddings (64, h, w) of a north-up window; nodata pixels are NaN.
+
+        Parts of the window outside the raster are NaN too, so callers may ask for
+        padded windows at the edges.
+        """
+        window = Window(int(window.col_off), int(window.row_off), int(window.width), int(window.height))
+        out = np.full((aef.N_BANDS, window.height, window.width), np.nan, dtype=np.float32)
+        inner = window.intersection(Window(0, 0, self.width, self.height)) if self._overlaps(window) else None
+        if inner is None:
+            return out
+        inner = Window(int(inner.col_off), int(inner.row_off), int(inner.width), int(inner.height))
+        file_window = inner
+        if self.bottom_up:
+            file_window = Window(inner.col_off, self.height - inner.row_off - inner.height,
+                                 inner.width, inner.height)
+        raw = self._ds.read(window=file_window)
+        if self.bottom_up:
+            raw = raw[:, ::-1, :]
+        values = self._to_float(raw)
+        r0, c0 = inner.row_off - window.row_off, inner.col_off - window.col_off
+        out[:, r0:r0 + inner.height, c0:c0 + inner.width] = values
+        return out
+
+    def _overlaps(self, window: Window) -> bool:
+        return (window.col_off < self.width and window.row_off < self.height
+                and window.col_off + window.width > 0 and window.row_off + window.height > 0)
+
+    def _to_float(self, raw: np.ndarray) -> np.ndarray:
+        if self.quantised:
+            return aef.dequantise(raw)
+        values = raw.astype(np.float32, copy=False)
+        nodata = self._ds.nodata
+        if nodata is not None and np.isfinite(nodata):
+            values = np.where(raw == nodata, np.float32(np.nan), values)
+        return values
+
+    def close(self) -> None:
+        self._ds.close()
+
+    def __enter__(self) -> "EmbeddingRaster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def valid_mask(embeddings: np.ndarray) -> np.ndarray:
+    """Pixels whose 64 components are all finite."""
+    return np.isfinite(embeddings).all(axis=0)
+
+
+def iter_windows(width: int, height: int, block: int) -> Iterator[Window]:
+    """Row-major windows of at most block x block pixels covering a grid."""
+    for row in range(0, height, block):
+        for col in range(0, width, block):
+            yield Window(col, row, min(block, width - col), min(block, height - row))
+
+
+def float_profile(grid: Grid, count: int = 1) -> dict:
+    """GeoTIFF profile for outputs: tiled, DEFLATE with float predictor, nodata set."""
+    return {
+        "driver": "GTiff", "dtype": "float32", "count": count, "nodata": OUTPUT_NODATA,
+        "width": grid.width, "height": grid.height, "crs": grid.crs, "transform": grid.transform,
+        "tiled": True, "blockxsize": 256, "blockysize": 256,
+        "compress": "deflate", "predictor": 3, "zlevel": 6, "BIGTIFF": "IF_SAFER",
+    }
+
+
+def check_output_path(path: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
+    """Refuse outputs that would overwrite an input or land in a missing folder."""
+    out = Path(path).resolve()
+    if not out.parent.is_dir():
+        raise InputError(path, f"cannot be written: folder {out.parent} does not exist",
+                         "Create the folder or choose another output path")
+    for source in inputs:
+        if source and Path(source).resolve() == out:
+            raise InputError(path, "is also an input and would be overwritten", "Choose another output path")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; rename it into place only on success.
+
+    A crash, cancellation or error leaves neither a partial file nor a stale
+    temporary one, and an existing output is kept until the new one is complete.
+    """
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".partial" + out.suffix, dir=out.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        for leftover in (tmp, tmp + ".aux.xml"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+        raise
+
+
+def describe_band(dst: rasterio.io.DatasetWriter, description: str, units: str, **tags: str) -> None:
+    """Band description, units and dataset tags (attribution always included)."""
+    dst.set_band_description(1, description)
+    dst.update_tags(1, UNITS=units)
+    try:
+        dst.units = (units,) * dst.count
+    except (AttributeError, ValueError):
+        pass
+    dst.update_tags(ATTRIBUTION=aef.ATTRIBUTION, SOFTWARE="AlphaEarth Height", **tags)
