@@ -9,7 +9,7 @@ APT_PACKAGES := python3-qgis qgis-providers python3-rasterio python3-gdal gdal-b
 APT_STAMP := $(VENV)/.apt-done
 PIP_STAMP := $(VENV)/.pip-done
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup demo test bench clean-venv bundled-model
 
 setup: $(PIP_STAMP)
 
@@ -32,3 +32,15 @@ bench: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Re-trains the bundled model on the synthetic demo scene (about 20 min on 2 CPU cores).
+BUNDLED := resources/models/demo-unetplusplus
+bundled-model: setup
+	$(VENV)/bin/alphaearth-height demo --scene-only --out build/demo-scene
+	rm -rf $(BUNDLED)
+	$(VENV)/bin/alphaearth-height train --embeddings build/demo-scene/embeddings.tif \
+	  --reference build/demo-scene/reference_dsm.tif --out $(BUNDLED) \
+	  --arch unetplusplus --encoder resnet18 --encoder-depth 4 --decoder-channels 96,48,24,16 \
+	  --patch-size 128 --batch-size 8 --epochs 20 --steps-per-epoch 40 --patience 6 --seed 0 \
+	  --name "U-Net++ (ResNet-18) - synthetic demo scene" \
+	  --region "synthetic demo scene, EPSG:32630 near Bordeaux (not real data)" --year 2020 --device cpu

@@ -16,7 +16,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from .errors import InputError
-from .metrics import binned_metrics, height_metrics
+from .metrics import binned_metrics, height_metrics, json_safe
 from .rasters import (OUTPUT_NODATA, Grid, atomic_write, check_output_path, describe_band, float_profile,
                       iter_windows, open_raster)
 
@@ -127,7 +127,7 @@ def compare_heights(predicted: str | os.PathLike, reference: str | os.PathLike,
                   reference_resampling=resampling, sampled=keep < 1.0, crs=grid.crs.to_string())
     if metrics_path:
         with atomic_write(metrics_path) as tmp:
-            Path(tmp).write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
+            Path(tmp).write_text(json.dumps(json_safe(result), indent=2) + "\n")
     return result
 
 

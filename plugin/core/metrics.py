@@ -93,3 +93,14 @@ def format_metrics_table(rows: dict[str, dict], names: Sequence[str] = ("n", "r2
         cells = "".join(f"{m[n]:>12d}" if n == "n" else f"{m[n]:>12.3f}" for n in names)
         lines.append(f"{label:<{width}}{cells}")
     return "\n".join(lines)
+
+
+def json_safe(value):
+    """NaN/inf -> None, recursively, so metrics files are strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -96,6 +96,21 @@ class ModelPackage:
         return int(self.card.get("inference", {}).get(key, fallback))
 
 
+def make_card(model_config: dict[str, Any], *, name: str, target_mean: float, target_std: float,
+              tile: int = 256, overlap: int = 64, **sections: Any) -> dict[str, Any]:
+    """A model card with the sections inference needs; ``sections`` adds training, metrics..."""
+    return {
+        "name": name,
+        "model": model_config,
+        "input": {"bands": "A00..A63", "dequantisation": "AEF int8: sign(q) * (|q| / 127.5)^2; -128 = nodata",
+                  "normalisation": "none (unit-length embeddings)", "nodata_fill": 0.0},
+        "target": {"quantity": "surface height", "units": "m",
+                   "normalisation": {"mean": float(target_mean), "std": float(target_std)}},
+        "inference": {"tile": int(tile), "overlap": int(overlap)},
+        **sections,
+    }
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -188,3 +203,8 @@ def load_model(folder: str | os.PathLike) -> ModelPackage:
     module.load_state_dict(state, strict=True)
     module.eval()
     return ModelPackage(module=module, card=card, path=folder)
+
+
+def bundled_model_dir() -> Path:
+    """The model shipped with the plugin, trained on the synthetic demo scene."""
+    return Path(__file__).resolve().parents[2] / "resources" / "models" / "demo-unetplusplus"

@@ -1,0 +1,64 @@
+"""Shared fixtures: real rasters written with rasterio, real (small) torch models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+from alphaearth_height.plugin.core import aef  # noqa: E402
+from alphaearth_height.plugin.core.demo_scene import generate_demo_scene  # noqa: E402
+from alphaearth_height.plugin.core.models import architecture_config, build_model, make_card, save_model  # noqa: E402
+
+UTM = "EPSG:32630"
+ORIGIN = (690_000.0, 4_975_000.0)
+
+
+def unit_embeddings(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Smooth-ish random unit-length float embeddings (64, h, w)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.standard_normal((aef.N_BANDS, height // 8 + 2, width // 8 + 2)).astype(np.float32)
+    values = np.kron(coarse, np.ones((8, 8), dtype=np.float32))[:, :height, :width]
+    values += 0.3 * rng.standard_normal(values.shape).astype(np.float32)
+    return values / np.linalg.norm(values, axis=0, keepdims=True)
+
+
+def write_embeddings(path: Path, values: np.ndarray, *, quantised: bool = True, bottom_up: bool = False,
+                     crs: str = UTM, origin: tuple[float, float] = ORIGIN, nodata: float | None = None) -> Path:
+    """Write (64, h, w) north-up values as AEF int8 (or float32), optionally stored bottom-up."""
+    bands, height, width = values.shape
+    data = aef.quantise(values) if quantised else values.astype(np.float32)
+    transform = Affine(10.0, 0, origin[0], 0, -10.0, origin[1])
+    if bottom_up:
+        data = data[:, ::-1, :]
+        transform = Affine(10.0, 0, origin[0], 0, 10.0, origin[1] - 10.0 * height)
+    profile = {"driver": "GTiff", "width": width, "height": height, "count": bands, "crs": crs,
+               "transform": transform, "dtype": "int8" if quantised else "float32",
+               "nodata": aef.NODATA_INT8 if quantised else nodata}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A small random-weight U-Net package (depth 3) saved as safetensors + card."""
+    import torch
+
+    torch.manual_seed(0)
+    config = architecture_config("unet", "resnet18", encoder_depth=3, decoder_channels=[32, 16, 8])
+    module = build_model(config).eval()
+    card = make_card(config, name="tiny test U-Net", target_mean=100.0, target_std=50.0, tile=64, overlap=16)
+    return save_model(tmp_path_factory.mktemp("models") / "tiny", module, card)
+
+
+@pytest.fixture(scope="session")
+def small_scene(tmp_path_factory):
+    """The demo scene generator at 256 x 256 px."""
+    return generate_demo_scene(tmp_path_factory.mktemp("scene"), width=256, height=256, seed=7)

@@ -1,0 +1,31 @@
+import numpy as np
+import pytest
+
+from alphaearth_height.plugin.core import aef
+
+
+def test_dequantise_matches_hand_computed_values():
+    q = np.array([0, 1, -1, 64, -64, 127, -127, -128], dtype=np.int8)
+    v = aef.dequantise(q)
+    expected = [0.0, 1 / 16256.25, -1 / 16256.25, 4096 / 16256.25, -4096 / 16256.25,
+                16129 / 16256.25, -16129 / 16256.25]
+    np.testing.assert_allclose(v[:7], expected, rtol=1e-6)
+    assert np.isnan(v[7])
+    assert v.dtype == np.float32
+
+
+def test_dequantise_is_not_the_linear_bug():
+    assert aef.dequantise(np.array([64], dtype=np.int8))[0] == pytest.approx(0.2520, abs=1e-4)
+    assert aef.dequantise(np.array([64], dtype=np.int8))[0] != pytest.approx(64 / 127.5, abs=1e-3)
+
+
+def test_quantise_round_trips_every_code():
+    q = np.arange(-127, 128, dtype=np.int8)
+    np.testing.assert_array_equal(aef.quantise(aef.dequantise(q)), q)
+    assert aef.quantise(np.array([np.nan], dtype=np.float32))[0] == aef.NODATA_INT8
+
+
+def test_quantise_is_the_official_encoder():
+    v = np.array([0.25, -0.25, 1.0, -1.0, 0.0], dtype=np.float32)
+    # q = clip(round(sign(v) * sqrt(|v|) * 127.5), -127, 127)
+    np.testing.assert_array_equal(aef.quantise(v), [64, -64, 127, -127, 0])

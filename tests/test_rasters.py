@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import rasterio
+from rasterio.windows import Window
+
+from alphaearth_height.plugin.core.errors import InputError
+from alphaearth_height.plugin.core.rasters import EmbeddingRaster, atomic_write
+
+from conftest import ORIGIN, unit_embeddings, write_embeddings
+
+
+def test_bottom_up_raster_reads_like_its_north_up_twin(tmp_path):
+    values = unit_embeddings(40, 56)
+    north = write_embeddings(tmp_path / "north.tif", values)
+    south = write_embeddings(tmp_path / "south.tif", values, bottom_up=True)
+    with rasterio.open(south) as raw:
+        assert raw.transform.e > 0  # really stored bottom-up
+    with EmbeddingRaster(north) as a, EmbeddingRaster(south) as b:
+        assert b.bottom_up and not a.bottom_up
+        assert a.grid == b.grid
+        assert b.grid.transform.e == -10.0 and b.grid.transform.f == ORIGIN[1]
+        for window in (Window(0, 0, 56, 40), Window(5, 3, 17, 11), Window(50, 30, 20, 20)):
+            np.testing.assert_array_equal(a.read(window), b.read(window))
+
+
+def test_window_beyond_the_edge_is_nan_padded(tmp_path):
+    path = write_embeddings(tmp_path / "e.tif", unit_embeddings(16, 16))
+    with EmbeddingRaster(path) as src:
+        block = src.read(Window(8, 8, 16, 16))
+    assert block.shape == (64, 16, 16)
+    assert np.isfinite(block[:, :8, :8]).all()
+    assert np.isnan(block[:, 8:, :]).all() and np.isnan(block[:, :, 8:]).all()
+
+
+def test_int8_nodata_becomes_nan_and_float_nodata_too(tmp_path):
+    values = unit_embeddings(16, 16)
+    values[:, 2, 3] = np.nan
+    q = write_embeddings(tmp_path / "q.tif", values)
+    floats = values.copy()
+    floats[:, 2, 3] = -9999.0
+    f = write_embeddings(tmp_path / "f.tif", floats, quantised=False, nodata=-9999.0)
+    for path in (q, f):
+        with EmbeddingRaster(path) as src:
+            block = src.read(Window(0, 0, 16, 16))
+        assert np.isnan(block[:, 2, 3]).all()
+        assert np.isfinite(block[:, 2, 4]).all()
+
+
+def _write_plain(path, count, dtype="float32", crs="EPSG:32630"):
+    profile = {"driver": "GTiff", "width": 8, "height": 8, "count": count, "dtype": dtype, "crs": crs,
+               "transform": rasterio.transform.from_origin(*((0.5, 45.0) if crs == "EPSG:4326" else ORIGIN),
+                                                           *((0.0001, 0.0001) if crs == "EPSG:4326" else (10, 10)))}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.zeros((count, 8, 8), dtype=dtype))
+    return path
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("bands", "has 3 band(s) but embeddings need 64"),
+    ("geographic", "geographic CRS"),
+    ("dtype", "data type uint16"),
+    ("unreadable", "cannot be read as a raster"),
+    ("missing", "does not exist"),
+    ("nocrs", "has no coordinate reference system"),
+])
+def test_bad_embeddings_name_the_file_problem_and_fix(tmp_path, case, expected):
+    path = tmp_path / f"{case}.tif"
+    if case == "bands":
+        _write_plain(path, 3)
+    elif case == "geographic":
+        _write_plain(path, 64, crs="EPSG:4326")
+    elif case == "dtype":
+        _write_plain(path, 64, dtype="uint16")
+    elif case == "unreadable":
+        path.write_bytes(b"this is not a GeoTIFF")
+    elif case == "nocrs":
+        with rasterio.open(path, "w", driver="GTiff", width=4, height=4, count=64, dtype="float32") as dst:
+            dst.write(np.zeros((64, 4, 4), dtype="float32"))
+    with pytest.raises(InputError) as err:
+        EmbeddingRaster(path)
+    message = str(err.value)
+    assert str(path) in message and expected in message
+    assert "\n" not in message and len(message.split(". ")) >= 2  # problem, then the fix
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.tif"
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as tmp:
+            with open(tmp, "w") as fh:
+                fh.write("half")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_write(target) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write("whole")
+    assert target.read_text() == "whole" and len(list(tmp_path.iterdir())) == 1

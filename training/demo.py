@@ -1,0 +1,69 @@
+"""The demo: synthetic scene -> bundled model -> difference and metrics, next to ridge."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..plugin.core.compare import compare_heights
+from ..plugin.core.demo_scene import generate_demo_scene
+from ..plugin.core.inference import predict_height
+from ..plugin.core.metrics import format_metrics_table, height_metrics, json_safe
+from ..plugin.core.models import bundled_model_dir, load_model
+from ..plugin.core.plots import render_maps
+from .baseline import RidgeBaseline, pixels
+from .data import load_pair
+
+
+@dataclass
+class DemoResult:
+    out_dir: Path
+    metrics: dict
+    table: str
+
+
+def run_demo(out_dir: str | os.PathLike = "demo_output", model: Optional[str | os.PathLike] = None,
+             device: str = "auto", log: Callable[[str], None] = print,
+             progress: Optional[Callable[[int, int], None]] = None) -> DemoResult:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log("generating the synthetic demo scene (AEF int8 embeddings, EPSG:32630; reference DSM, EPSG:2154 at 5 m)")
+    scene = generate_demo_scene(out)
+    package = load_model(model or bundled_model_dir())
+    log(f"predicting with {package.name}")
+    predicted = out / "predicted_height.tif"
+    result = predict_height(scene.embeddings, package, predicted, device=device, progress=progress)
+    log(f"predicted {result.grid.width}x{result.grid.height} px in {result.seconds:.1f} s on {result.device}")
+    difference = out / "difference.tif"
+    regions = {"train": scene.train_window, "test": scene.test_window}
+    metrics = compare_heights(predicted, scene.reference, difference, regions=regions)
+
+    pair = load_pair(scene.embeddings, scene.reference)
+    mask = pair.label_mask
+    train_mask = np.zeros_like(mask)
+    train_mask[scene.train_window.toslices()] = mask[scene.train_window.toslices()]
+    ridge = RidgeBaseline().fit(*pixels(pair.embeddings, pair.reference, train_mask))
+    baseline = {}
+    for name, window in regions.items():
+        region_mask = np.zeros_like(mask)
+        region_mask[window.toslices()] = mask[window.toslices()]
+        features, heights = pixels(pair.embeddings, pair.reference, region_mask)
+        baseline[name] = height_metrics(ridge.predict(features), heights)
+    metrics["baseline_ridge"] = baseline
+    metrics["model"] = {"name": package.name, "path": str(package.path), "device": result.device,
+                        "seconds": result.seconds}
+    (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
+
+    render_maps(out / "height_maps.png", predicted, difference, reference_on_grid=pair.reference,
+                split_fraction=scene.test_start_col / scene.grid.width,
+                title="Synthetic demo scene: training area left of the dashed line, test area right")
+    label = package.card["model"]["architecture"]
+    rows = {f"{label} train": metrics["regions"]["train"], f"{label} test": metrics["regions"]["test"],
+            "ridge train": baseline["train"], "ridge test": baseline["test"]}
+    table = format_metrics_table(rows)
+    return DemoResult(out, metrics, table)
