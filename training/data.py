@@ -59,7 +59,7 @@ class Split:
 
 
 def contiguous_split(width: int, height: int, test_fraction: float = 0.3, validation_fraction: float = 0.1,
-                     direction: str = "east", min_size: int = 32) -> Split:
+                     direction: str = "east", min_size: int = 16) -> Split:
     """The paper's contiguous split: the test area is the ``direction`` side of the scene;
     validation is the strip of the training side next to it (for early stopping)."""
     if direction not in DIRECTIONS:

@@ -1,0 +1,43 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import unit_embeddings, write_embeddings
+
+CLI = Path(sys.executable).parent / "alphaearth-height"
+
+
+def run(*args):
+    return subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command", ["", "predict", "compare", "train", "demo"])
+def test_help_everywhere(command):
+    result = run(*([command] if command else []), "--help")
+    assert result.returncode == 0 and "usage: alphaearth-height" in result.stdout
+
+
+def test_predict_and_compare_from_the_command_line(tiny_model, small_scene, tmp_path):
+    height = tmp_path / "h.tif"
+    result = run("predict", "--embeddings", small_scene.embeddings, "--model", tiny_model, "--out", height,
+                 "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert height.exists() and "wrote" in result.stdout
+    result = run("compare", "--predicted", height, "--reference", small_scene.reference,
+                 "--out", tmp_path / "d.tif", "--metrics", tmp_path / "m.json")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "d.tif").exists() and (tmp_path / "m.json").exists() and "rmse" in result.stdout
+
+
+def test_bad_input_exits_nonzero_with_one_line_and_no_output(tiny_model, tmp_path):
+    bad = write_embeddings(tmp_path / "three.tif", unit_embeddings(16, 16)[:3], quantised=False)
+    out = tmp_path / "h.tif"
+    result = run("predict", "--embeddings", bad, "--model", tiny_model, "--out", out)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("alphaearth-height: error:") and str(bad) in lines[0]
+    assert not out.exists()
+    result = run("predict", "--embeddings", bad, "--model", tmp_path / "nope", "--out", out)
+    assert result.returncode == 2 and "is not a model folder" in result.stderr

@@ -1,0 +1,99 @@
+import json
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from rasterio.warp import transform as warp_transform, transform_bounds
+
+from alphaearth_height.plugin.core.compare import compare_heights
+from alphaearth_height.plugin.core.errors import InputError
+from alphaearth_height.plugin.core.rasters import OUTPUT_NODATA
+
+from conftest import ORIGIN
+
+X0, Y0 = ORIGIN
+
+
+def plane(x, y):
+    return 100.0 + 0.01 * (x - X0) - 0.02 * (y - Y0)
+
+
+def write_predicted(path, size=64, offset=0.0):
+    rows, cols = np.mgrid[0:size, 0:size]
+    x, y = X0 + 10 * cols + 5, Y0 - 10 * rows - 5
+    data = (plane(x, y) + offset).astype(np.float32)
+    data[:4, :4] = OUTPUT_NODATA
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=1, dtype="float32",
+                       crs="EPSG:32630", transform=Affine(10, 0, X0, 0, -10, Y0), nodata=OUTPUT_NODATA) as dst:
+        dst.write(data, 1)
+    return path
+
+
+def write_reference(path, shift=(0.0, 0.0), res=5.0, nodata_corner=True):
+    """The same plane sampled on a Lambert-93 grid (IGN's CRS) at ``res`` metres."""
+    left, bottom, right, top = transform_bounds("EPSG:32630", "EPSG:2154", X0 - 50, Y0 - 690, X0 + 690, Y0 + 50)
+    width, height = int((right - left) / res) + 1, int((top - bottom) / res) + 1
+    left, top = left + shift[0], top + shift[1]
+    rows, cols = np.mgrid[0:height, 0:width]
+    lx, ly = left + res * (cols + 0.5), top - res * (rows + 0.5)
+    ux, uy = warp_transform("EPSG:2154", "EPSG:32630", lx.ravel(), ly.ravel())
+    data = plane(np.array(ux), np.array(uy)).reshape(height, width).astype(np.float32)
+    if nodata_corner:
+        data[-20:, -20:] = -32768.0
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=1, dtype="float32",
+                       crs="EPSG:2154", transform=Affine(res, 0, left, 0, -res, top), nodata=-32768.0) as dst:
+        dst.write(data, 1)
+    return path
+
+
+def test_reference_in_another_crs_is_reprojected_onto_the_prediction_grid(tmp_path):
+    pred = write_predicted(tmp_path / "pred.tif", offset=3.0)
+    ref = write_reference(tmp_path / "ref.tif")
+    result = compare_heights(pred, ref, tmp_path / "diff.tif", tmp_path / "m.json")
+    assert result["reference_resampling"] == "average"  # 5 m -> 10 m
+    overall = result["overall"]
+    assert overall["median_diff"] == pytest.approx(3.0, abs=0.05)
+    assert overall["nmad"] < 0.1 and overall["pearson"] > 0.999
+    with rasterio.open(tmp_path / "diff.tif") as src:
+        diff = src.read(1)
+        assert src.crs.to_string() == "EPSG:32630" and src.transform == Affine(10, 0, X0, 0, -10, Y0)
+        assert src.nodata == OUTPUT_NODATA and src.descriptions[0] == "predicted minus reference height"
+        assert "CC-BY 4.0" in src.tags()["ATTRIBUTION"]
+    assert (diff[:4, :4] == OUTPUT_NODATA).all()  # prediction nodata
+    valid = diff != OUTPUT_NODATA
+    assert overall["n"] == valid.sum()
+    np.testing.assert_allclose(diff[valid].mean(), 3.0, atol=0.05)
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["overall"]["n"] == overall["n"] and saved["bins"]
+
+
+def test_coarse_reference_is_interpolated_and_regions_are_reported(tmp_path):
+    pred = write_predicted(tmp_path / "pred.tif")
+    ref = write_reference(tmp_path / "ref.tif", res=20.0, nodata_corner=False)
+    from rasterio.windows import Window
+
+    result = compare_heights(pred, ref, regions={"west": Window(0, 0, 32, 64), "east": Window(32, 0, 32, 64)})
+    assert result["reference_resampling"] == "bilinear"
+    west, east = result["regions"]["west"], result["regions"]["east"]
+    assert west["n"] + east["n"] == result["overall"]["n"]
+    assert abs(result["overall"]["median_diff"]) < 0.5
+
+
+def test_no_overlap_is_an_error_and_writes_nothing(tmp_path):
+    pred = write_predicted(tmp_path / "pred.tif")
+    far = write_reference(tmp_path / "far.tif", shift=(50_000.0, 0.0))
+    with pytest.raises(InputError, match="does not overlap the target area"):
+        compare_heights(pred, far, tmp_path / "diff.tif", tmp_path / "m.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["far.tif", "pred.tif"]
+
+
+def test_reference_without_valid_pixels_is_an_error_and_writes_nothing(tmp_path):
+    pred = write_predicted(tmp_path / "pred.tif")
+    ref = tmp_path / "empty.tif"
+    with rasterio.open(ref, "w", driver="GTiff", width=8, height=8, count=1, dtype="float32", crs="EPSG:32630",
+                       transform=Affine(80, 0, X0, 0, -80, Y0), nodata=-1.0) as dst:
+        dst.write(np.full((1, 8, 8), -1.0, dtype=np.float32))
+    with pytest.raises(InputError, match="has no valid pixel"):
+        compare_heights(pred, ref, tmp_path / "diff.tif", tmp_path / "m.json")
+    assert not (tmp_path / "diff.tif").exists() and not (tmp_path / "m.json").exists()
