@@ -62,3 +62,33 @@ def tiny_model(tmp_path_factory) -> Path:
 def small_scene(tmp_path_factory):
     """The demo scene generator at 256 x 256 px."""
     return generate_demo_scene(tmp_path_factory.mktemp("scene"), width=256, height=256, seed=7)
+
+
+PROCESSING_PLUGINS = "/usr/share/qgis/python/plugins"
+
+
+@pytest.fixture(scope="session")
+def qgis_app():
+    """One real QgsApplication (offscreen) for the whole run, with Processing initialised."""
+    import sys
+
+    from qgis.core import QgsApplication
+
+    app = QgsApplication.instance()
+    if app is None:
+        app = QgsApplication([], True)  # GUI enabled: docks and canvases need widgets
+        app.initQgis()
+    if PROCESSING_PLUGINS not in sys.path:
+        sys.path.append(PROCESSING_PLUGINS)
+    from processing.core.Processing import Processing
+
+    Processing.initialize()
+    yield app
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    """Test artifacts (rendered PNGs) kept after the run, under test-artifacts/."""
+    folder = Path(__file__).resolve().parents[1] / "test-artifacts"
+    folder.mkdir(exist_ok=True)
+    return folder

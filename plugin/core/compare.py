@@ -17,11 +17,13 @@ from rasterio.windows import Window
 
 from .errors import InputError
 from .metrics import binned_metrics, height_metrics, json_safe
+from .plots import render_accuracy_plots
 from .rasters import (OUTPUT_NODATA, Grid, atomic_write, check_output_path, describe_band, float_profile,
                       iter_windows, open_raster)
 
 BLOCK = 1024
 MAX_SAMPLES = 10_000_000
+PLOT_SAMPLES = 200_000
 
 
 def _overlap(a: tuple, b: tuple) -> bool:
@@ -94,8 +96,9 @@ def compare_heights(predicted: str | os.PathLike, reference: str | os.PathLike,
                     out_path: Optional[str | os.PathLike] = None,
                     metrics_path: Optional[str | os.PathLike] = None,
                     regions: Optional[dict[str, Window]] = None,
-                    bin_edges: Optional[list[float]] = None) -> dict:
-    """Difference raster and metrics (overall, per height bin, per named region window).
+                    bin_edges: Optional[list[float]] = None, plots_prefix: Optional[str] = None) -> dict:
+    """Difference raster and metrics (overall, per height bin, per named region window);
+    with ``plots_prefix``, also PNG plots ``<prefix>_scatter.png`` and ``<prefix>_histogram.png``.
 
     Beyond MAX_SAMPLES valid pixels the figures come from a fixed-seed random sample,
     recorded in the result as ``sampled``.
@@ -123,6 +126,8 @@ def compare_heights(predicted: str | os.PathLike, reference: str | os.PathLike,
     if not pairs.count:
         raise _no_pairs(predicted, reference)
     result = pairs.metrics(bin_edges)
+    if plots_prefix:
+        result["plots"] = render_accuracy_plots(*pairs.sample, plots_prefix)
     result.update(predicted=str(predicted), reference=str(reference), difference=str(out_path or ""),
                   reference_resampling=resampling, sampled=keep < 1.0, crs=grid.crs.to_string())
     if metrics_path:
@@ -171,6 +176,8 @@ class _Pairs:
     def metrics(self, bin_edges: Optional[list[float]]) -> dict:
         p, r = np.concatenate(self.pred), np.concatenate(self.ref)
         result = {"overall": height_metrics(p, r), "bins": binned_metrics(p, r, bin_edges)}
+        pick = np.random.default_rng(1).permutation(p.size)[:PLOT_SAMPLES]
+        self.sample = (p[pick], r[pick])
         rows, cols = np.concatenate(self.rows), np.concatenate(self.cols)
         result["regions"] = {}
         for name, w in self.regions.items():

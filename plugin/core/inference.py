@@ -65,7 +65,7 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-class _Runner:
+class ModelRunner:
     """Holds the model on its device and turns batches of embeddings into heights."""
 
     def __init__(self, package: ModelPackage, device_name: str, amp: bool, channels_last: Optional[bool]) -> None:
@@ -114,9 +114,9 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
     _check_tiling(tile, overlap, batch_size, package.multiple)
     out = check_output_path(out_path, embeddings)
     with EmbeddingRaster(embeddings) as source:
-        runner = _Runner(package, device, amp, channels_last)
+        runner = ModelRunner(package, device, amp, channels_last)
         grid = source.grid
-        plan = _Plan(grid, tile, overlap, package.multiple, max(band_width, tile))
+        plan = TilePlan(grid, tile, overlap, package.multiple, max(band_width, tile))
         stats = _Stats()
         with atomic_write(out) as tmp:
             with rasterio.open(tmp, "w", **float_profile(grid)) as dst:
@@ -137,7 +137,7 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
 
 
 @dataclass
-class _Plan:
+class TilePlan:
     """Tile geometry: tile height/width (shrunk for small rasters), overlaps and bands."""
 
     grid: Grid
@@ -162,7 +162,7 @@ class _Plan:
         return [c for c in self.cols if c < c1 and c + self.tw > c0]
 
 
-def _predict_band(source: EmbeddingRaster, runner: _Runner, plan: _Plan, c0: int, c1: int,
+def _predict_band(source: EmbeddingRaster, runner: ModelRunner, plan: TilePlan, c0: int, c1: int,
                   batch_size: int, cancel: Optional[CancelFn]):
     """Yield (window, heights, tiles done) strips of the band [c0, c1), top to bottom."""
     cols = plan.band_cols(c0, c1)

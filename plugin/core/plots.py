@@ -34,15 +34,54 @@ def _limits(values: np.ndarray, symmetric: bool) -> tuple[float, float]:
     return float(np.percentile(finite, 2)), float(np.percentile(finite, 98))
 
 
-def render_maps(out_png: str | os.PathLike, predicted: str | os.PathLike,
-                difference: Optional[str | os.PathLike] = None, reference_on_grid: Optional[np.ndarray] = None,
-                split_fraction: Optional[float] = None, title: str = "") -> None:
-    """Side-by-side maps: [reference], predicted height, [difference]; a dashed line marks a split."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def render_accuracy_plots(predicted: np.ndarray, reference: np.ndarray, prefix: str) -> list[str]:
+    """Predicted-vs-reference 2-D histogram and histogram of differences, as two PNGs."""
+    plt = _pyplot()
+    scatter, histogram = f"{prefix}_scatter.png", f"{prefix}_histogram.png"
+    lo = float(min(predicted.min(), reference.min()))
+    hi = float(max(predicted.max(), reference.max()))
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    counts = ax.hist2d(reference, predicted, bins=120, range=[[lo, hi], [lo, hi]], cmin=1, cmap="viridis")[3]
+    ax.plot([lo, hi], [lo, hi], "r--", lw=1, label="1:1")
+    ax.set_xlabel("Reference height (m)")
+    ax.set_ylabel("Predicted height (m)")
+    ax.set_title("Predicted vs reference")
+    ax.legend(loc="upper left")
+    fig.colorbar(counts, ax=ax, label="pixels")
+    fig.tight_layout()
+    fig.savefig(scatter, dpi=100)
+    plt.close(fig)
+
+    diff = predicted - reference
+    bound = float(np.percentile(np.abs(diff), 99)) or 1.0
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.hist(diff, bins=100, range=(-bound, bound), color="#4477aa")
+    ax.axvline(0, color="k", lw=1)
+    ax.axvline(float(np.median(diff)), color="r", ls="--", lw=1, label=f"median {np.median(diff):.2f} m")
+    ax.set_xlabel("Predicted − reference (m)")
+    ax.set_ylabel("pixels")
+    ax.set_title("Differences")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(histogram, dpi=100)
+    plt.close(fig)
+    return [scatter, histogram]
+
+
+def render_maps(out_png: str | os.PathLike, predicted: str | os.PathLike,
+                difference: Optional[str | os.PathLike] = None, reference_on_grid: Optional[np.ndarray] = None,
+                split_fraction: Optional[float] = None, title: str = "") -> None:
+    """Side-by-side maps: [reference], predicted height, [difference]; a dashed line marks a split."""
+    plt = _pyplot()
     panels = []
     pred = read_preview(predicted)
     lo, hi = _limits(pred if reference_on_grid is None else reference_on_grid, False)

@@ -1,0 +1,102 @@
+"""Predict throughput and peak memory, measured in one run (no timed assertions anywhere).
+
+For two area sizes it prints end-to-end `predict` throughput (read, de-quantise, model,
+blend, write) next to model-only forward throughput on the very same tiles, and the
+peak resident memory of a fresh process predicting that area. Memory should barely
+grow with the area, since inference streams by tiles.
+
+    .venv/bin/python bench/bench_predict.py [--sizes 1024 2048] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+
+from alphaearth_height.plugin.core import aef
+from alphaearth_height.plugin.core.inference import TilePlan, ModelRunner, predict_height
+from alphaearth_height.plugin.core.models import bundled_model_dir, load_model
+from alphaearth_height.plugin.core.rasters import EmbeddingRaster
+from rasterio.windows import Window
+
+
+def write_area(path: Path, side: int, block: int = 512) -> None:
+    """An AEF-like int8 raster of side x side px, written block by block."""
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((aef.N_BANDS, block, block)).astype(np.float32)
+    values /= np.linalg.norm(values, axis=0, keepdims=True)
+    q = aef.quantise(values)
+    profile = {"driver": "GTiff", "width": side, "height": side, "count": aef.N_BANDS, "dtype": "int8",
+               "nodata": aef.NODATA_INT8, "crs": "EPSG:32630", "transform": Affine(10, 0, 690000, 0, -10, 4975000),
+               "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
+    with rasterio.open(path, "w", **profile) as dst:
+        for r in range(0, side, block):
+            for c in range(0, side, block):
+                dst.write(q, window=Window(c, r, block, block))
+
+
+def model_only(path: Path, device: str) -> tuple[float, int]:
+    """Seconds for forward passes alone over the tiles predict would run (tiles pre-read)."""
+    package = load_model(bundled_model_dir())
+    runner = ModelRunner(package, device, amp=True, channels_last=None)
+    with EmbeddingRaster(path) as src:
+        plan = TilePlan(src.grid, package.default("tile", 256), package.default("overlap", 64), package.multiple,
+                     4096)
+        tiles = [src.read(Window(c, r, plan.tw, plan.th)) for r in plan.rows for c in plan.cols]
+    runner(np.stack(tiles[:1]))  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(tiles), 4):
+        runner(np.stack(tiles[i:i + 4]))
+    return time.perf_counter() - start, len(tiles)
+
+
+def child(path: str, out: str, device: str) -> None:
+    result = predict_height(path, bundled_model_dir(), out, device=device)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": result.seconds, "tiles": result.tiles, "peak_mb": peak_mb,
+                      "device": result.device}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child, args.device)
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in args.sizes:
+            emb, out = Path(tmp) / f"e{side}.tif", Path(tmp) / f"h{side}.tif"
+            write_area(emb, side)
+            run = subprocess.run([sys.executable, __file__, "--device", args.device, "--child", str(emb), str(out)],
+                                 capture_output=True, text=True, check=True)
+            e2e = json.loads(run.stdout.strip().splitlines()[-1])
+            fwd_seconds, tiles = model_only(emb, args.device)
+            mpx = side * side / 1e6
+            rows.append((side, tiles, e2e["seconds"], mpx / e2e["seconds"], mpx / fwd_seconds,
+                         fwd_seconds / e2e["seconds"], e2e["peak_mb"], e2e["device"]))
+    print(f"bundled model, device {rows[0][7]}; throughput = output megapixels (10 m) per second")
+    print(f"{'area (px)':>11} {'tiles':>6} {'predict s':>10} {'end-to-end Mpx/s':>17} {'model-only Mpx/s':>17} "
+          f"{'e2e/model':>10} {'peak RSS MB':>12}")
+    for side, tiles, secs, e2e, fwd, ratio, peak, _ in rows:
+        print(f"{side:>5}x{side:<5} {tiles:>6} {secs:>10.1f} {e2e:>17.3f} {fwd:>17.3f} {ratio:>10.2f} {peak:>12.0f}")
+    if len(rows) > 1:
+        a, b = rows[0], rows[-1]
+        print(f"area x{(b[0] / a[0]) ** 2:.0f} -> peak memory x{b[6] / a[6]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

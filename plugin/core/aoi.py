@@ -1,0 +1,108 @@
+"""Areas of interest: a rectangle in any CRS, snapped onto an embedding grid.
+
+Core of the "local raster" embedding source: the part of an embeddings raster under an
+AOI is copied (in its own form, int8 stays int8) to a north-up GeoTIFF, so prediction,
+Processing and the dock all work on the same small file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import rasterio
+from rasterio.crs import CRS
+from rasterio.warp import transform_bounds
+from rasterio.windows import Window
+
+from . import aef
+from .errors import InputError
+from .rasters import EmbeddingRaster, Grid, atomic_write, check_output_path, iter_windows
+
+EARTH_ENGINE_BYTES_PER_PIXEL = aef.N_BANDS * 4  # float32 from computePixels
+COG_BYTES_PER_PIXEL = aef.N_BANDS              # int8 public COGs
+
+
+@dataclass(frozen=True)
+class AreaOfInterest:
+    """A rectangle ``(xmin, ymin, xmax, ymax)`` in ``crs`` (any CRS GDAL knows)."""
+
+    xmin: float
+    ymin: float
+    xmax: float
+    ymax: float
+    crs: str
+
+    def __post_init__(self) -> None:
+        if not (self.xmax > self.xmin and self.ymax > self.ymin):
+            raise InputError(f"area of interest {self.bounds}", "is empty (max must exceed min)",
+                             "Draw or give a rectangle with a non-zero width and height")
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        return self.xmin, self.ymin, self.xmax, self.ymax
+
+    def bounds_in(self, crs: CRS | str) -> tuple[float, float, float, float]:
+        return transform_bounds(CRS.from_user_input(self.crs), CRS.from_user_input(crs), *self.bounds,
+                                densify_pts=21)
+
+
+def utm_crs(lon: float, lat: float) -> str:
+    """The WGS 84 / UTM zone CRS holding a point (AEF images are one UTM zone each)."""
+    zone = min(60, max(1, int(math.floor((lon + 180.0) / 6.0)) + 1))
+    return f"EPSG:{32600 + zone if lat >= 0 else 32700 + zone}"
+
+
+def work_crs(aoi: AreaOfInterest) -> str:
+    """UTM zone of the AOI's centre."""
+    lon0, lat0, lon1, lat1 = aoi.bounds_in("EPSG:4326")
+    return utm_crs((lon0 + lon1) / 2, (lat0 + lat1) / 2)
+
+
+def size_estimate(aoi: AreaOfInterest, resolution: float = 10.0) -> dict:
+    """Area, pixel count at 10 m and embedding download size before anything is fetched."""
+    xmin, ymin, xmax, ymax = aoi.bounds_in(work_crs(aoi))
+    width, height = math.ceil((xmax - xmin) / resolution), math.ceil((ymax - ymin) / resolution)
+    pixels = width * height
+    return {"crs": work_crs(aoi), "area_km2": (xmax - xmin) * (ymax - ymin) / 1e6, "width": width,
+            "height": height, "pixels": pixels, "bytes_int8": pixels * COG_BYTES_PER_PIXEL,
+            "bytes_float32": pixels * EARTH_ENGINE_BYTES_PER_PIXEL}
+
+
+def aoi_window(grid: Grid, aoi: AreaOfInterest, source: object = "embeddings") -> Window:
+    """The grid window covering the AOI (outward-snapped to whole pixels, clipped to the grid)."""
+    xmin, ymin, xmax, ymax = aoi.bounds_in(grid.crs)
+    inverse = ~grid.transform
+    c0, r0 = inverse * (xmin, ymax)
+    c1, r1 = inverse * (xmax, ymin)
+    col0, row0 = max(0, math.floor(c0 + 1e-9)), max(0, math.floor(r0 + 1e-9))
+    col1, row1 = min(grid.width, math.ceil(c1 - 1e-9)), min(grid.height, math.ceil(r1 - 1e-9))
+    if col1 <= col0 or row1 <= row0:
+        raise InputError(f"area of interest {tuple(round(v, 1) for v in aoi.bounds)} ({aoi.crs})",
+                         f"does not overlap {source}",
+                         "Draw the area inside the embeddings' footprint or choose other embeddings")
+    return Window(col0, row0, col1 - col0, row1 - row0)
+
+
+def clip_embeddings(source: str | os.PathLike, aoi: AreaOfInterest, out_path: str | os.PathLike) -> Grid:
+    """Copy the AOI's part of an embeddings raster to a north-up GeoTIFF (int8 stays int8)."""
+    out = check_output_path(out_path, source)
+    with EmbeddingRaster(source) as src:
+        window = aoi_window(src.grid, aoi, source)
+        grid = Grid(src.grid.crs, src.grid.window_transform(window), int(window.width), int(window.height))
+        profile = {"driver": "GTiff", "width": grid.width, "height": grid.height, "count": aef.N_BANDS,
+                   "dtype": "int8" if src.quantised else "float32",
+                   "nodata": aef.NODATA_INT8 if src.quantised else float("nan"), "crs": grid.crs,
+                   "transform": grid.transform, "tiled": True, "blockxsize": 256, "blockysize": 256,
+                   "compress": "deflate"}
+        with atomic_write(out) as tmp:
+            with rasterio.open(tmp, "w", **profile) as dst:
+                for block in iter_windows(grid.width, grid.height, 1024):
+                    values = src.read(Window(window.col_off + block.col_off, window.row_off + block.row_off,
+                                             block.width, block.height))
+                    dst.write(aef.quantise(values) if src.quantised else values, window=block)
+                for i, name in enumerate(aef.BAND_NAMES, start=1):
+                    dst.set_band_description(i, name)
+                dst.update_tags(ATTRIBUTION=aef.ATTRIBUTION, SOURCE=f"clipped from {os.path.basename(source)}")
+    return grid
