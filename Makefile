@@ -9,7 +9,7 @@ APT_PACKAGES := python3-qgis qgis-providers python3-rasterio python3-gdal gdal-b
 APT_STAMP := $(VENV)/.apt-done
 PIP_STAMP := $(VENV)/.pip-done
 
-.PHONY: setup demo test bench clean-venv bundled-model
+.PHONY: setup demo test bench clean-venv bundled-model package install-plugin
 
 setup: $(PIP_STAMP)
 
@@ -44,3 +44,11 @@ bundled-model: setup
 	  --patch-size 128 --batch-size 8 --epochs 20 --steps-per-epoch 40 --patience 6 --seed 0 \
 	  --name "U-Net++ (ResNet-18) - synthetic demo scene" \
 	  --region "synthetic demo scene, EPSG:32630 near Bordeaux (not real data)" --year 2020 --device cpu
+
+# The release zip (dist/alphaearth_height.zip) and its installation into a QGIS profile.
+package: setup
+	$(PY) scripts/package.py
+
+# PROFILE=/path/to/QGIS/profile to install somewhere other than the default profile
+install-plugin: package
+	$(PY) scripts/install_plugin.py $(if $(PROFILE),--profile-dir $(PROFILE))

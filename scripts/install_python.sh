@@ -21,6 +21,6 @@ fi
 echo "python packages: installing into $venv (Python $pyver, $arch)"
 "$py" -m pip install -q --disable-pip-version-check -c "$constraints" "${torch_pkgs[@]}"
 "$py" -m pip install -q --disable-pip-version-check -c "$constraints" \
-  "segmentation-models-pytorch>=0.3,<0.7" "safetensors>=0.4" "tqdm>=4.60" "pytest>=7"
+  "segmentation-models-pytorch>=0.3,<0.7" "safetensors>=0.4" "tqdm>=4.60" "pytest>=7" "earthengine-api"
 "$py" -m pip install -q --disable-pip-version-check -c "$constraints" --no-deps -e .
 "$py" -c "import alphaearth_height, torch, segmentation_models_pytorch, rasterio; print('python packages: ready (torch', torch.__version__ + ')')"

@@ -67,9 +67,14 @@ def run_height_job(job: HeightJob, progress: Optional[Progress] = None,
         clip_embeddings(job.embeddings, job.aoi, embeddings)
     report(5.0)
     predicted = out / f"{stem}_height.tif"
-    prediction = predict_height(embeddings, package, predicted, tile=job.tile, overlap=job.overlap,
-                                batch_size=job.batch_size, device=job.device, cancel=cancel,
-                                progress=lambda done, total: report(5.0 + 85.0 * done / total))
+    try:
+        prediction = predict_height(embeddings, package, predicted, tile=job.tile, overlap=job.overlap,
+                                    batch_size=job.batch_size, device=job.device, cancel=cancel,
+                                    progress=lambda done, total: report(5.0 + 85.0 * done / total))
+    except BaseException:
+        if job.aoi is not None:  # the clip was ours; a failed run leaves nothing behind
+            embeddings.unlink(missing_ok=True)
+        raise
     result = HeightJobResult(predicted, embeddings, device=prediction.device, model_name=package.name)
     if job.reference:
         if cancel and cancel():
@@ -85,6 +90,7 @@ def run_height_job(job: HeightJob, progress: Optional[Progress] = None,
 
 def remove_outputs(result: HeightJobResult) -> None:
     """Delete what a job wrote (used when a run is cancelled after prediction)."""
-    for path in (result.predicted, result.difference, result.metrics_file, *map(Path, result.plots)):
+    clip = result.embeddings if result.embeddings.name.endswith("_embeddings.tif") else None
+    for path in (result.predicted, result.difference, result.metrics_file, clip, *map(Path, result.plots)):
         if path and os.path.exists(path):
             os.remove(path)

@@ -147,7 +147,7 @@ def save_model(folder: str | os.PathLike, module: Any, card: dict[str, Any]) -> 
     return folder
 
 
-def _read_card(folder: Path) -> dict[str, Any]:
+def read_card(folder: Path) -> dict[str, Any]:
     card_path = folder / CARD_FILE
     if not card_path.is_file():
         raise InputError(folder, f"has no {CARD_FILE} model card",
@@ -176,7 +176,7 @@ def load_model(folder: str | os.PathLike) -> ModelPackage:
             raise InputError(folder, "is a pickled PyTorch checkpoint, which can run arbitrary code when loaded",
                              "Use a model folder with model.safetensors + model.json")
         raise InputError(folder, "is not a model folder", "Give the folder holding model.json and model.safetensors")
-    card = _read_card(folder)
+    card = read_card(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)

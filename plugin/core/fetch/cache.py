@@ -1,0 +1,120 @@
+"""On-disk cache of fetched tiles, so a repeated or interrupted fetch costs nothing twice.
+
+Layout: ``<cache>/<source>/<year>/<crs>/<res>m/<x0>_<y0>_<w>x<h>.tif`` (AEF int8). Each
+tile is written under a temporary name and renamed into place, so a tile file that
+exists is always complete: a fetch killed half-way resumes from the tiles it finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.errors import RasterioIOError
+
+from .. import aef
+from .tiling import Tile
+
+CACHE_ENV = "ALPHAEARTH_HEIGHT_CACHE"
+CACHED_SOURCES = ("earthengine", "cog")  # the only folders clear_cache() deletes
+
+
+def default_cache_dir() -> Path:
+    """$ALPHAEARTH_HEIGHT_CACHE, else ~/.cache/alphaearth_height."""
+    configured = os.environ.get(CACHE_ENV)
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "alphaearth_height"
+
+
+def resolve_cache_dir(cache_dir: Optional[str | os.PathLike]) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
+def crs_slug(crs: CRS) -> str:
+    epsg = crs.to_epsg()
+    return f"EPSG_{epsg}" if epsg else "crs_" + hashlib.sha1(crs.to_wkt().encode()).hexdigest()[:12]
+
+
+def _number(value: float) -> str:
+    return f"{value:.3f}".rstrip("0").rstrip(".")
+
+
+def tile_profile(width: int, height: int, crs: CRS, transform: object) -> dict:
+    """AEF int8 GeoTIFF profile shared by cached tiles and fetch outputs."""
+    return {"driver": "GTiff", "dtype": "int8", "count": aef.N_BANDS, "nodata": aef.NODATA_INT8,
+            "width": width, "height": height, "crs": crs, "transform": transform, "tiled": True,
+            "blockxsize": 256, "blockysize": 256, "compress": "deflate", "predictor": 2,
+            "interleave": "pixel", "BIGTIFF": "IF_SAFER"}
+
+
+class TileCache:
+    """Tiles of one source, year and grid CRS/resolution."""
+
+    def __init__(self, root: Path, source: str, year: int, crs: CRS, resolution: tuple[float, float]) -> None:
+        res = _number(resolution[0]) if resolution[0] == resolution[1] else "x".join(map(_number, resolution))
+        self.folder = root / source / str(year) / crs_slug(crs) / f"{res}m"
+
+    def path(self, tile: Tile) -> Path:
+        t = tile.grid.transform
+        return self.folder / f"{_number(t.c)}_{_number(t.f)}_{tile.grid.width}x{tile.grid.height}.tif"
+
+    def has(self, tile: Tile) -> bool:
+        return self.path(tile).is_file()
+
+    def load(self, tile: Tile) -> Optional[np.ndarray]:
+        """The tile's int8 values, or None when absent or unreadable (then it is dropped)."""
+        path = self.path(tile)
+        if not path.is_file():
+            return None
+        try:
+            with rasterio.open(path) as src:
+                values = src.read()
+        except RasterioIOError:
+            path.unlink(missing_ok=True)
+            return None
+        if values.shape != (aef.N_BANDS, tile.grid.height, tile.grid.width) or values.dtype != np.int8:
+            path.unlink(missing_ok=True)
+            return None
+        return values
+
+    def store(self, tile: Tile, values: np.ndarray) -> None:
+        """Write int8 values atomically (temporary file in the same folder, then rename)."""
+        path = self.path(tile)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.tif", dir=path.parent)
+        os.close(fd)
+        try:
+            profile = tile_profile(tile.grid.width, tile.grid.height, tile.grid.crs, tile.grid.transform)
+            with rasterio.open(tmp, "w", **profile) as dst:
+                dst.write(values)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
+
+
+def cache_size(cache_dir: Optional[str | os.PathLike] = None) -> int:
+    """Bytes used by cached tiles and indexes."""
+    root = resolve_cache_dir(cache_dir)
+    return sum(p.stat().st_size for name in CACHED_SOURCES for p in (root / name).rglob("*") if p.is_file())
+
+
+def clear_cache(cache_dir: Optional[str | os.PathLike] = None) -> int:
+    """Delete the cached tiles and indexes; returns the bytes freed.
+
+    Only our own source folders are removed, never the whole folder, in case a user
+    pointed the cache at a folder that holds other files too.
+    """
+    freed = cache_size(cache_dir)
+    root = resolve_cache_dir(cache_dir)
+    for name in CACHED_SOURCES:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return freed

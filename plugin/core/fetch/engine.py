@@ -1,0 +1,123 @@
+"""The tile loop shared by all sources: cache, parallel fetch, progress, cancel, output.
+
+Phase 1 fills the cache (tiles fetched in parallel, each stored as soon as it
+arrives, so an interrupted run resumes). Phase 2 assembles the cached tiles into the
+output GeoTIFF, which appears under its name only once complete.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import rasterio
+
+from .. import aef
+from ..aoi import AreaOfInterest
+from ..errors import InputError
+from ..inference import CancelFn, Cancelled, ProgressFn
+from ..rasters import Grid, atomic_write
+from .base import EmbeddingSource
+from .cache import TileCache, tile_profile
+from .tiling import Tile, plan_tiles
+
+
+@dataclass
+class FetchResult:
+    path: Path
+    grid: Grid
+    source: str
+    year: int
+    tiles: int
+    fetched: int       # tiles requested from the source in this run
+    from_cache: int    # tiles found in the cache
+    valid_fraction: float
+    seconds: float
+
+
+def _check_cancel(cancel: Optional[CancelFn]) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled()
+
+
+def _fetch_missing(source: EmbeddingSource, cache: TileCache, missing: list[Tile], done: int, total: int,
+                   progress: Optional[ProgressFn], cancel: Optional[CancelFn]) -> None:
+    """Fetch tiles in parallel, storing each one on arrival; at most 2 x workers in flight."""
+    def work(tile: Tile) -> None:
+        values = source.read(tile.grid, cancel)
+        cache.store(tile, aef.quantise(values))
+
+    pending = iter(missing)
+    with cf.ThreadPoolExecutor(max_workers=max(1, source.workers), thread_name_prefix="aef-fetch") as pool:
+        running: set[cf.Future] = set()
+        try:
+            while True:
+                while len(running) < 2 * max(1, source.workers):
+                    tile = next(pending, None)
+                    if tile is None:
+                        break
+                    _check_cancel(cancel)
+                    running.add(pool.submit(work, tile))
+                if not running:
+                    return
+                finished, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for future in finished:
+                    future.result()
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+                _check_cancel(cancel)
+        except BaseException:
+            for future in running:
+                future.cancel()
+            raise
+
+
+def run(source: EmbeddingSource, aoi: AreaOfInterest, grid: Grid, year: int, out_path: str | os.PathLike,
+        cache: Optional[TileCache], progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None) -> FetchResult:
+    """Fetch (or take from the cache) every tile of ``grid`` and write the output GeoTIFF.
+
+    The source is prepared (log-in, index) only when some tile is missing, so a fully
+    cached area is written again without network or credentials.
+    """
+    start = time.monotonic()
+    tiles = plan_tiles(grid, source.tile_size)
+    total = len(tiles)
+    missing = [t for t in tiles if not cache.has(t)] if cache is not None else tiles
+    cached = total - len(missing)
+    if progress is not None:
+        progress(cached, total)
+    if missing:
+        source.prepare(aoi, grid, year, cancel)
+    if cache is not None:
+        _fetch_missing(source, cache, missing, cached, total, progress, cancel)
+    valid = 0
+    with atomic_write(out_path) as tmp:
+        with rasterio.open(tmp, "w", **tile_profile(grid.width, grid.height, grid.crs, grid.transform)) as dst:
+            for i, tile in enumerate(tiles, start=1):
+                _check_cancel(cancel)
+                values = cache.load(tile) if cache is not None else None
+                if values is None:  # uncached source, or a cached tile that was unreadable
+                    values = aef.quantise(source.read(tile.grid, cancel))
+                    if cache is not None:
+                        cache.store(tile, values)
+                    elif progress is not None:
+                        progress(i, total)
+                dst.write(values, window=tile.window)
+                valid += int(np.count_nonzero(values[0] != aef.NODATA_INT8))
+            if valid == 0:
+                raise InputError(f"area of interest ({year}, {source.name})", "has no embeddings at all",
+                                 "Check the year (AEF covers 2017 onwards) and that the area is inside the data")
+            for band, name in enumerate(aef.BAND_NAMES, start=1):
+                dst.set_band_description(band, name)
+            dst.update_tags(ATTRIBUTION=aef.ATTRIBUTION, SOURCE=source.describe(), YEAR=str(year),
+                            SOFTWARE="AlphaEarth Height",
+                            QUANTISATION="AEF int8: value = sign(q) * (|q| / 127.5)^2, nodata -128")
+    return FetchResult(Path(out_path), grid, source.name, year, total, total - cached, cached,
+                       valid / (grid.width * grid.height), time.monotonic() - start)

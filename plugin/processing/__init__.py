@@ -1,0 +1,1 @@
+"""Processing provider: the dock's steps as algorithms for the toolbox, models and qgis_process."""

@@ -1,0 +1,122 @@
+"""What every AlphaEarth Height algorithm shares: naming, help, parameter helpers and
+turning the core's one-line ``InputError`` into the ``QgsProcessingException`` that the
+toolbox, the model builder and ``qgis_process`` all report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from qgis.core import (QgsProcessingAlgorithm, QgsProcessingContext, QgsProcessingException,
+                       QgsProcessingFeedback, QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
+                       QgsProcessingParameterNumber)
+from qgis.PyQt.QtCore import QCoreApplication
+
+from ..core.device import DEVICE_CHOICES
+from ..core.errors import InputError
+from .compat import ADVANCED, CAN_CANCEL, DOUBLE, INTEGER
+
+RASTER_SUFFIXES = (".tif", ".tiff")
+DEVICE_HELP = "auto picks a CUDA GPU, then Apple MPS, then the CPU; naming a missing GPU is an error."
+
+
+class HeightAlgorithm(QgsProcessingAlgorithm):
+    """Base class; subclasses set the class attributes and implement ``execute``."""
+
+    ALG_ID = ""
+    DISPLAY_NAME = ""
+    GROUP = ""
+    HELP = ""
+    CANCELLABLE = False  # True only where the core call takes a cancel callback
+
+    def name(self) -> str:
+        return self.ALG_ID
+
+    def displayName(self) -> str:  # noqa: N802 - QGIS API
+        return self.tr(self.DISPLAY_NAME)
+
+    def group(self) -> str:
+        return self.tr(self.GROUP)
+
+    def groupId(self) -> str:  # noqa: N802 - QGIS API
+        return self.GROUP.lower()
+
+    def shortHelpString(self) -> str:  # noqa: N802 - QGIS API
+        return self.tr(self.HELP)
+
+    def tr(self, text: str) -> str:
+        return QCoreApplication.translate("AlphaEarthHeight", text)
+
+    def flags(self):
+        """Without a core cancel hook, a Cancel button would do nothing: do not offer one."""
+        flags = super().flags()
+        if self.CANCELLABLE:
+            return flags
+        # Inverting the flags type (QFlags on Qt5, IntFlag on Qt6) works on every QGIS;
+        # inverting a bare scoped enum member does not.
+        return flags & ~type(flags)(CAN_CANCEL)
+
+    def createInstance(self) -> "HeightAlgorithm":  # noqa: N802 - QGIS API
+        return type(self)()
+
+    def processAlgorithm(self, parameters: dict, context: QgsProcessingContext,  # noqa: N802 - QGIS API
+                         feedback: QgsProcessingFeedback) -> dict:
+        try:
+            return self.execute(parameters, context, feedback)
+        except InputError as exc:
+            raise QgsProcessingException(str(exc)) from None
+
+    def execute(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
+        raise NotImplementedError
+
+    # Parameter helpers -------------------------------------------------------------
+
+    def add_int(self, name: str, description: str, default: Optional[int], minimum: int,
+                maximum: Optional[int] = None, optional: bool = False, advanced: bool = False) -> None:
+        self._add_number(name, description, INTEGER, default, minimum, maximum, optional, advanced)
+
+    def add_double(self, name: str, description: str, default: float, minimum: float, maximum: float) -> None:
+        self._add_number(name, description, DOUBLE, default, minimum, maximum, False, False)
+
+    def _add_number(self, name: str, description: str, kind: object, default: Optional[float], minimum: float,
+                    maximum: Optional[float], optional: bool, advanced: bool) -> None:
+        param = QgsProcessingParameterNumber(name, self.tr(description), kind, default, optional, minimum)
+        if maximum is not None:
+            param.setMaximum(maximum)
+        self.add(param, advanced)
+
+    def add_device(self, name: str = "DEVICE") -> None:
+        self.add(QgsProcessingParameterEnum(name, self.tr("Device"), options=list(DEVICE_CHOICES),
+                                            defaultValue=0), advanced=True)
+
+    def add(self, param: QgsProcessingParameterDefinition, advanced: bool = False) -> None:
+        if advanced:
+            param.setFlags(param.flags() | ADVANCED)
+        self.addParameter(param)
+
+    def raster_path(self, parameters: dict, name: str, context: QgsProcessingContext) -> str:
+        """The file behind a raster layer input; core reads files with GDAL, not QGIS layers."""
+        layer = self.parameterAsRasterLayer(parameters, name, context)
+        if layer is None:
+            raise QgsProcessingException(self.invalidRasterError(parameters, name))
+        if layer.providerType() != "gdal":
+            raise QgsProcessingException(f"{layer.name()}: is a '{layer.providerType()}' layer, not a raster file. "
+                                         "Save it as a GeoTIFF first (Export > Save As)")
+        return layer.source()
+
+    def raster_output(self, parameters: dict, name: str, context: QgsProcessingContext) -> str:
+        """The destination path of a raster output; core writes GeoTIFF only."""
+        path = self.parameterAsOutputLayer(parameters, name, context)
+        if Path(path).suffix.lower() not in RASTER_SUFFIXES:
+            raise QgsProcessingException(f"{path}: is not a GeoTIFF name but outputs are written as GeoTIFF. "
+                                         "Give a file name ending in .tif")
+        return path
+
+    def optional_int(self, parameters: dict, name: str, context: QgsProcessingContext) -> Optional[int]:
+        """An optional integer left empty reads as None (let the model card decide), not 0."""
+        if parameters.get(name) in (None, ""):
+            return None
+        return self.parameterAsInt(parameters, name, context)
+
+    def enum_text(self, parameters: dict, name: str, context: QgsProcessingContext, choices: tuple) -> str:
+        return choices[self.parameterAsEnum(parameters, name, context)]

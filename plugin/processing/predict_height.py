@@ -1,0 +1,72 @@
+"""Predict height: run a height model over an embeddings raster, tile by tile."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from qgis.core import (QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback,
+                       QgsProcessingParameterBoolean, QgsProcessingParameterFile,
+                       QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
+
+from ..core.device import DEVICE_CHOICES
+from .base import DEVICE_HELP, HeightAlgorithm
+from .compat import FOLDER
+
+
+class PredictHeight(HeightAlgorithm):
+    ALG_ID = "predictheight"
+    DISPLAY_NAME = "Predict height"
+    GROUP = "Height"
+    CANCELLABLE = True
+    HELP = ("Predicts surface height (m) at every pixel of a 64-band AlphaEarth embeddings raster with a "
+            "U-Net / U-Net++ model, in overlapping tiles blended without seams; memory does not grow "
+            "with the area.\n\n"
+            "Model folder: a folder with model.json and model.safetensors (as written by 'Train height "
+            "model'); empty uses the bundled demo model, which was trained on a synthetic scene and is "
+            "only meant for trying the tools.\n"
+            "Tile size: 0 uses the model card's default. Overlap: empty uses the model card's default, "
+            "0 means no overlap.\n"
+            "Device: " + DEVICE_HELP + "\n\n"
+            "Cancelling stops between tile batches and leaves no output file.")
+
+    def initAlgorithm(self, config: dict | None = None) -> None:  # noqa: N802 - QGIS API
+        self.add(QgsProcessingParameterRasterLayer("INPUT", self.tr("Embeddings raster (64 bands)")))
+        self.add(QgsProcessingParameterFile("MODEL", self.tr("Model folder (empty: bundled model)"),
+                                            behavior=FOLDER, optional=True))
+        self.add_int("TILE", "Tile size in pixels (0: model default)", 0, 0, advanced=True)
+        self.add_int("OVERLAP", "Tile overlap in pixels (empty: model default)", None, 0, optional=True,
+                     advanced=True)
+        self.add_int("BATCH_SIZE", "Tiles per batch", 4, 1, advanced=True)
+        self.add_device()
+        self.add(QgsProcessingParameterBoolean("AMP", self.tr("Mixed precision on CUDA GPUs"), defaultValue=True),
+                 advanced=True)
+        self.add(QgsProcessingParameterRasterDestination("OUTPUT", self.tr("Predicted height")))
+
+    def execute(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
+        from ..core.inference import Cancelled, predict_height
+        from ..core.models import bundled_model_dir
+
+        embeddings = self.raster_path(parameters, "INPUT", context)
+        out = self.raster_output(parameters, "OUTPUT", context)
+        model = self.parameterAsFile(parameters, "MODEL", context) or bundled_model_dir()
+        feedback.pushInfo(f"model: {model}")
+        try:
+            result = predict_height(
+                embeddings, model, out, tile=self.parameterAsInt(parameters, "TILE", context) or None,
+                overlap=self.optional_int(parameters, "OVERLAP", context),
+                batch_size=self.parameterAsInt(parameters, "BATCH_SIZE", context),
+                device=self.enum_text(parameters, "DEVICE", context, DEVICE_CHOICES),
+                amp=self.parameterAsBoolean(parameters, "AMP", context),
+                progress=report_progress(feedback), cancel=feedback.isCanceled)
+        except Cancelled:
+            raise QgsProcessingException(self.tr("Prediction cancelled; no output was written.")) from None
+        feedback.pushInfo(f"{result.grid.width} x {result.grid.height} px, {result.tiles} tiles in "
+                          f"{result.seconds:.1f} s on {result.device}")
+        return {"OUTPUT": out}
+
+
+def report_progress(feedback: QgsProcessingFeedback) -> Callable[[int, int], None]:
+    """A core ``progress(done, total)`` callback driving the Processing progress bar."""
+    def progress(done: int, total: int) -> None:
+        feedback.setProgress(100.0 * done / max(total, 1))
+    return progress

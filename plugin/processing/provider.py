@@ -1,0 +1,44 @@
+"""The AlphaEarth Height Processing provider, registered by the plugin's initProcessing()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qgis.core import QgsProcessingProvider
+from qgis.PyQt.QtGui import QIcon
+
+from ... import __version__
+from .compare_heights import CompareHeights
+from .fetch_embeddings import FetchEmbeddings
+from .predict_height import PredictHeight
+from .train_model import TrainModel
+
+ICON = Path(__file__).resolve().parents[2] / "resources" / "icon.png"
+ALGORITHMS = (FetchEmbeddings, PredictHeight, CompareHeights, TrainModel)
+
+
+class AlphaEarthHeightProvider(QgsProcessingProvider):
+    """Fetch, predict, compare and train: the dock's steps as Processing algorithms."""
+
+    def id(self) -> str:
+        return "alphaearth_height"
+
+    def name(self) -> str:
+        return "AlphaEarth Height"
+
+    def longName(self) -> str:  # noqa: N802 - QGIS API
+        return f"AlphaEarth Height {__version__}"
+
+    def versionInfo(self) -> str:  # noqa: N802 - QGIS API
+        return __version__
+
+    def icon(self) -> QIcon:
+        return QIcon(str(ICON))
+
+    def loadAlgorithms(self) -> None:  # noqa: N802 - QGIS API
+        for algorithm in ALGORITHMS:
+            self.addAlgorithm(algorithm())
+
+    def supportedOutputRasterLayerExtensions(self) -> list[str]:  # noqa: N802 - QGIS API
+        # Core writes GeoTIFF only; offering other formats would produce misnamed files.
+        return ["tif"]

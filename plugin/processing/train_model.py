@@ -1,0 +1,78 @@
+"""Train height model: fit a U-Net / U-Net++ on embeddings and an aligned reference DSM."""
+
+from __future__ import annotations
+
+from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessingOutputNumber,
+                       QgsProcessingParameterEnum, QgsProcessingParameterFolderDestination,
+                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
+
+from ..core.device import DEVICE_CHOICES
+from ..core.models import ARCHITECTURES
+from .base import DEVICE_HELP, HeightAlgorithm
+
+ARCH_CHOICES = tuple(ARCHITECTURES)
+# Same order as training.data.DIRECTIONS (a test checks it); importing that module here
+# would load rasterio whenever QGIS lists the algorithms.
+DIRECTIONS = ("east", "west", "north", "south")
+
+
+class TrainModel(HeightAlgorithm):
+    ALG_ID = "trainmodel"
+    DISPLAY_NAME = "Train height model"
+    GROUP = "Training"
+    HELP = ("Trains a U-Net or U-Net++ (segmentation-models-pytorch, no pretrained weights) to map "
+            "AlphaEarth embeddings to the heights of a reference DSM, following Hamoudzadeh, Belloni and "
+            "Ravanelli (2026): masked MSE loss, AdamW, early stopping on a validation strip.\n\n"
+            "The reference may be in any CRS and resolution; it is resampled onto the embeddings' grid. "
+            "The scene is split into contiguous strips: the test strip ('test fraction' of the scene, on "
+            "the side given by 'held-out side') is never trained on, so the test metrics show how the "
+            "model does on ground it has not seen.\n\n"
+            "Patch size must be a multiple of 2^encoder depth. Device: " + DEVICE_HELP + "\n\n"
+            "The output folder (new or empty) receives model.json + model.safetensors, usable by "
+            "'Predict height', with config.json and history.csv. Training cannot be cancelled once "
+            "started.")
+
+    def initAlgorithm(self, config: dict | None = None) -> None:  # noqa: N802 - QGIS API
+        self.add(QgsProcessingParameterRasterLayer("EMBEDDINGS", self.tr("Embeddings raster (64 bands)")))
+        self.add(QgsProcessingParameterRasterLayer("REFERENCE", self.tr("Reference DSM")))
+        self.add(QgsProcessingParameterEnum("ARCH", self.tr("Architecture"), options=list(ARCH_CHOICES),
+                                            defaultValue=ARCH_CHOICES.index("unetplusplus")))
+        self.add(QgsProcessingParameterString("ENCODER", self.tr("Encoder"), defaultValue="resnet18"))
+        self.add_int("ENCODER_DEPTH", "Encoder depth", 5, 3, 5)
+        self.add_int("PATCH_SIZE", "Patch size in pixels", 256, 32)
+        self.add_int("BATCH_SIZE", "Batch size", 8, 1)
+        self.add_int("EPOCHS", "Epochs (maximum)", 30, 1)
+        self.add_int("STEPS_PER_EPOCH", "Steps per epoch", 50, 1)
+        self.add_double("TEST_FRACTION", "Test fraction", 0.3, 0.05, 0.9)
+        self.add(QgsProcessingParameterEnum("DIRECTION", self.tr("Held-out side (test strip)"),
+                                            options=list(DIRECTIONS), defaultValue=0), advanced=True)
+        self.add_int("SEED", "Random seed", 0, 0, advanced=True)
+        self.add_device()
+        self.add(QgsProcessingParameterFolderDestination("OUTPUT", self.tr("Model folder")))
+        self.addOutput(QgsProcessingOutputNumber("TEST_R2", self.tr("Test R²")))
+        self.addOutput(QgsProcessingOutputNumber("TEST_RMSE", self.tr("Test RMSE (m)")))
+
+    def execute(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
+        from ...training.train import train_model
+
+        out = self.parameterAsFileOutput(parameters, "OUTPUT", context)
+        result = train_model(self._config(parameters, context, out), log=feedback.pushInfo)
+        test = result.metrics["test"]
+        return {"OUTPUT": str(result.model_dir), "TEST_R2": test["r2"], "TEST_RMSE": test["rmse"]}
+
+    def _config(self, parameters: dict, context: QgsProcessingContext, out: str):
+        from ...training.train import TrainConfig
+
+        def number(name: str) -> int:
+            return self.parameterAsInt(parameters, name, context)
+
+        return TrainConfig(
+            embeddings=self.raster_path(parameters, "EMBEDDINGS", context),
+            reference=self.raster_path(parameters, "REFERENCE", context), out=out,
+            arch=self.enum_text(parameters, "ARCH", context, ARCH_CHOICES),
+            encoder=self.parameterAsString(parameters, "ENCODER", context).strip() or "resnet18",
+            encoder_depth=number("ENCODER_DEPTH"), patch_size=number("PATCH_SIZE"),
+            batch_size=number("BATCH_SIZE"), epochs=number("EPOCHS"), steps_per_epoch=number("STEPS_PER_EPOCH"),
+            test_fraction=self.parameterAsDouble(parameters, "TEST_FRACTION", context),
+            direction=self.enum_text(parameters, "DIRECTION", context, DIRECTIONS), seed=number("SEED"),
+            device=self.enum_text(parameters, "DEVICE", context, DEVICE_CHOICES))

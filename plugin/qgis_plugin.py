@@ -1,0 +1,142 @@
+"""The QGIS plugin object: toolbar/menu action, dock, Processing provider, log handler.
+
+Nothing here imports torch, and the dock is built on first use, so enabling the plugin
+costs QGIS start-up next to nothing and works even before the dependencies exist.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from qgis.core import Qgis, QgsApplication
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtGui import QIcon
+from qgis.PyQt.QtWidgets import QPushButton
+
+try:
+    from qgis.PyQt.QtGui import QAction  # Qt 6 (QGIS 4)
+except ImportError:
+    from qgis.PyQt.QtWidgets import QAction  # Qt 5
+
+from .dependencies import InstallTask, add_dependencies_dir, missing_dependencies
+from .log import install_log_handler, uninstall_log_handler
+
+log = logging.getLogger(__name__)
+
+TITLE = "AlphaEarth Height"
+MENU = "&AlphaEarth Height"
+ICON = Path(__file__).resolve().parents[1] / "resources" / "icon.png"
+# The dock imports core, which needs these at import time (torch only loads inside a run).
+DOCK_IMPORTS = ("rasterio", "matplotlib")
+PROVIDER_MODULES = (f"{__package__}.processing", f"{__package__}.processing.provider")
+
+
+class AlphaEarthHeightPlugin:
+    """Entry object QGIS creates through ``classFactory``."""
+
+    def __init__(self, iface) -> None:
+        self.iface = iface
+        self.action: Optional[QAction] = None
+        self.dock = None
+        self.provider = None
+        self.install_task: Optional[InstallTask] = None
+
+    def initGui(self) -> None:  # noqa: N802 - QGIS API name
+        install_log_handler()
+        add_dependencies_dir()
+        icon = QIcon(str(ICON)) if ICON.is_file() else QgsApplication.getThemeIcon("/mIconRaster.svg")
+        self.action = QAction(icon, TITLE, self.iface.mainWindow())
+        self.action.setObjectName("AlphaEarthHeightAction")
+        self.action.setCheckable(True)
+        self.action.setToolTip("Map surface height from AlphaEarth embeddings")
+        self.action.toggled.connect(self.show_dock)
+        self.iface.addToolBarIcon(self.action)
+        self.iface.addPluginToMenu(MENU, self.action)
+        self.initProcessing()
+
+    def initProcessing(self) -> None:  # noqa: N802 - QGIS API name
+        """Register the Processing provider once it is part of the plugin."""
+        try:
+            from .processing.provider import AlphaEarthHeightProvider
+        except ImportError as exc:
+            absent = isinstance(exc, ModuleNotFoundError) and exc.name in PROVIDER_MODULES
+            if not absent:  # present but broken: say why in the log panel
+                log.warning("Processing provider unavailable: %s", exc, exc_info=True)
+            return
+        provider = AlphaEarthHeightProvider()
+        # Refused (and deleted by QGIS) when a provider with this id is already registered.
+        if QgsApplication.processingRegistry().addProvider(provider):
+            self.provider = provider
+
+    def show_dock(self, visible: bool = True) -> None:
+        """Show or hide the dock, building it the first time it is shown."""
+        if self.dock is None:
+            if not visible:
+                return
+            if not self._create_dock():
+                self.action.setChecked(False)
+                return
+        self.dock.setVisible(visible)
+        if visible:
+            self.dock.raise_()
+
+    def _create_dock(self) -> bool:
+        missing = [name for name in DOCK_IMPORTS if name in missing_dependencies()]
+        if missing:
+            self._offer_install(missing)
+            return False
+        from .ui.dock import HeightDock
+
+        self.dock = HeightDock(self.iface, self.iface.mainWindow())
+        self.dock.visibilityChanged.connect(self._sync_action)
+        self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
+        return True
+
+    def _sync_action(self, visible: bool) -> None:
+        if self.action is not None and self.action.isChecked() != visible:
+            self.action.blockSignals(True)
+            self.action.setChecked(visible)
+            self.action.blockSignals(False)
+
+    def _offer_install(self, missing: list[str]) -> None:
+        """Without these the dock cannot even be built: offer pip from the message bar."""
+        bar = self.iface.messageBar()
+        item = bar.createMessage(TITLE, "Missing Python packages: " + ", ".join(missing_dependencies()))
+        button = QPushButton("Install")
+        button.clicked.connect(lambda: self._install(missing_dependencies()))
+        item.layout().addWidget(button)
+        bar.pushWidget(item, Qgis.MessageLevel.Warning)
+        log.warning("Missing Python packages: %s", ", ".join(missing))
+
+    def _install(self, modules: list[str]) -> None:
+        if self.install_task is None:
+            self.install_task = InstallTask(modules, self._on_installed)
+            QgsApplication.taskManager().addTask(self.install_task)
+
+    def _on_installed(self, task: InstallTask) -> None:
+        self.install_task = None
+        level = Qgis.MessageLevel.Critical if task.error else Qgis.MessageLevel.Success
+        text = task.error.splitlines()[0] if task.error else "Packages installed; open AlphaEarth Height again"
+        self.iface.messageBar().pushMessage(TITLE, text, level, 0 if task.error else 8)
+
+    def unload(self) -> None:
+        """Undo everything initGui and the dock added, so a reload starts clean."""
+        if self.install_task is not None:
+            self.install_task.on_done = None
+            self.install_task.cancel()
+        if self.dock is not None:
+            self.dock.shutdown()
+            self.iface.removeDockWidget(self.dock)
+            self.dock.deleteLater()
+            self.dock = None
+        if self.action is not None:
+            self.iface.removePluginMenu(MENU, self.action)
+            self.iface.removeToolBarIcon(self.action)
+            self.action.deleteLater()
+            self.action = None
+        if self.provider is not None:
+            QgsApplication.processingRegistry().removeProvider(self.provider)
+            self.provider = None
+        uninstall_log_handler()

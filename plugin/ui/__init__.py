@@ -1,0 +1,1 @@
+"""Dock panel and map tools of the QGIS plugin."""

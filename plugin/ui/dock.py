@@ -1,0 +1,603 @@
+"""The AlphaEarth Height dock: gathers a job's parameters, runs it as a task, shows results.
+
+Built in code (no .ui file) so it needs no compile step and stays readable in review.
+Thin by design: validation and computation live in core; this module only turns
+widget state into a ``HeightJob`` and a result into layers, figures and messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from qgis.core import (Qgis, QgsApplication, QgsMapLayer, QgsMapLayerProxyModel, QgsProviderRegistry,
+                       QgsRectangle, QgsSettings, QgsTask)
+from qgis.gui import QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox, QgsMapTool
+from qgis.PyQt.QtCore import Qt, pyqtSignal
+from qgis.PyQt.QtGui import QPixmap
+from qgis.PyQt.QtWidgets import (QButtonGroup, QCheckBox, QComboBox, QFormLayout, QGridLayout, QGroupBox,
+                                 QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar, QPushButton, QRadioButton,
+                                 QScrollArea, QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
+
+from ..core.aoi import AreaOfInterest, aoi_window, size_estimate
+from ..core.errors import InputError
+from ..core.job import HeightJob, HeightJobResult, safe_name
+from ..core.models import read_card
+from ..core.models import bundled_model_dir
+from ..core.rasters import EmbeddingRaster
+from ..dependencies import InstallTask, missing_dependencies
+from ..layers import add_result_layers
+from ..tasks import HeightTask
+from .aoi_tool import AoiMapTool, AoiRubberBand, canvas_aoi, layer_aoi, qgs_crs, rectangle_aoi
+
+log = logging.getLogger(__name__)
+
+TITLE = "AlphaEarth Height"
+SETTINGS = "alphaearth_height/"
+SOURCES = (("file", "Local raster file", ""), ("layer", "Raster layer", ""),
+           ("earthengine", "Earth Engine", "Arrives with the Earth Engine fetcher"),
+           ("cog", "AlphaEarth public COGs", "Arrives with the public COG fetcher"))
+DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "CUDA"))
+YEARS = (2017, 2025, 2020)  # first, last, default AlphaEarth annual image
+METRICS = (("r2", "R²", "{:.3f}"), ("rmse", "RMSE", "{:.2f} m"), ("mae", "MAE", "{:.2f} m"),
+           ("mean_diff", "Bias", "{:+.2f} m"), ("median_diff", "Median difference", "{:+.2f} m"),
+           ("nmad", "NMAD", "{:.2f} m"))
+PLOT_WIDTH = 320
+
+
+def default_output_folder() -> str:
+    return str(Path(tempfile.gettempdir()) / "alphaearth_height")
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def describe_estimate(aoi: AreaOfInterest) -> str:
+    """One line on size, shown before anything is fetched so huge areas are noticed early."""
+    est = size_estimate(aoi)
+    return (f"{est['area_km2']:,.2f} km² · {est['width']:,} × {est['height']:,} px at 10 m "
+            f"({est['pixels'] / 1e6:,.2f} Mpx, {est['crs']})\n"
+            f"Download ≈ {human_bytes(est['bytes_int8'])} (COG int8) / "
+            f"{human_bytes(est['bytes_float32'])} (Earth Engine float32)")
+
+
+def aoi_stem(aoi: AreaOfInterest, year: int) -> str:
+    """File/layer stem from the year and the AOI centre, e.g. ``aeh_2020_x690640_y4973720``."""
+    cx, cy = (aoi.xmin + aoi.xmax) / 2, (aoi.ymin + aoi.ymax) / 2
+    digits = 4 if qgs_crs(aoi.crs).isGeographic() else 0
+    return safe_name(f"aeh_{year}_x{cx:.{digits}f}_y{cy:.{digits}f}")
+
+
+def unique_stem(folder: Path, stem: str) -> str:
+    """Never overwrite an earlier run's rasters (they may still be loaded as layers)."""
+    candidate, n = stem, 1
+    while (folder / f"{candidate}_height.tif").exists():
+        n += 1
+        candidate = f"{stem}_{n}"
+    return candidate
+
+
+def layer_file(layer: Optional[QgsMapLayer], subject: str) -> str:
+    """The file behind a raster layer, which must still exist on disk."""
+    if layer is None:
+        raise InputError(subject, "is not chosen", f"Pick a raster layer for the {subject}")
+    path = QgsProviderRegistry.instance().decodeUri(layer.providerType(), layer.source()).get("path") or layer.source()
+    return existing_file(path, f"{subject} layer '{layer.name()}' ({path})")
+
+
+def existing_file(path: str, subject: str) -> str:
+    if not path:
+        raise InputError(subject, "is not set", "Choose a file")
+    if not os.path.isfile(path):
+        raise InputError(subject, "does not exist (moved or deleted?)", "Choose an existing file or re-link the layer")
+    return path
+
+
+def card_summary(card: dict) -> str:
+    """What a user needs to judge a model: architecture, where/when trained, test accuracy."""
+    model, training = card.get("model", {}), card.get("training", {})
+    lines = [f"Name: {card.get('name', '?')}",
+             f"Architecture: {model.get('architecture', '?')} / {model.get('encoder', '?')} "
+             f"(depth {model.get('encoder_depth', '?')})"]
+    if training:
+        lines.append(f"Trained on: {training.get('region') or training.get('embeddings', '?')} "
+                     f"({training.get('year', '?')}), {training.get('crs', '?')}")
+    else:
+        lines.append("Trained on: not recorded")
+    test = card.get("metrics", {}).get("test")
+    if test:
+        lines.append(f"Test: R² {test.get('r2', float('nan')):.3f} · RMSE {test.get('rmse', float('nan')):.2f} m"
+                     f" · MAE {test.get('mae', float('nan')):.2f} m · NMAD {test.get('nmad', float('nan')):.2f} m")
+    else:
+        lines.append("Test metrics: not recorded")
+    return "\n".join(lines)
+
+
+class HeightDock(QgsDockWidget):
+    """Dock panel; ``runFinished(ok)`` fires after each run's outcome has been shown."""
+
+    runFinished = pyqtSignal(bool)
+
+    def __init__(self, iface, parent: Optional[QWidget] = None) -> None:
+        super().__init__(TITLE, parent)
+        self.setObjectName("AlphaEarthHeightDock")
+        self.iface = iface
+        self.canvas = iface.mapCanvas()
+        self.settings = QgsSettings()
+        self.aoi: Optional[AreaOfInterest] = None
+        self.task: Optional[HeightTask] = None  # referenced while QGIS runs it
+        self.install_task: Optional[InstallTask] = None
+        self.probe_task: Optional[QgsTask] = None
+        self.last_result: Optional[HeightJobResult] = None
+        self.map_tool = AoiMapTool(self.canvas)
+        self.map_tool.aoiDrawn.connect(self._on_drawn)
+        self.rubber_band = AoiRubberBand(self.canvas)
+        self.canvas.mapToolSet.connect(self._on_map_tool_set)
+        self._build()
+        self._restore_settings()
+        self.refresh_dependencies()
+
+    # ---- layout -------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        body = QWidget()
+        layout = QVBoxLayout(body)
+        for group in (self._dependencies_group(), self._aoi_group(), self._embeddings_group(), self._model_group(),
+                      self._reference_group(), self._output_group()):
+            layout.addWidget(group)
+        layout.addLayout(self._run_row())
+        layout.addWidget(self._results_group())
+        layout.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(body)
+        self.setWidget(scroll)
+
+    def _dependencies_group(self) -> QGroupBox:
+        self.deps_group = QGroupBox("Missing Python packages")
+        layout = QVBoxLayout(self.deps_group)
+        self.deps_label = QLabel()
+        self.deps_label.setWordWrap(True)
+        self.install_button = QPushButton("Install")
+        self.install_button.setToolTip("pip install the missing packages into the plugin's own folder")
+        self.install_button.clicked.connect(self.install_dependencies)
+        layout.addWidget(self.deps_label)
+        layout.addWidget(self.install_button, 0, Qt.AlignmentFlag.AlignLeft)
+        return self.deps_group
+
+    def _aoi_group(self) -> QGroupBox:
+        group = QGroupBox("Area of interest")
+        layout = QVBoxLayout(group)
+        buttons = QHBoxLayout()
+        self.draw_button = QPushButton("Draw")
+        self.draw_button.setCheckable(True)
+        self.draw_button.setToolTip("Drag a rectangle on the map")
+        self.draw_button.toggled.connect(self._on_draw_toggled)
+        self.canvas_button = QPushButton("Canvas extent")
+        self.canvas_button.clicked.connect(self.use_canvas_extent)
+        self.layer_button = QPushButton("From layer")
+        self.layer_button.clicked.connect(self.use_layer_extent)
+        for button in (self.draw_button, self.canvas_button, self.layer_button):
+            buttons.addWidget(button)
+        layout.addLayout(buttons)
+        self.aoi_layer_combo = QgsMapLayerComboBox()
+        self.aoi_layer_combo.setFilters(QgsMapLayerProxyModel.Filter.PolygonLayer)
+        self.selected_only = QCheckBox("Selected features only")
+        layout.addWidget(self.aoi_layer_combo)
+        layout.addWidget(self.selected_only)
+        self.aoi_label = QLabel("No area chosen yet")
+        self.aoi_label.setWordWrap(True)
+        layout.addWidget(self.aoi_label)
+        return group
+
+    def _embeddings_group(self) -> QGroupBox:
+        group = QGroupBox("Embeddings")
+        form = QFormLayout(group)
+        self.source_combo = QComboBox()
+        for index, (key, label, tooltip) in enumerate(SOURCES):
+            self.source_combo.addItem(label, key)
+            if tooltip:  # placeholders until the fetchers land
+                self.source_combo.model().item(index).setEnabled(False)
+                self.source_combo.setItemData(index, tooltip, Qt.ItemDataRole.ToolTipRole)
+        self.source_combo.currentIndexChanged.connect(self._on_source_changed)
+        self.embeddings_file = QgsFileWidget()
+        self.embeddings_file.setFilter("GeoTIFF (*.tif *.tiff);;All files (*)")
+        self.embeddings_file.setDialogTitle("AlphaEarth embeddings raster (64 bands)")
+        self.embeddings_layer = QgsMapLayerComboBox()
+        self.embeddings_layer.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
+        self.year_spin = QSpinBox()
+        self.year_spin.setRange(YEARS[0], YEARS[1])
+        self.year_spin.setValue(YEARS[2])
+        self.year_spin.valueChanged.connect(self._update_output_hint)
+        form.addRow("Source", self.source_combo)
+        form.addRow("File", self.embeddings_file)
+        form.addRow("Layer", self.embeddings_layer)
+        form.addRow("Year", self.year_spin)
+        self.embeddings_form = form
+        return group
+
+    def _model_group(self) -> QGroupBox:
+        group = QGroupBox("Model")
+        layout = QVBoxLayout(group)
+        self.bundled_radio = QRadioButton("Bundled model")
+        self.folder_radio = QRadioButton("Model folder")
+        self.model_choice = QButtonGroup(group)
+        for button in (self.bundled_radio, self.folder_radio):
+            self.model_choice.addButton(button)
+            layout.addWidget(button)
+        self.bundled_radio.setChecked(True)
+        self.model_folder = QgsFileWidget()
+        self.model_folder.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
+        self.model_folder.setDialogTitle("Model folder (model.json + model.safetensors)")
+        layout.addWidget(self.model_folder)
+        self.card_text = QPlainTextEdit()
+        self.card_text.setReadOnly(True)
+        self.card_text.setMaximumHeight(96)
+        layout.addWidget(self.card_text)
+        device_row = QHBoxLayout()
+        self.device_combo = QComboBox()
+        for key, label in DEVICES:
+            self.device_combo.addItem(label, key)
+        self.detect_button = QPushButton("Detect GPU")
+        self.detect_button.clicked.connect(self.detect_device)
+        device_row.addWidget(QLabel("Device"))
+        device_row.addWidget(self.device_combo, 1)
+        device_row.addWidget(self.detect_button)
+        layout.addLayout(device_row)
+        self.device_label = QLabel("GPU: not checked yet (PyTorch loads only when needed)")
+        self.device_label.setWordWrap(True)
+        layout.addWidget(self.device_label)
+        self.bundled_radio.toggled.connect(self.refresh_model_card)
+        self.model_folder.fileChanged.connect(self.refresh_model_card)
+        self.device_combo.currentIndexChanged.connect(self._on_device_changed)
+        return group
+
+    def _reference_group(self) -> QGroupBox:
+        group = QGroupBox("Reference DSM (optional)")
+        layout = QVBoxLayout(group)
+        self.reference_combo = QgsMapLayerComboBox()
+        self.reference_combo.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
+        self.reference_combo.setAllowEmptyLayer(True)
+        self.reference_combo.setLayer(None)
+        self.reference_combo.setToolTip("A DSM to compare with: adds a difference layer, metrics and plots")
+        layout.addWidget(self.reference_combo)
+        return group
+
+    def _output_group(self) -> QGroupBox:
+        group = QGroupBox("Output")
+        layout = QVBoxLayout(group)
+        self.output_folder = QgsFileWidget()
+        self.output_folder.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
+        self.output_folder.setFilePath(default_output_folder())
+        self.output_hint = QLabel()
+        self.output_hint.setWordWrap(True)
+        layout.addWidget(self.output_folder)
+        layout.addWidget(self.output_hint)
+        return group
+
+    def _run_row(self) -> QVBoxLayout:
+        layout = QVBoxLayout()
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        self.progress.setValue(0)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        return layout
+
+    def _results_group(self) -> QGroupBox:
+        group = QGroupBox("Results")
+        layout = QVBoxLayout(group)
+        grid = QGridLayout()
+        grid.setHorizontalSpacing(18)
+        self.metric_labels: dict[str, QLabel] = {}
+        for index, (key, label, _) in enumerate(METRICS):
+            value = QLabel("–")
+            value.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+            grid.addWidget(QLabel(label), index // 2, (index % 2) * 2)
+            grid.addWidget(value, index // 2, (index % 2) * 2 + 1)
+            self.metric_labels[key] = value
+        layout.addLayout(grid)
+        self.result_label = QLabel("No run yet")
+        self.result_label.setWordWrap(True)
+        layout.addWidget(self.result_label)
+        self.scatter_image, self.histogram_image = QLabel(), QLabel()
+        for image in (self.scatter_image, self.histogram_image):
+            image.setAlignment(Qt.AlignmentFlag.AlignHCenter)
+            image.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+            layout.addWidget(image)
+        return group
+
+    # ---- settings -----------------------------------------------------------------------
+
+    def _restore_settings(self) -> None:
+        s = self.settings
+        index = self.source_combo.findData(s.value(SETTINGS + "source", "file"))
+        self.source_combo.setCurrentIndex(index if index in (0, 1) else 0)
+        self.year_spin.setValue(int(s.value(SETTINGS + "year", YEARS[2])))
+        self.embeddings_file.setFilePath(s.value(SETTINGS + "embeddings_file", ""))
+        self.folder_radio.setChecked(s.value(SETTINGS + "model", "bundled") == "folder")
+        self.model_folder.setFilePath(s.value(SETTINGS + "model_folder", ""))
+        self.device_combo.setCurrentIndex(max(0, self.device_combo.findData(s.value(SETTINGS + "device", "auto"))))
+        self.output_folder.setFilePath(s.value(SETTINGS + "output_folder", default_output_folder()))
+        self._on_source_changed()
+        self.refresh_model_card()
+        self._update_output_hint()
+
+    def save_settings(self) -> None:
+        s = self.settings
+        s.setValue(SETTINGS + "source", self.source_combo.currentData())
+        s.setValue(SETTINGS + "year", self.year_spin.value())
+        s.setValue(SETTINGS + "embeddings_file", self.embeddings_file.filePath())
+        s.setValue(SETTINGS + "model", "folder" if self.folder_radio.isChecked() else "bundled")
+        s.setValue(SETTINGS + "model_folder", self.model_folder.filePath())
+        s.setValue(SETTINGS + "device", self.device_combo.currentData())
+        s.setValue(SETTINGS + "output_folder", self.output_folder.filePath())
+
+    # ---- area of interest ---------------------------------------------------------------
+
+    def set_aoi(self, aoi: AreaOfInterest) -> None:
+        """Make ``aoi`` current: outline it and show its size before anything runs."""
+        self.aoi = aoi
+        self.rubber_band.show(aoi)
+        self.aoi_label.setText(describe_estimate(aoi))
+        self._update_output_hint()
+
+    def _on_draw_toggled(self, checked: bool) -> None:
+        if checked:
+            self.canvas.setMapTool(self.map_tool)
+        elif self.canvas.mapTool() is self.map_tool:
+            self.canvas.unsetMapTool(self.map_tool)
+
+    def _on_map_tool_set(self, new_tool: Optional[QgsMapTool], _old: Optional[QgsMapTool] = None) -> None:
+        self.draw_button.setChecked(new_tool is self.map_tool)
+
+    def _on_drawn(self, rect: QgsRectangle) -> None:
+        self._try(lambda: self.set_aoi(rectangle_aoi(rect, self.canvas.mapSettings().destinationCrs())))
+
+    def use_canvas_extent(self) -> None:
+        self._try(lambda: self.set_aoi(canvas_aoi(self.canvas)))
+
+    def use_layer_extent(self) -> None:
+        self._try(lambda: self.set_aoi(layer_aoi(self.aoi_layer_combo.currentLayer(), self.selected_only.isChecked())))
+
+    def _try(self, action) -> None:
+        try:
+            action()
+        except InputError as exc:
+            self.report_error(exc, level=Qgis.MessageLevel.Warning)
+
+    # ---- embeddings, model, output --------------------------------------------------------
+
+    def _on_source_changed(self) -> None:
+        from_file = self.source_combo.currentData() == "file"
+        for widget, visible in ((self.embeddings_file, from_file), (self.embeddings_layer, not from_file)):
+            widget.setVisible(visible)
+            self.embeddings_form.labelForField(widget).setVisible(visible)
+
+    def embeddings_path(self) -> str:
+        if self.source_combo.currentData() == "file":
+            return existing_file(self.embeddings_file.filePath(), "embeddings file")
+        return layer_file(self.embeddings_layer.currentLayer(), "embeddings")
+
+    def reference_path(self) -> Optional[str]:
+        layer = self.reference_combo.currentLayer()
+        return None if layer is None else layer_file(layer, "reference DSM")
+
+    def model_path(self) -> Optional[str]:
+        """The chosen model folder, or None for the bundled model."""
+        if self.bundled_radio.isChecked():
+            return None
+        folder = self.model_folder.filePath()
+        if not folder:
+            raise InputError("model folder", "is not set", "Choose a model folder or use the bundled model")
+        return folder
+
+    def refresh_model_card(self) -> None:
+        """Show the model card (JSON only: the weights and torch load in the task)."""
+        self.model_folder.setEnabled(self.folder_radio.isChecked())
+        try:
+            folder = self.model_path()
+            self.card_text.setPlainText(card_summary(read_card(Path(folder or bundled_model_dir()))))
+        except InputError as exc:
+            self.card_text.setPlainText(str(exc))
+
+    def _on_device_changed(self) -> None:
+        if self.device_combo.currentData() == "cuda":
+            self.detect_device()
+
+    def detect_device(self) -> None:
+        """Ask PyTorch for the GPU in the background (importing torch takes seconds)."""
+        if self.probe_task is not None or missing_dependencies():
+            return
+        self.device_label.setText("GPU: detecting…")
+        self.probe_task = QgsTask.fromFunction("AlphaEarth Height: detecting GPU", _probe_device,
+                                               on_finished=self._on_probe_done)
+        QgsApplication.taskManager().addTask(self.probe_task)
+
+    def _on_probe_done(self, exception: Optional[BaseException], description: str = "") -> None:
+        self.probe_task = None
+        self.device_label.setText(f"Auto uses: {description}" if exception is None
+                                  else f"GPU detection failed: {exception}")
+
+    def _update_output_hint(self) -> None:
+        if self.aoi is None:
+            self.output_hint.setText("Layers are named after the AOI and the year")
+            return
+        self.output_hint.setText(f"Layers: {aoi_stem(self.aoi, self.year_spin.value())} height / difference")
+
+    def output_path(self) -> Path:
+        folder = Path(self.output_folder.filePath() or default_output_folder())
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"output folder {folder}", f"cannot be created ({exc.strerror})",
+                             "Choose a folder you can write to") from None
+        return folder
+
+    # ---- running --------------------------------------------------------------------------
+
+    def build_job(self) -> HeightJob:
+        """Everything cheap to check is checked here, before a task is started."""
+        if self.aoi is None:
+            raise InputError("area of interest", "is not chosen", "Draw it, use the canvas extent or a polygon layer")
+        embeddings = self.embeddings_path()
+        with EmbeddingRaster(embeddings) as source:
+            aoi_window(source.grid, self.aoi, embeddings)
+        reference = self.reference_path()
+        model = self.model_path()
+        read_card(Path(model or bundled_model_dir()))
+        out_dir = self.output_path()
+        name = unique_stem(out_dir, aoi_stem(self.aoi, self.year_spin.value()))
+        return HeightJob(embeddings=embeddings, out_dir=str(out_dir), model=model, aoi=self.aoi,
+                         reference=reference, name=name, device=self.device_combo.currentData())
+
+    def run(self) -> None:
+        if self.is_running():
+            return
+        try:
+            job = self.build_job()
+        except InputError as exc:
+            self.report_error(exc)
+            return
+        self.save_settings()
+        self._show_metrics({})
+        self.task = HeightTask(job, self._on_task_done)
+        self.task.progressChanged.connect(self._on_progress)
+        self._set_running(True)
+        log.info("Starting height job %s", job.name)
+        QgsApplication.taskManager().addTask(self.task)
+
+    def is_running(self) -> bool:
+        return self.task is not None and self.task.on_done is not None
+
+    def cancel(self) -> None:
+        if self.is_running():
+            self.task.cancel()
+
+    def _on_progress(self, value: float) -> None:
+        self.progress.setValue(int(value))
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running and not missing_dependencies())
+        self.cancel_button.setEnabled(running)
+        if running:
+            self.progress.setValue(0)
+
+    def _on_task_done(self, task: HeightTask) -> None:
+        task.on_done = None
+        self._set_running(False)
+        ok = task.result is not None
+        if ok:
+            ok = self._show_result(task.result, task.job.name)
+        elif task.cancelled:
+            self.progress.setValue(0)
+            self.iface.messageBar().pushMessage(TITLE, "Run cancelled; nothing was written",
+                                                Qgis.MessageLevel.Info, 5)
+        else:
+            self.report_error(task.error or RuntimeError("the run failed"), logged=True)
+        self.runFinished.emit(ok)
+
+    def _show_result(self, result: HeightJobResult, name: str) -> bool:
+        try:
+            add_result_layers(result, name)
+        except InputError as exc:
+            self.report_error(exc)
+            return False
+        self.last_result = result
+        self._show_metrics(result.metrics.get("overall", {}))
+        self._show_plots(result.plots)
+        self.device_label.setText(f"Last run on: {result.device}")
+        self.result_label.setText(f"{result.model_name} on {result.device} → {result.predicted.parent}")
+        self.iface.messageBar().pushMessage(TITLE, f"Height layers added: {name}", Qgis.MessageLevel.Success, 5)
+        return True
+
+    def _show_metrics(self, overall: dict) -> None:
+        for key, _, fmt in METRICS:
+            value = overall.get(key)
+            self.metric_labels[key].setText("–" if value is None else fmt.format(value))
+        if not overall:
+            for image in (self.scatter_image, self.histogram_image):
+                image.clear()
+
+    def _show_plots(self, plots: list[str]) -> None:
+        for image, suffix in ((self.scatter_image, "_scatter.png"), (self.histogram_image, "_histogram.png")):
+            path = next((p for p in plots if p.endswith(suffix)), None)
+            pixmap = QPixmap(path) if path else QPixmap()
+            if pixmap.isNull():
+                image.clear()
+            else:
+                image.setPixmap(pixmap.scaledToWidth(PLOT_WIDTH, Qt.TransformationMode.SmoothTransformation))
+
+    def report_error(self, exc: BaseException, level: Qgis.MessageLevel = Qgis.MessageLevel.Critical,
+                     logged: bool = False) -> None:
+        """One line on the message bar; the full traceback in the log panel."""
+        text = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc} (details in the log panel)"
+        if level == Qgis.MessageLevel.Warning:
+            log.warning("%s", text)
+        elif not logged:
+            log.error("%s", text, exc_info=exc)
+        self.iface.messageBar().pushMessage(TITLE, text, level, 0 if level == Qgis.MessageLevel.Critical else 8)
+
+    # ---- dependencies -----------------------------------------------------------------------
+
+    def refresh_dependencies(self) -> None:
+        """Show what is missing and offer to install it; running needs everything."""
+        missing = missing_dependencies()
+        self.deps_group.setVisible(bool(missing))
+        self.deps_label.setText("The plugin needs: " + ", ".join(missing) +
+                                ". Install them into the plugin's own folder (restart QGIS afterwards).")
+        self.run_button.setEnabled(not missing and not self.is_running())
+
+    def install_dependencies(self) -> None:
+        if self.install_task is not None:
+            return
+        self.install_button.setEnabled(False)
+        self.install_task = InstallTask(missing_dependencies(), self._on_install_done)
+        self.install_task.progressChanged.connect(self._on_progress)
+        QgsApplication.taskManager().addTask(self.install_task)
+
+    def _on_install_done(self, task: InstallTask) -> None:
+        self.install_task = None
+        self.install_button.setEnabled(True)
+        self.refresh_dependencies()
+        if task.error:
+            self.report_error(RuntimeError(task.error.splitlines()[0]), logged=True)
+        elif not missing_dependencies():
+            self.iface.messageBar().pushMessage(TITLE, "Packages installed", Qgis.MessageLevel.Success, 5)
+
+    # ---- teardown -----------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Remember choices, stop background work, take our items off the canvas (unload)."""
+        self.save_settings()
+        for task in (self.task, self.install_task):
+            if task is not None and task.on_done is not None:
+                task.on_done = None
+                task.cancel()
+        self.canvas.mapToolSet.disconnect(self._on_map_tool_set)
+        if self.canvas.mapTool() is self.map_tool:
+            self.canvas.unsetMapTool(self.map_tool)
+        self.map_tool.deleteLater()  # the tool owns its own drawing band on the canvas
+        self.rubber_band.remove()
+
+
+def _probe_device(_task: QgsTask) -> str:
+    from ..core.device import describe_device, select_device
+
+    return describe_device(select_device("auto"))

@@ -1,0 +1,538 @@
+"""The QGIS plugin UI with real PyQGIS (offscreen): plugin life cycle, dock, AOI tool,
+background runs, styled layers, errors on the message bar, rendered PNGs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("qgis.core")
+
+from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsMapRendererParallelJob,  # noqa: E402
+                       QgsMapSettings, QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings,
+                       QgsSingleBandPseudoColorRenderer)
+from qgis.gui import QgsMapCanvas, QgsMapMouseEvent, QgsMessageBar, QgsRubberBand  # noqa: E402
+from qgis.PyQt.QtCore import QEvent, QPoint, QSize, Qt  # noqa: E402
+from qgis.PyQt.QtGui import QColor  # noqa: E402
+from qgis.PyQt.QtWidgets import QDockWidget, QMainWindow, QVBoxLayout, QWidget  # noqa: E402
+
+from alphaearth_height.plugin.core.aoi import AreaOfInterest  # noqa: E402
+from alphaearth_height.plugin.dependencies import dependencies_dir, missing_dependencies, python_executable  # noqa: E402
+from alphaearth_height.plugin.log import TAG  # noqa: E402
+from alphaearth_height.plugin.ui import dock as dock_module  # noqa: E402
+
+UTM = QgsCoordinateReferenceSystem("EPSG:32630")
+RUN_TIMEOUT_S = 240
+
+
+class Iface:
+    """A small real stand-in for QgisInterface: real main window, canvas and message bar."""
+
+    def __init__(self) -> None:
+        self.window = QMainWindow()
+        central = QWidget()
+        layout = QVBoxLayout(central)
+        self.bar = QgsMessageBar()
+        self.canvas = QgsMapCanvas()
+        self.canvas.setDestinationCrs(UTM)
+        layout.addWidget(self.bar)
+        layout.addWidget(self.canvas)
+        self.window.setCentralWidget(central)
+        self.toolbar = self.window.addToolBar("Plugins")
+        self.menus: dict[str, list] = {}
+        self.window.resize(1000, 700)
+        self.window.show()
+        QgsApplication.processEvents()
+
+    def mainWindow(self) -> QMainWindow:  # noqa: N802 - QgisInterface names
+        return self.window
+
+    def mapCanvas(self) -> QgsMapCanvas:  # noqa: N802
+        return self.canvas
+
+    def messageBar(self) -> QgsMessageBar:  # noqa: N802
+        return self.bar
+
+    def addDockWidget(self, area, dock: QDockWidget) -> None:  # noqa: N802
+        self.window.addDockWidget(area, dock)
+
+    def removeDockWidget(self, dock: QDockWidget) -> None:  # noqa: N802
+        self.window.removeDockWidget(dock)
+
+    def addToolBarIcon(self, action) -> None:  # noqa: N802
+        self.toolbar.addAction(action)
+
+    def removeToolBarIcon(self, action) -> None:  # noqa: N802
+        self.toolbar.removeAction(action)
+
+    def addPluginToMenu(self, name: str, action) -> None:  # noqa: N802
+        self.menus.setdefault(name, []).append(action)
+
+    def removePluginMenu(self, name: str, action) -> None:  # noqa: N802
+        self.menus[name].remove(action)
+        if not self.menus[name]:
+            del self.menus[name]
+
+    def messages(self) -> list[str]:
+        return [item.text() for item in self.bar.items()]
+
+    def close(self) -> None:
+        self.window.close()
+        self.window.deleteLater()
+        flush_deletes()
+
+
+def flush_deletes() -> None:
+    QgsApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    QgsApplication.processEvents()
+
+
+def start_plugin(iface: Iface):
+    import alphaearth_height
+
+    plugin = alphaearth_height.classFactory(iface)
+    plugin.initGui()
+    return plugin
+
+
+def open_dock(plugin) -> dock_module.HeightDock:
+    plugin.action.trigger()
+    QgsApplication.processEvents()
+    return plugin.dock
+
+
+def scene_aoi(scene, inset: float = 200.0) -> AreaOfInterest:
+    left, bottom, right, top = scene.grid.bounds
+    return AreaOfInterest(left + inset, bottom + inset, right - inset, top - inset, "EPSG:32630")
+
+
+def add_raster(path: Path, name: str) -> QgsRasterLayer:
+    layer = QgsRasterLayer(str(path), name, "gdal")
+    assert layer.isValid(), path
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def configure(dock, scene, model: Path, out_dir: Path, reference: QgsRasterLayer | None = None) -> None:
+    """Fill the dock as a user would: embeddings file, model folder, CPU, output, AOI."""
+    dock.source_combo.setCurrentIndex(dock.source_combo.findData("file"))
+    dock.year_spin.setValue(2020)
+    dock.embeddings_file.setFilePath(str(scene.embeddings))
+    dock.folder_radio.setChecked(True)
+    dock.model_folder.setFilePath(str(model))
+    dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
+    dock.output_folder.setFilePath(str(out_dir))
+    dock.reference_combo.setLayer(reference)
+    dock.set_aoi(scene_aoi(scene))
+
+
+def run_and_wait(dock) -> bool | None:
+    """Click Run; when a task starts, pump events until the dock reports its outcome."""
+    outcome: list[bool] = []
+    dock.runFinished.connect(outcome.append)
+    dock.run()
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while dock.is_running() and not outcome and time.monotonic() < deadline:
+        QgsApplication.processEvents()
+        time.sleep(0.01)
+    dock.runFinished.disconnect(outcome.append)
+    assert not dock.is_running(), "run did not finish in time"
+    return outcome[0] if outcome else None
+
+
+def result_layers() -> list[str]:
+    return [layer.name() for layer in QgsProject.instance().mapLayers().values()
+            if layer.name().endswith((" height", " difference"))]
+
+
+def fresh_state() -> None:
+    """Empty project and no remembered dock choices, so tests do not leak into each other."""
+    QgsProject.instance().clear()
+    QgsSettings().remove("alphaearth_height")
+
+
+@pytest.fixture
+def iface(qgis_app):
+    fresh_state()
+    stand_in = Iface()
+    yield stand_in
+    stand_in.close()
+    fresh_state()
+
+
+@pytest.fixture
+def plugin(iface):
+    loaded = start_plugin(iface)
+    yield loaded
+    loaded.unload()
+    flush_deletes()
+
+
+@pytest.fixture
+def dock(plugin):
+    return open_dock(plugin)
+
+
+# ---- life cycle -------------------------------------------------------------------------------
+
+
+def test_plugin_loads_and_unloads_cleanly(iface):
+    handlers_before = len(logging.getLogger("alphaearth_height").handlers)
+    plugin = start_plugin(iface)
+    assert plugin.action in iface.toolbar.actions()
+    assert plugin.action in iface.menus["&AlphaEarth Height"]
+    assert str(dependencies_dir()) in __import__("sys").path
+    assert plugin.dock is None, "the dock is built lazily"
+    dock = open_dock(plugin)
+    assert dock is not None and dock.isVisible() and plugin.action.isChecked()
+    assert iface.window.findChildren(dock_module.HeightDock) == [dock]
+    dock.draw_button.click()
+    assert iface.canvas.mapTool() is dock.map_tool
+    dock.set_aoi(AreaOfInterest(0, 0, 1000, 1000, "EPSG:32630"))
+    assert any(isinstance(item, QgsRubberBand) for item in iface.canvas.scene().items())
+
+    plugin.unload()
+    flush_deletes()
+    assert iface.toolbar.actions() == [] and iface.menus == {}
+    assert iface.window.findChildren(dock_module.HeightDock) == []
+    assert iface.canvas.mapTool() is None
+    assert not any(isinstance(item, QgsRubberBand) for item in iface.canvas.scene().items())
+    assert len(logging.getLogger("alphaearth_height").handlers) == handlers_before
+
+
+def test_action_toggles_dock(plugin):
+    dock = open_dock(plugin)
+    plugin.action.trigger()
+    assert not dock.isVisible()
+    plugin.action.trigger()
+    assert dock.isVisible()
+    dock.close()
+    assert not plugin.action.isChecked()
+
+
+def test_python_logging_reaches_log_panel(plugin):
+    received = []
+
+    def collect(message, tag, level):
+        received.append((message, tag, level))
+
+    QgsApplication.messageLog().messageReceived.connect(collect)
+    logging.getLogger("alphaearth_height.plugin.tasks").error("download failed token=abc123")
+    QgsApplication.messageLog().messageReceived.disconnect(collect)
+    ours = [(m, level) for m, tag, level in received if tag == TAG]
+    assert ours and "failed" in ours[-1][0] and "abc123" not in ours[-1][0]
+    assert ours[-1][1] == Qgis.MessageLevel.Critical
+
+
+def test_dependencies_found_and_pip_interpreter():
+    assert missing_dependencies() == []
+    assert Path(python_executable()).name.startswith("python")
+
+
+# ---- dock -----------------------------------------------------------------------------------
+
+
+def test_dock_builds_with_expected_controls(dock, iface):
+    combo = dock.source_combo
+    labels = [combo.itemText(i) for i in range(combo.count())]
+    assert labels == ["Local raster file", "Raster layer", "Earth Engine", "AlphaEarth public COGs"]
+    placeholders = [combo.model().item(i) for i in (2, 3)]
+    assert all(not item.isEnabled() for item in placeholders)
+    assert all("fetcher" in combo.itemData(i, Qt.ItemDataRole.ToolTipRole) for i in (2, 3))
+    assert (dock.year_spin.minimum(), dock.year_spin.maximum()) == (2017, 2025)
+    assert [dock.device_combo.itemData(i) for i in range(3)] == ["auto", "cpu", "cuda"]
+    assert dock.reference_combo.allowEmptyLayer() and dock.reference_combo.currentLayer() is None
+    assert not dock.deps_group.isVisibleTo(dock) and dock.run_button.isEnabled()
+
+
+def test_aoi_estimate_shown_before_fetching(dock):
+    dock.set_aoi(AreaOfInterest(690_000, 4_970_000, 692_000, 4_971_000, "EPSG:32630"))
+    text = dock.aoi_label.text()
+    assert "2.00 km²" in text and "200 × 100 px" in text and "EPSG:32630" in text
+    assert "1.3 MB (COG int8)" in text and "5.1 MB (Earth Engine float32)" in text
+
+
+def test_settings_persist(dock, iface, tiny_model, tmp_path):
+    dock.year_spin.setValue(2023)
+    dock.folder_radio.setChecked(True)
+    dock.model_folder.setFilePath(str(tiny_model))
+    dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
+    dock.output_folder.setFilePath(str(tmp_path))
+    dock.source_combo.setCurrentIndex(1)
+    dock.save_settings()
+    again = dock_module.HeightDock(iface)
+    try:
+        assert again.year_spin.value() == 2023
+        assert again.folder_radio.isChecked() and again.model_folder.filePath() == str(tiny_model)
+        assert again.device_combo.currentData() == "cpu"
+        assert again.output_folder.filePath() == str(tmp_path)
+        assert again.source_combo.currentData() == "layer"
+        assert "tiny test U-Net" in again.card_text.toPlainText()
+    finally:
+        again.shutdown()
+        again.deleteLater()
+
+
+def test_missing_torch_shows_install_offer(dock, monkeypatch):
+    monkeypatch.setattr(dock_module, "missing_dependencies", lambda: ["torch", "safetensors"])
+    dock.refresh_dependencies()
+    assert dock.deps_group.isVisibleTo(dock)
+    assert "torch, safetensors" in dock.deps_label.text()
+    assert dock.install_button.isEnabled() and not dock.run_button.isEnabled()
+
+
+def test_model_card_shown(dock, tiny_model, tmp_path):
+    folder = tmp_path / "trained"
+    shutil.copytree(tiny_model, folder)
+    card = json.loads((folder / "model.json").read_text())
+    card["training"] = {"region": "Occitanie", "year": 2020, "crs": "EPSG:32631"}
+    card["metrics"] = {"test": {"r2": 0.81, "rmse": 4.25, "mae": 3.1, "nmad": 2.5}}
+    (folder / "model.json").write_text(json.dumps(card))
+    dock.folder_radio.setChecked(True)
+    dock.model_folder.setFilePath(str(folder))
+    text = dock.card_text.toPlainText()
+    assert "unet / resnet18" in text and "Occitanie (2020)" in text
+    assert "R² 0.810" in text and "RMSE 4.25 m" in text
+
+
+def test_device_detection_runs_in_background(dock):
+    assert "not checked" in dock.device_label.text(), "no torch import while building the dock"
+    dock.detect_button.click()
+    deadline = time.monotonic() + 60
+    while dock.probe_task is not None and time.monotonic() < deadline:
+        QgsApplication.processEvents()
+        time.sleep(0.01)
+    assert dock.device_label.text().startswith("Auto uses: ")
+    assert "cpu" in dock.device_label.text() or "cuda" in dock.device_label.text()
+
+
+# ---- AOI tool ---------------------------------------------------------------------------------
+
+
+def press(tool, canvas, kind, point: QPoint) -> None:
+    buttons = Qt.MouseButton.NoButton if kind == QEvent.Type.MouseButtonRelease else Qt.MouseButton.LeftButton
+    event = QgsMapMouseEvent(canvas, kind, point, Qt.MouseButton.LeftButton, buttons, Qt.KeyboardModifier.NoModifier)
+    {QEvent.Type.MouseButtonPress: tool.canvasPressEvent, QEvent.Type.MouseMove: tool.canvasMoveEvent,
+     QEvent.Type.MouseButtonRelease: tool.canvasReleaseEvent}[kind](event)
+
+
+def test_aoi_map_tool_draws_expected_rectangle(dock, iface):
+    canvas = iface.canvas
+    canvas.setExtent(QgsRectangle(690_000, 4_972_000, 693_000, 4_975_000))
+    canvas.refresh()
+    QgsApplication.processEvents()
+    dock.draw_button.click()
+    tool = dock.map_tool
+    assert canvas.mapTool() is tool
+    drawn = []
+    tool.aoiDrawn.connect(drawn.append)
+    start, end = QPoint(40, 50), QPoint(210, 160)
+    press(tool, canvas, QEvent.Type.MouseButtonPress, start)
+    press(tool, canvas, QEvent.Type.MouseMove, QPoint(120, 100))
+    press(tool, canvas, QEvent.Type.MouseMove, end)
+    press(tool, canvas, QEvent.Type.MouseButtonRelease, end)
+    to_map = canvas.getCoordinateTransform()
+    a, b = to_map.toMapCoordinates(start), to_map.toMapCoordinates(end)
+    expected = (min(a.x(), b.x()), min(a.y(), b.y()), max(a.x(), b.x()), max(a.y(), b.y()))
+    assert len(drawn) == 1
+    assert dock.aoi.crs == "EPSG:32630"
+    assert dock.aoi.bounds == pytest.approx(expected, abs=1e-6)
+    assert "km²" in dock.aoi_label.text()
+    # A plain click (empty rectangle) keeps the current AOI.
+    press(tool, canvas, QEvent.Type.MouseButtonPress, end)
+    press(tool, canvas, QEvent.Type.MouseButtonRelease, end)
+    assert len(drawn) == 1 and dock.aoi.bounds == pytest.approx(expected, abs=1e-6)
+
+
+def test_aoi_from_canvas_and_layer(dock, iface):
+    from qgis.core import QgsFeature, QgsGeometry, QgsVectorLayer
+
+    canvas = iface.canvas
+    canvas.setExtent(QgsRectangle(690_000, 4_972_000, 693_000, 4_975_000))
+    dock.canvas_button.click()
+    extent = canvas.extent()
+    assert dock.aoi.bounds == pytest.approx((extent.xMinimum(), extent.yMinimum(), extent.xMaximum(),
+                                             extent.yMaximum()))
+    layer = QgsVectorLayer("Polygon?crs=EPSG:4326", "fields", "memory")
+    features = []
+    for x0 in (-1.0, 1.0):
+        feature = QgsFeature()
+        feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(x0, 44.0, x0 + 0.5, 44.5)))
+        features.append(feature)
+    layer.dataProvider().addFeatures(features)
+    layer.updateExtents()
+    QgsProject.instance().addMapLayer(layer)
+    dock.aoi_layer_combo.setLayer(layer)
+    dock.layer_button.click()
+    assert dock.aoi.crs == "EPSG:4326" and dock.aoi.bounds == pytest.approx((-1.0, 44.0, 1.5, 44.5))
+    dock.selected_only.setChecked(True)
+    dock.layer_button.click()  # nothing selected: a warning, the AOI is kept
+    assert "no selected features" in iface.messages()[-1]
+    layer.selectByExpression("x_min($geometry) > 0")
+    dock.layer_button.click()
+    assert dock.aoi.bounds == pytest.approx((1.0, 44.0, 1.5, 44.5))
+
+
+# ---- cancellation and errors ---------------------------------------------------------------------
+
+
+def test_cancel_mid_run_leaves_no_output(dock, iface, small_scene, tiny_model, tmp_path):
+    reference = add_raster(small_scene.reference, "reference DSM")
+    configure(dock, small_scene, tiny_model, tmp_path, reference)
+    manager = QgsApplication.taskManager()
+
+    def cancel_once_predicting(_task_id) -> None:
+        task = dock.task  # set before addTask, which announces it before starting it
+        task.progressChanged.connect(lambda value: value > 5 and task.cancel(),
+                                     Qt.ConnectionType.DirectConnection)
+
+    manager.taskAdded.connect(cancel_once_predicting)
+    try:
+        ok = run_and_wait(dock)
+    finally:
+        manager.taskAdded.disconnect(cancel_once_predicting)
+    assert ok is False
+    assert any("cancelled" in m for m in iface.messages())
+    leftovers = [p.name for p in tmp_path.iterdir()
+                 if p.name.endswith(("_height.tif", "_difference.tif", "_metrics.json", ".png")) or ".partial" in p.name]
+    assert leftovers == []
+    assert result_layers() == []
+
+
+def broken_weights(tiny_model: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "corrupt-model"
+    shutil.copytree(tiny_model, folder)
+    with open(folder / "model.safetensors", "ab") as fh:
+        fh.write(b"\0" * 16)
+    return folder
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing reference", "does not exist"),
+    ("aoi outside", "does not overlap"),
+    ("not embeddings", "band(s) but embeddings need 64"),
+    ("broken model card", "is not valid JSON"),
+    ("broken model weights", "does not match the hash"),
+])
+def test_bad_input_reported_on_message_bar(case, expected, dock, iface, small_scene, tiny_model, tmp_path):
+    reference = None
+    model = tiny_model
+    if case == "missing reference":
+        copy = tmp_path / "gone_dsm.tif"
+        shutil.copy(small_scene.reference, copy)
+        reference = add_raster(copy, "reference DSM")
+        copy.unlink()
+    configure(dock, small_scene, model, tmp_path / "out", reference)
+    if case == "aoi outside":
+        dock.set_aoi(AreaOfInterest(100_000, 100_000, 101_000, 101_000, "EPSG:32630"))
+    elif case == "not embeddings":
+        dock.embeddings_file.setFilePath(str(small_scene.reference))
+    elif case == "broken model card":
+        folder = tmp_path / "bad-model"
+        folder.mkdir()
+        (folder / "model.json").write_text("{not json")
+        dock.model_folder.setFilePath(str(folder))
+    elif case == "broken model weights":
+        dock.model_folder.setFilePath(str(broken_weights(tiny_model, tmp_path)))
+    ok = run_and_wait(dock)
+    assert ok in (None, False)
+    messages = iface.messages()
+    assert messages and expected in messages[-1], messages
+    assert iface.bar.items()[-1].level() == Qgis.MessageLevel.Critical
+    assert result_layers() == []
+    assert not list((tmp_path / "out").glob("*_height.tif"))
+
+
+# ---- a full run (last: its plugin stays loaded for these tests) ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def completed_run(qgis_app, small_scene, tiny_model, tmp_path_factory):
+    """One run through the dock's task on the small demo scene, with a reference DSM."""
+    fresh_state()
+    stand_in = Iface()
+    plugin = start_plugin(stand_in)
+    dock = open_dock(plugin)
+    reference = add_raster(small_scene.reference, "reference DSM")
+    out_dir = tmp_path_factory.mktemp("run")
+    configure(dock, small_scene, tiny_model, out_dir, reference)
+    ok = run_and_wait(dock)
+    layers = {layer.name(): layer for layer in QgsProject.instance().mapLayers().values()}
+    yield SimpleNamespace(iface=stand_in, plugin=plugin, dock=dock, ok=ok, out_dir=out_dir, layers=layers,
+                          height=next(v for k, v in layers.items() if k.endswith(" height")),
+                          difference=next(v for k, v in layers.items() if k.endswith(" difference")))
+    plugin.unload()
+    stand_in.close()
+    fresh_state()
+
+
+def ramp_colours(layer) -> list[tuple[float, QColor]]:
+    items = layer.renderer().shader().rasterShaderFunction().colorRampItemList()
+    return [(item.value, item.color) for item in items]
+
+
+def test_run_adds_styled_layers(completed_run):
+    run = completed_run
+    assert run.ok is True
+    assert any("Height layers added" in m for m in run.iface.messages())
+    group = QgsProject.instance().layerTreeRoot().children()[0]
+    assert group.name().startswith("aeh_2020_x")
+    assert [child.name() for child in group.children()] == [run.difference.name(), run.height.name()]
+    for layer in (run.height, run.difference):
+        assert isinstance(layer.renderer(), QgsSingleBandPseudoColorRenderer)
+        assert layer.crs().authid() == "EPSG:32630"
+    stats = run.height.dataProvider().bandStatistics(1)
+    assert run.height.renderer().classificationMin() == pytest.approx(stats.minimumValue, abs=0.01)
+    assert run.height.renderer().classificationMax() == pytest.approx(stats.maximumValue, abs=0.01)
+    low, high = run.difference.renderer().classificationMin(), run.difference.renderer().classificationMax()
+    assert low == pytest.approx(-high) and high > 0
+    colours = ramp_colours(run.difference)
+    first, last = colours[0][1], colours[-1][1]
+    assert first.blue() > first.red() and last.red() > last.blue(), "blue negative, red positive"
+    assert colours[0][0] == pytest.approx(low) and colours[-1][0] == pytest.approx(high)
+
+
+def test_run_shows_metrics_and_plots(completed_run):
+    dock, result = completed_run.dock, completed_run.dock.last_result
+    overall = result.metrics["overall"]
+    assert dock.metric_labels["r2"].text() == f"{overall['r2']:.3f}"
+    assert dock.metric_labels["rmse"].text() == f"{overall['rmse']:.2f} m"
+    assert dock.metric_labels["mean_diff"].text() == f"{overall['mean_diff']:+.2f} m"
+    assert dock.metric_labels["nmad"].text() == f"{overall['nmad']:.2f} m"
+    assert not dock.scatter_image.pixmap().isNull() and not dock.histogram_image.pixmap().isNull()
+    assert dock.progress.value() == 100
+
+
+def test_render_result_layers_to_png(completed_run, artifacts_dir):
+    run = completed_run
+    settings = QgsMapSettings()
+    settings.setLayers([run.difference, run.height])
+    settings.setDestinationCrs(UTM)
+    settings.setExtent(run.height.extent())
+    settings.setOutputSize(QSize(512, 512))
+    settings.setBackgroundColor(QColor("white"))
+    job = QgsMapRendererParallelJob(settings)
+    job.start()
+    job.waitForFinished()
+    image = job.renderedImage()
+    path = artifacts_dir / "plugin_result_layers.png"
+    assert image.save(str(path))
+    pixels = [QColor(image.pixel(x, y)) for x in range(0, 512, 8) for y in range(0, 512, 8)]
+    blue = sum(c.blue() > c.red() + 40 for c in pixels)
+    red = sum(c.red() > c.blue() + 40 for c in pixels)
+    assert len({c.rgb() for c in pixels}) > 20, "not blank"
+    assert blue > 50 and red > 50, (blue, red)
+
+
+def test_dock_grab_to_png(completed_run, artifacts_dir):
+    body = completed_run.dock.widget().widget()
+    body.resize(420, body.sizeHint().height())
+    path = artifacts_dir / "plugin_dock.png"
+    assert body.grab().save(str(path))
+    assert path.stat().st_size > 10_000

@@ -1,0 +1,194 @@
+"""The Processing provider in a real (offscreen) QGIS: every algorithm through processing.run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+pytest.importorskip("qgis.core")
+
+from qgis.core import (QgsApplication, QgsProcessingException, QgsProcessingFeedback,  # noqa: E402
+                       QgsRasterLayer)
+
+from alphaearth_height.plugin.core.models import load_model  # noqa: E402
+
+UTM = "EPSG:32630"
+
+
+@pytest.fixture(scope="module")
+def provider(qgis_app):
+    from alphaearth_height.plugin.processing.provider import AlphaEarthHeightProvider
+
+    provider = AlphaEarthHeightProvider()
+    registry = QgsApplication.processingRegistry()
+    assert registry.addProvider(provider)
+    yield provider
+    registry.removeProvider(provider)
+
+
+@pytest.fixture(scope="module")
+def run(provider):
+    import processing
+
+    def run_algorithm(alg_id: str, params: dict, feedback: QgsProcessingFeedback | None = None) -> dict:
+        return processing.run(f"alphaearth_height:{alg_id}", params, feedback=feedback)
+    return run_algorithm
+
+
+@pytest.fixture(scope="module")
+def predicted(run, small_scene, tiny_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("predict") / "height.tif"
+    result = run("predictheight", {"INPUT": str(small_scene.embeddings), "MODEL": str(tiny_model),
+                                   "BATCH_SIZE": 2, "DEVICE": 1, "OUTPUT": str(out)})
+    assert result["OUTPUT"] == str(out)
+    return out
+
+
+class Recorder(QgsProcessingFeedback):
+    """Feedback that keeps the messages an algorithm reports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def pushInfo(self, info: str) -> None:  # noqa: N802 - QGIS API
+        self.messages.append(info)
+
+
+def open_layer(path: Path) -> QgsRasterLayer:
+    layer = QgsRasterLayer(str(path), path.stem)
+    assert layer.isValid(), path
+    return layer
+
+
+def three_band_raster(path: Path) -> Path:
+    profile = {"driver": "GTiff", "width": 32, "height": 32, "count": 3, "dtype": "uint8", "crs": UTM,
+               "transform": Affine(10.0, 0, 690_000.0, 0, -10.0, 4_975_000.0)}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.zeros((3, 32, 32), dtype=np.uint8))
+    return path
+
+
+def test_provider_lists_the_four_algorithms(provider):
+    ids = sorted(alg.name() for alg in provider.algorithms())
+    assert ids == ["compareheights", "fetchembeddings", "predictheight", "trainmodel"]
+    assert provider.id() == "alphaearth_height" and not provider.icon().isNull()
+    for alg in provider.algorithms():
+        assert alg.shortHelpString() and alg.group() and alg.outputDefinitions()
+
+
+def test_split_directions_match_training():
+    from alphaearth_height.plugin.processing.train_model import DIRECTIONS
+    from alphaearth_height.training.data import DIRECTIONS as TRAINING_DIRECTIONS
+
+    assert DIRECTIONS == TRAINING_DIRECTIONS
+
+
+def test_fetch_clips_to_the_extent_on_the_source_grid(run, small_scene, tmp_path):
+    left, top = small_scene.grid.transform.c, small_scene.grid.transform.f
+    xmin, xmax, ymin, ymax = left + 500, left + 1500, top - 1300, top - 500
+    feedback = Recorder()
+    out = tmp_path / "clip.tif"
+    run("fetchembeddings", {"INPUT": str(small_scene.embeddings), "EXTENT": f"{xmin},{xmax},{ymin},{ymax} [{UTM}]",
+                            "OUTPUT": str(out)}, feedback)
+    layer = open_layer(out)
+    assert layer.crs().authid() == UTM
+    assert (layer.width(), layer.height(), layer.bandCount()) == (100, 80, 64)
+    extent = layer.extent()
+    assert (extent.xMinimum(), extent.xMaximum(), extent.yMinimum(), extent.yMaximum()) == (xmin, xmax, ymin, ymax)
+    assert any("MB as AEF int8" in m for m in feedback.messages)
+
+
+def test_fetch_accepts_an_extent_in_another_crs(run, small_scene, tmp_path):
+    from rasterio.warp import transform_bounds
+
+    left, bottom, right, top = small_scene.grid.bounds
+    lon0, lat0, lon1, lat1 = transform_bounds(UTM, "EPSG:4326", left + 600, bottom + 600, right - 600, top - 600)
+    out = tmp_path / "clip.tif"
+    run("fetchembeddings", {"INPUT": str(small_scene.embeddings), "EXTENT": f"{lon0},{lon1},{lat0},{lat1} [EPSG:4326]",
+                            "OUTPUT": str(out)})
+    layer = open_layer(out)
+    assert layer.crs().authid() == UTM
+    assert 130 <= layer.width() < 256 and 130 <= layer.height() < 256
+
+
+def test_predict_writes_a_height_raster_on_the_embedding_grid(predicted, small_scene):
+    layer = open_layer(predicted)
+    assert layer.crs().authid() == UTM and layer.bandCount() == 1
+    assert (layer.width(), layer.height()) == (small_scene.grid.width, small_scene.grid.height)
+    left, bottom, right, top = small_scene.grid.bounds
+    extent = layer.extent()
+    assert (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()) == (left, bottom, right, top)
+    with rasterio.open(predicted) as src:
+        assert np.isfinite(src.read(1, masked=True)).any()
+
+
+def test_cancelled_prediction_raises_and_leaves_no_file(run, small_scene, tiny_model, tmp_path):
+    feedback = QgsProcessingFeedback()
+    feedback.cancel()
+    out = tmp_path / "height.tif"
+    with pytest.raises(QgsProcessingException, match="cancelled"):
+        run("predictheight", {"INPUT": str(small_scene.embeddings), "MODEL": str(tiny_model), "DEVICE": 1,
+                              "OUTPUT": str(out)}, feedback)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_outputs_match_the_metrics_file(run, predicted, small_scene, tmp_path):
+    out, metrics_file = tmp_path / "diff.tif", tmp_path / "metrics.json"
+    result = run("compareheights", {"PREDICTED": str(predicted), "REFERENCE": str(small_scene.reference),
+                                    "OUTPUT": str(out), "METRICS": str(metrics_file)})
+    layer = open_layer(out)
+    assert layer.crs().authid() == UTM
+    assert (layer.width(), layer.height()) == (small_scene.grid.width, small_scene.grid.height)
+    overall = json.loads(metrics_file.read_text())["overall"]
+    for name in ("R2", "RMSE", "MAE", "MEAN_DIFF", "MEDIAN_DIFF", "NMAD"):
+        assert result[name] == pytest.approx(overall[name.lower()], rel=1e-12), name
+    assert result["RMSE"] > 0
+
+
+@pytest.mark.parametrize("alg_id, input_name", [("predictheight", "INPUT"), ("fetchembeddings", "INPUT")])
+def test_three_band_embeddings_fail_with_the_core_message(run, tiny_model, tmp_path, alg_id, input_name):
+    bad = three_band_raster(tmp_path / "rgb.tif")
+    out = tmp_path / "out.tif"
+    params = {input_name: str(bad), "OUTPUT": str(out)}
+    if alg_id == "predictheight":
+        params.update(MODEL=str(tiny_model), DEVICE=1)
+    else:
+        params.update(EXTENT=f"690000,690100,4974800,4974900 [{UTM}]")
+    with pytest.raises(QgsProcessingException, match=r"has 3 band\(s\) but embeddings need 64"):
+        run(alg_id, params)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rgb.tif"]
+
+
+def test_missing_model_folder_fails_with_the_core_message(run, small_scene, tmp_path):
+    out = tmp_path / "height.tif"
+    with pytest.raises(QgsProcessingException, match="has no model.json"):
+        run("predictheight", {"INPUT": str(small_scene.embeddings), "MODEL": str(tmp_path), "DEVICE": 1,
+                              "OUTPUT": str(out)})
+    assert not out.exists()
+
+
+def test_train_writes_a_model_that_loads(run, small_scene, tmp_path):
+    out = tmp_path / "model"
+    result = run("trainmodel", {"EMBEDDINGS": str(small_scene.embeddings), "REFERENCE": str(small_scene.reference),
+                                "ARCH": 0, "ENCODER_DEPTH": 3, "PATCH_SIZE": 64, "BATCH_SIZE": 2, "EPOCHS": 1,
+                                "STEPS_PER_EPOCH": 2, "DEVICE": 1, "OUTPUT": str(out)})
+    assert result["OUTPUT"] == str(out)
+    package = load_model(out)
+    assert package.card["model"]["architecture"] == "unet"
+    assert package.card["model"]["encoder_depth"] == 3
+    assert np.isfinite(result["TEST_RMSE"])
+
+
+def test_only_prediction_offers_cancel(provider):
+    from alphaearth_height.plugin.processing.compat import CAN_CANCEL
+
+    cancellable = {alg.name(): bool(alg.flags() & CAN_CANCEL) for alg in provider.algorithms()}
+    assert cancellable == {"compareheights": False, "fetchembeddings": False, "predictheight": True,
+                           "trainmodel": False}
