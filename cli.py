@@ -31,6 +31,33 @@ class _Bar:
             self.bar.close()
 
 
+def _fetch(args: argparse.Namespace) -> None:
+    from .plugin.core.aoi import AreaOfInterest
+    from .plugin.core.fetch import estimate, fetch, format_estimate
+
+    if args.source == "local" and not args.local_raster:
+        raise InputError("--local-raster", "is required with --source local", "Give the embeddings raster to clip")
+    if not args.out and not args.estimate_only:
+        raise InputError("fetch", "has nowhere to write", "Give --out, or --estimate-only for the size alone")
+    aoi = AreaOfInterest(*args.aoi, crs=args.aoi_crs)
+    options = {"raster": args.local_raster} if args.source == "local" else {}
+    if args.source == "earthengine" and args.project:
+        options["project"] = args.project
+    if args.source == "cog" and args.base_url:
+        options["base_url"] = args.base_url
+    print(format_estimate(estimate(aoi, args.year, args.source, cache_dir=args.cache_dir, **options)))
+    if args.estimate_only:
+        return
+    bar = _Bar("fetching")
+    try:
+        result = fetch(aoi, args.year, args.source, args.out, cache_dir=args.cache_dir, progress=bar, **options)
+    finally:
+        bar.close()
+    print(f"wrote {result.path} ({result.grid.width}x{result.grid.height} px, {result.tiles} tiles: "
+          f"{result.fetched} fetched, {result.from_cache} from cache; {result.valid_fraction:.0%} with data; "
+          f"{result.seconds:.1f} s)")
+
+
 def _predict(args: argparse.Namespace) -> None:
     from .plugin.core.inference import predict_height
     from .plugin.core.models import bundled_model_dir
@@ -104,6 +131,23 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Surface height at 10 m from AlphaEarth embeddings.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch", help="fetch AlphaEarth embeddings for an area and year (prints the size first)")
+    p.add_argument("--source", required=True, choices=("earthengine", "cog", "local"),
+                   help="earthengine (needs an account and Cloud project), cog (public COGs, no account) "
+                        "or local (clip/warp a raster on disk)")
+    p.add_argument("--aoi", required=True, nargs=4, type=float, metavar=("XMIN", "YMIN", "XMAX", "YMAX"),
+                   help="area of interest in --aoi-crs")
+    p.add_argument("--aoi-crs", default="EPSG:4326", help="CRS of --aoi (default EPSG:4326)")
+    p.add_argument("--year", required=True, type=int, help="embedding year (2017 onwards)")
+    p.add_argument("--out", help="output embeddings GeoTIFF (AEF int8, 64 bands)")
+    p.add_argument("--local-raster", help="embeddings raster for --source local")
+    p.add_argument("--project", help="Google Cloud project for --source earthengine "
+                                     "(default: $EARTHENGINE_PROJECT or the one stored by earthengine)")
+    p.add_argument("--base-url", help="COG mirror for --source cog (default: Source Cooperative)")
+    p.add_argument("--cache-dir", help="tile cache (default: $ALPHAEARTH_HEIGHT_CACHE or ~/.cache/alphaearth_height)")
+    p.add_argument("--estimate-only", action="store_true", help="print the size estimate and stop")
+    p.set_defaults(run=_fetch)
 
     p = sub.add_parser("predict", help="predict a height raster from an embeddings raster")
     p.add_argument("--embeddings", required=True, help="64-band embeddings GeoTIFF (AEF int8 or float)")

@@ -13,7 +13,7 @@ def run(*args):
     return subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("command", ["", "predict", "compare", "train", "demo"])
+@pytest.mark.parametrize("command", ["", "fetch", "predict", "compare", "train", "demo"])
 def test_help_everywhere(command):
     result = run(*([command] if command else []), "--help")
     assert result.returncode == 0 and "usage: alphaearth-height" in result.stdout
@@ -41,3 +41,17 @@ def test_bad_input_exits_nonzero_with_one_line_and_no_output(tiny_model, tmp_pat
     assert not out.exists()
     result = run("predict", "--embeddings", bad, "--model", tmp_path / "nope", "--out", out)
     assert result.returncode == 2 and "is not a model folder" in result.stderr
+
+
+def test_fetch_prints_the_size_before_fetching(small_scene, tmp_path):
+    left, bottom, right, top = small_scene.grid.bounds
+    out = tmp_path / "aoi.tif"
+    result = run("fetch", "--source", "local", "--local-raster", small_scene.embeddings, "--aoi", left + 200,
+                 bottom + 300, left + 1200, bottom + 1000, "--aoi-crs", "EPSG:32630", "--year", 2020, "--out", out,
+                 "--cache-dir", tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.index("wrote") > 0 and "px" in result.stdout.splitlines()[0]
+    import rasterio
+
+    with rasterio.open(out) as src:
+        assert (src.width, src.height, src.count) == (100, 70, 64) and src.dtypes[0] == "int8"

@@ -94,8 +94,10 @@ def render_maps(out_png: str | os.PathLike, predicted: str | os.PathLike,
         panels.append(("Predicted − reference (m)", diff, "RdBu_r", dlo, dhi))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.0), squeeze=False)
     for ax, (label, values, cmap, vmin, vmax) in zip(axes[0], panels):
-        shown = np.ma.masked_invalid(values)
-        image = ax.imshow(shown, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+        colours = plt.get_cmap(cmap).copy()
+        colours.set_bad("#b0b0b0")  # nodata: grey, distinct from the ramps' white
+        image = ax.imshow(np.ma.masked_invalid(values), cmap=colours, vmin=vmin, vmax=vmax,
+                          interpolation="nearest")
         if split_fraction is not None:
             ax.axvline(split_fraction * values.shape[1] - 0.5, color="k", ls="--", lw=1)
         ax.set_title(label)
