@@ -1,24 +1,21 @@
 """Areas of interest: a rectangle in any CRS, snapped onto an embedding grid.
 
-Core of the "local raster" embedding source: the part of an embeddings raster under an
-AOI is copied (in its own form, int8 stays int8) to a north-up GeoTIFF, so prediction,
-Processing and the dock all work on the same small file.
+The fetchers (core.fetch) turn an AOI into a grid; the dock shows its size estimate
+before anything is fetched, so it must stay instant and offline.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
-import rasterio
 from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from . import aef
 from .errors import InputError
-from .rasters import EmbeddingRaster, Grid, atomic_write, check_output_path, iter_windows
+from .rasters import Grid
 
 EARTH_ENGINE_BYTES_PER_PIXEL = aef.N_BANDS * 4  # float32 from computePixels
 COG_BYTES_PER_PIXEL = aef.N_BANDS              # int8 public COGs
@@ -83,26 +80,3 @@ def aoi_window(grid: Grid, aoi: AreaOfInterest, source: object = "embeddings") -
                          f"does not overlap {source}",
                          "Draw the area inside the embeddings' footprint or choose other embeddings")
     return Window(col0, row0, col1 - col0, row1 - row0)
-
-
-def clip_embeddings(source: str | os.PathLike, aoi: AreaOfInterest, out_path: str | os.PathLike) -> Grid:
-    """Copy the AOI's part of an embeddings raster to a north-up GeoTIFF (int8 stays int8)."""
-    out = check_output_path(out_path, source)
-    with EmbeddingRaster(source) as src:
-        window = aoi_window(src.grid, aoi, source)
-        grid = Grid(src.grid.crs, src.grid.window_transform(window), int(window.width), int(window.height))
-        profile = {"driver": "GTiff", "width": grid.width, "height": grid.height, "count": aef.N_BANDS,
-                   "dtype": "int8" if src.quantised else "float32",
-                   "nodata": aef.NODATA_INT8 if src.quantised else float("nan"), "crs": grid.crs,
-                   "transform": grid.transform, "tiled": True, "blockxsize": 256, "blockysize": 256,
-                   "compress": "deflate"}
-        with atomic_write(out) as tmp:
-            with rasterio.open(tmp, "w", **profile) as dst:
-                for block in iter_windows(grid.width, grid.height, 1024):
-                    values = src.read(Window(window.col_off + block.col_off, window.row_off + block.row_off,
-                                             block.width, block.height))
-                    dst.write(aef.quantise(values) if src.quantised else values, window=block)
-                for i, name in enumerate(aef.BAND_NAMES, start=1):
-                    dst.set_band_description(i, name)
-                dst.update_tags(ATTRIBUTION=aef.ATTRIBUTION, SOURCE=f"clipped from {os.path.basename(source)}")
-    return grid

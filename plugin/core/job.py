@@ -1,7 +1,8 @@
-"""One height-mapping job: AOI clip -> prediction -> (difference, metrics, plots).
+"""One height-mapping job: fetch embeddings -> prediction -> (difference, metrics, plots).
 
-The QGIS dock's task, the Processing algorithms and the CLI all run this, so there is
-one code path from embeddings to layers.
+The QGIS dock's task, the Processing algorithms and the CLI all run this, and the
+embeddings come through core.fetch like everywhere else, so there is one code path
+from an embedding source to layers.
 """
 
 from __future__ import annotations
@@ -10,35 +11,42 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-from .aoi import AreaOfInterest, clip_embeddings
+from .aoi import AreaOfInterest
 from .compare import compare_heights
 from .errors import InputError
+from .fetch import fetch
 from .inference import CancelFn, predict_height
 from .models import ModelPackage, bundled_model_dir, load_model
 
 Progress = Callable[[float], None]
+FETCH_END, PREDICT_END = 20.0, 90.0  # progress: fetch 0-20 %, predict 20-90 %, compare to 100 %
 
 
 @dataclass
 class HeightJob:
-    embeddings: str
+    embeddings: str                       # source "local": the raster; remote sources: unused ("")
     out_dir: str
-    model: Optional[str] = None          # None: the bundled model
-    aoi: Optional[AreaOfInterest] = None  # None: the whole embeddings raster
+    model: Optional[str] = None           # None: the bundled model
+    aoi: Optional[AreaOfInterest] = None  # None: the whole local raster, used as is
     reference: Optional[str] = None
     name: str = "height"
     device: str = "auto"
     tile: Optional[int] = None
     overlap: Optional[int] = None
     batch_size: int = 4
+    source: str = "local"                 # a core.fetch source: local, cog or earthengine
+    year: int = 2020
+    source_options: dict[str, Any] = field(default_factory=dict)  # e.g. project, base_url
+    cache_dir: Optional[str] = None       # None: core.fetch's default tile cache
 
 
 @dataclass
 class HeightJobResult:
     predicted: Path
     embeddings: Path
+    fetched: bool = False  # embeddings were written by the job (and go with its other outputs)
     difference: Optional[Path] = None
     metrics_file: Optional[Path] = None
     metrics: dict = field(default_factory=dict)
@@ -54,43 +62,67 @@ def safe_name(text: str) -> str:
 
 def run_height_job(job: HeightJob, progress: Optional[Progress] = None,
                    cancel: Optional[CancelFn] = None, package: Optional[ModelPackage] = None) -> HeightJobResult:
-    """Run a job; progress gets 0-100. Outputs are named ``<name>_*.tif`` in ``out_dir``."""
+    """Run a job; progress gets 0-100. Outputs are named ``<name>_*.tif`` in ``out_dir``.
+
+    A failed or cancelled run removes whatever it wrote, fetched embeddings included.
+    """
     report = progress or (lambda value: None)
     out = Path(job.out_dir)
     if not out.is_dir():
         raise InputError(out, "is not an existing folder", "Create the output folder or choose another one")
+    if job.aoi is None and job.source != "local":
+        raise InputError(f"source {job.source!r}", "needs an area of interest",
+                         "Draw an area or give an extent; only a local raster can be used whole")
     stem = safe_name(job.name)
     package = package or load_model(job.model or bundled_model_dir())
-    embeddings = Path(job.embeddings)
-    if job.aoi is not None:
-        embeddings = out / f"{stem}_embeddings.tif"
-        clip_embeddings(job.embeddings, job.aoi, embeddings)
-    report(5.0)
-    predicted = out / f"{stem}_height.tif"
+    result = HeightJobResult(out / f"{stem}_height.tif", Path(job.embeddings), fetched=job.aoi is not None)
+    if result.fetched:
+        result.embeddings = out / f"{stem}_embeddings.tif"
+        _fetch(job, result.embeddings, report, cancel)
+    report(FETCH_END)
     try:
-        prediction = predict_height(embeddings, package, predicted, tile=job.tile, overlap=job.overlap,
-                                    batch_size=job.batch_size, device=job.device, cancel=cancel,
-                                    progress=lambda done, total: report(5.0 + 85.0 * done / total))
+        prediction = predict_height(result.embeddings, package, result.predicted, tile=job.tile,
+                                    overlap=job.overlap, batch_size=job.batch_size, device=job.device,
+                                    cancel=cancel, progress=_scaled(report, FETCH_END, PREDICT_END))
+        result.device, result.model_name = prediction.device, package.name
+        if job.reference and not (cancel and cancel()):
+            _compare(job, result, out / stem)
     except BaseException:
-        if job.aoi is not None:  # the clip was ours; a failed run leaves nothing behind
-            embeddings.unlink(missing_ok=True)
+        remove_outputs(result)
         raise
-    result = HeightJobResult(predicted, embeddings, device=prediction.device, model_name=package.name)
-    if job.reference:
-        if cancel and cancel():
-            return result
-        result.difference = out / f"{stem}_difference.tif"
-        result.metrics_file = out / f"{stem}_metrics.json"
-        result.metrics = compare_heights(predicted, job.reference, result.difference, result.metrics_file,
-                                         plots_prefix=str(out / stem))
-        result.plots = result.metrics.get("plots", [])
     report(100.0)
     return result
 
 
+def _fetch(job: HeightJob, out_path: Path, report: Progress, cancel: Optional[CancelFn]) -> None:
+    """The AOI's embeddings from the job's source (a local raster is an option like any other)."""
+    options = dict(job.source_options)
+    if job.source == "local":
+        options["raster"] = job.embeddings
+    fetch(job.aoi, job.year, job.source, out_path, cache_dir=job.cache_dir, cancel=cancel,
+          progress=_scaled(report, 0.0, FETCH_END), **options)
+
+
+def _compare(job: HeightJob, result: HeightJobResult, prefix: Path) -> None:
+    result.difference = prefix.with_name(prefix.name + "_difference.tif")
+    result.metrics_file = prefix.with_name(prefix.name + "_metrics.json")
+    result.metrics = compare_heights(result.predicted, job.reference, result.difference, result.metrics_file,
+                                     plots_prefix=str(prefix))
+    result.plots = result.metrics.get("plots", [])
+
+
+def _scaled(report: Progress, start: float, end: float) -> Callable[[int, int], None]:
+    """A core ``progress(done, total)`` callback mapped onto one stage's share of 0-100."""
+    return lambda done, total: report(start + (end - start) * done / max(total, 1))
+
+
 def remove_outputs(result: HeightJobResult) -> None:
-    """Delete what a job wrote (used when a run is cancelled after prediction)."""
-    clip = result.embeddings if result.embeddings.name.endswith("_embeddings.tif") else None
-    for path in (result.predicted, result.difference, result.metrics_file, clip, *map(Path, result.plots)):
+    """Delete what a job wrote (a failed run, or one cancelled after prediction).
+
+    The embeddings go only when the job fetched them: a local raster used whole is the
+    user's input, not an output.
+    """
+    fetched = result.embeddings if result.fetched else None
+    for path in (result.predicted, result.difference, result.metrics_file, fetched, *map(Path, result.plots)):
         if path and os.path.exists(path):
             os.remove(path)

@@ -5,7 +5,7 @@ toolbox, the model builder and ``qgis_process`` all report."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from qgis.core import (QgsProcessingAlgorithm, QgsProcessingContext, QgsProcessingException,
                        QgsProcessingFeedback, QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
@@ -120,3 +120,10 @@ class HeightAlgorithm(QgsProcessingAlgorithm):
 
     def enum_text(self, parameters: dict, name: str, context: QgsProcessingContext, choices: tuple) -> str:
         return choices[self.parameterAsEnum(parameters, name, context)]
+
+
+def report_progress(feedback: QgsProcessingFeedback) -> Callable[[int, int], None]:
+    """A core ``progress(done, total)`` callback driving the Processing progress bar."""
+    def progress(done: int, total: int) -> None:
+        feedback.setProgress(100.0 * done / max(total, 1))
+    return progress

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 from qgis.core import (QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback,
                        QgsProcessingParameterBoolean, QgsProcessingParameterFile,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
 
 from ..core.device import DEVICE_CHOICES
-from .base import DEVICE_HELP, HeightAlgorithm
+from .base import DEVICE_HELP, HeightAlgorithm, report_progress
 from .compat import FOLDER
 
 
@@ -64,9 +62,3 @@ class PredictHeight(HeightAlgorithm):
                           f"{result.seconds:.1f} s on {result.device}")
         return {"OUTPUT": out}
 
-
-def report_progress(feedback: QgsProcessingFeedback) -> Callable[[int, int], None]:
-    """A core ``progress(done, total)`` callback driving the Processing progress bar."""
-    def progress(done: int, total: int) -> None:
-        feedback.setProgress(100.0 * done / max(total, 1))
-    return progress

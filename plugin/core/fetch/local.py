@@ -1,8 +1,8 @@
 """The "local" source: a 64-band embeddings raster already on disk (or a layer's file).
 
 Without a caller's grid the output keeps the raster's own pixel grid, clipped to the
-AOI (the pixels are copied, as core.aoi.clip_embeddings does); with one, the raster
-is resampled onto it with nearest neighbour.
+AOI (int8 pixels are copied unchanged, float exports quantised to AEF int8); with one,
+the raster is resampled onto it with nearest neighbour.
 """
 
 from __future__ import annotations
