@@ -1,18 +1,32 @@
-"""A real HTTP server on 127.0.0.1 for the COG fetcher's tests.
+"""A real HTTP server on 127.0.0.1 for the COG fetcher's tests, and the mirror it serves.
 
 It behaves like the public AEF mirror where it matters: byte ranges (206), HEAD,
 a 403 for Python's default urllib User-Agent, and, on request, a connection dropped
 mid-transfer once. It counts the requests and body bytes it served.
+
+The fixture COGs are written like the public ones: int8, 64 bands A00..A63, nodata
+-128, stored bottom-up (positive y pixel size), internally tiled with overviews. The
+core, Processing and dock tests all fetch from the same ``build_mirror``.
 """
 
 from __future__ import annotations
 
+import csv
 import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.shutil import copy as copy_raster
+from rasterio.warp import transform as transform_points
+
+from alphaearth_height.plugin.core import aef
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
@@ -125,3 +139,105 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+
+SIZE = 512
+PREFIX = "tge-labs/aef/v1/annual"
+S3 = "s3://us-west-2.opendata.source.coop/" + PREFIX
+COLUMNS = ["WKT", "crs", "year", "utm_zone", "utm_west", "utm_south", "utm_east", "utm_north",
+           "wgs84_west", "wgs84_south", "wgs84_east", "wgs84_north", "path"]
+
+
+def smooth_field(seed: int) -> np.ndarray:
+    """North-up unit-length embeddings (64, SIZE, SIZE), quantised like AEF."""
+    k = np.arange(64, dtype=np.float32)[:, None, None]
+    x = np.arange(SIZE, dtype=np.float32)[None, None, :]
+    y = np.arange(SIZE, dtype=np.float32)[None, :, None]
+    a, b = 0.02 * (k % 7 + 1) * x, 0.015 * (k % 3 + 1) * y + k * seed
+    v = np.cos(a) * np.cos(b) - np.sin(a) * np.sin(b)  # cos(a + b), separably
+    return aef.quantise(v / np.linalg.norm(v, axis=0, keepdims=True))
+
+
+class Cog:
+    def __init__(self, root: Path, year: int, epsg: int, left: float, bottom: float, seed: int, name: str) -> None:
+        self.crs = CRS.from_epsg(epsg)
+        self.left, self.bottom, self.top = left, bottom, bottom + SIZE * 10
+        self.truth = smooth_field(seed)  # north-up, int8
+        if seed == 1:
+            self.truth[:, 300:310, 100:140] = aef.NODATA_INT8  # a nodata hole (all bands)
+        zone = f"{epsg - 32600}N"
+        self.rel = f"{year}/{zone}/{name}-0000000000-0000000000.tiff"
+        self.path = root / PREFIX / self.rel
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        bottom_up = Affine(10, 0, left, 0, 10, bottom)
+        profile = {"driver": "GTiff", "width": SIZE, "height": SIZE, "count": 64, "dtype": "int8",
+                   "crs": self.crs, "transform": bottom_up, "nodata": aef.NODATA_INT8}
+        with rasterio.MemoryFile() as mem:
+            with mem.open(**profile) as ds:
+                ds.write(self.truth[:, ::-1, :])
+                for i, band in enumerate(aef.BAND_NAMES, start=1):
+                    ds.set_band_description(i, band)
+            with mem.open() as ds:
+                copy_raster(ds, self.path, driver="COG", BLOCKSIZE=128, COMPRESS="DEFLATE", PREDICTOR="YES",
+                            OVERVIEWS="AUTO", OVERVIEW_RESAMPLING="NEAREST")
+        self.row = self._row(year, zone)
+
+    def _row(self, year: int, zone: str) -> dict:
+        xs = [self.left, self.left + SIZE * 10]
+        ys = [self.bottom, self.top]
+        lon, lat = transform_points(self.crs, "EPSG:4326", [xs[0], xs[1], xs[1], xs[0]], [ys[0], ys[0], ys[1], ys[1]])
+        ring = ", ".join(f"{a} {b}" for a, b in zip(lon + lon[:1], lat + lat[:1]))
+        return {"WKT": f"POLYGON (({ring}))", "crs": f"EPSG:{self.crs.to_epsg()}", "year": year, "utm_zone": zone,
+                "utm_west": xs[0], "utm_south": ys[0], "utm_east": xs[1], "utm_north": ys[1],
+                "wgs84_west": min(lon), "wgs84_south": min(lat), "wgs84_east": max(lon), "wgs84_north": max(lat),
+                "path": f"{S3}/{self.rel}"}
+
+    def value_at(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest truth (64, n) at points in this COG's CRS and whether each has data."""
+        c = np.floor((x - self.left) / 10).astype(int)
+        r = np.floor((self.top - y) / 10).astype(int)
+        inside = (c >= 0) & (c < SIZE) & (r >= 0) & (r < SIZE)
+        values = np.full((64, x.size), aef.NODATA_INT8, dtype=np.int8)
+        values[:, inside] = self.truth[:, r[inside], c[inside]]
+        return values, values[0] != aef.NODATA_INT8
+
+
+def snap10(v: float) -> float:
+    """Down to a multiple of 10 m (the output grid's pixel edges)."""
+    return float(np.floor(v / 10) * 10)
+
+
+def build_mirror(root: Path) -> dict[str, Cog]:
+    """A small AEF mirror under ``root``: COGs either side of the UTM 30/31 boundary at 0°
+    longitude (45° N), one far away, one for 2021, and the CSV tile index listing them."""
+    (x30,), (y30,) = transform_points("EPSG:4326", "EPSG:32630", [0.0], [45.01])
+    (x31,), (y31,) = transform_points("EPSG:4326", "EPSG:32631", [0.0], [45.01])
+    cogs = {
+        # zone 30 tile overhangs 0° by ~1 km, with a nodata hole inside
+        "w": Cog(root, 2020, 32630, snap10(x30) - 4120, snap10(y30) - 2560, 1, "xw30"),
+        "e": Cog(root, 2020, 32631, snap10(x31) - 1000, snap10(y31) - 2570, 2, "xe31"),
+        "far": Cog(root, 2020, 32630, 500_000.0, 4_000_000.0, 3, "xfar"),
+        "w2021": Cog(root, 2021, 32630, snap10(x30) - 4120, snap10(y30) - 2560, 4, "xw30b"),
+    }
+    index = root / PREFIX / "aef_index.csv"
+    with open(index, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        for cog in cogs.values():
+            writer.writerow(cog.row)
+    return cogs
+
+
+def expected_output(grid, cogs: list[Cog]) -> np.ndarray:
+    """Per pixel: the first COG (in order) with data under the pixel centre, nearest."""
+    cols, rows = np.meshgrid(np.arange(grid.width) + 0.5, np.arange(grid.height) + 0.5)
+    xs, ys = grid.transform * (cols.ravel(), rows.ravel())
+    out = np.full((64, xs.size), aef.NODATA_INT8, dtype=np.int8)
+    filled = np.zeros(xs.size, dtype=bool)
+    for cog in cogs:
+        px, py = (np.asarray(v) for v in transform_points(grid.crs, cog.crs, xs, ys))
+        values, ok = cog.value_at(px, py)
+        take = ok & ~filled
+        out[:, take] = values[:, take]
+        filled |= take
+    return out.reshape(64, grid.height, grid.width)

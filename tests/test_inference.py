@@ -129,3 +129,27 @@ def test_missing_output_folder_and_overwriting_input_are_refused(scene, tiny_mod
         predict_height(path, tiny_model, tmp_path / "nope" / "h.tif")
     with pytest.raises(InputError, match="is also an input"):
         predict_height(path, tiny_model, path)
+
+
+@pytest.mark.parametrize("case", ["bands", "geographic", "unreadable", "broken_model", "pickle"])
+def test_bad_inputs_leave_no_output_file(scene, tiny_model, tmp_path, case):
+    embeddings, values = scene
+    model = tiny_model
+    if case == "bands":
+        embeddings = write_embeddings(tmp_path / "in.tif", values[:5], quantised=False)
+    elif case == "geographic":
+        embeddings = write_embeddings(tmp_path / "in.tif", values, crs="EPSG:4326", origin=(-0.5, 44.9))
+    elif case == "unreadable":
+        embeddings = tmp_path / "in.tif"
+        embeddings.write_bytes(b"GIF89a not a raster")
+    elif case == "broken_model":
+        model = tmp_path / "model"
+        model.mkdir()
+        (model / "model.json").write_text("{")
+    elif case == "pickle":
+        model = tmp_path / "model.pth"
+        model.write_bytes(b"\x80\x04K\x01.")
+    before = set(tmp_path.iterdir())
+    with pytest.raises(InputError):
+        predict_height(embeddings, model, tmp_path / "h.tif", device="cpu")
+    assert set(tmp_path.iterdir()) == before

@@ -1,32 +1,38 @@
-"""Training a height model on an aligned embeddings + reference pair (the paper's recipe:
-U-Net/U-Net++, masked MSE, AdamW lr 1e-3 wd 1e-4, early stopping on validation)."""
+"""Training a height model on aligned embeddings + reference pairs (the paper's recipe:
+U-Net/U-Net++, masked MSE, AdamW lr 1e-3 wd 1e-4, early stopping on validation), with
+leak-free splits, resumable checkpoints and options that address distribution shift.
+
+A run folder holds the model package (model.json + model.safetensors, loadable like the
+bundled model), config.json, history.csv, checkpoint/ while the run is unfinished (or
+always with ``keep_checkpoint``) and evaluation/ (the report of ``training.evaluate``).
+"""
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-from rasterio.windows import Window
 
-from ..plugin.core.compare import compare_heights
 from ..plugin.core.device import describe_device, select_device
 from ..plugin.core.errors import InputError
-from ..plugin.core.inference import predict_height
-from ..plugin.core.models import (ModelPackage, architecture_config, build_model, make_card, save_model,
-                                  size_multiple)
-from .data import AlignedPair, Split, contiguous_split, load_pair, window_union
+from ..plugin.core.models import architecture_config, build_model, make_card, save_model, size_multiple
+from .checkpoint import FOLDER as CHECKPOINT_FOLDER
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import load_pair
+from .patches import PatchSampler, Scene, batch, make_scene, validation_origins
+from .splits import Areas, SplitSpec, make_areas
 
-LOSSES = ("mse", "huber")
+LOSSES = ("mse", "huber", "l1")
+SCHEDULES = ("cosine", "plateau")
 Log = Callable[[str], None]
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -40,22 +46,39 @@ class TrainConfig:
     decoder_channels: Optional[list[int]] = None
     patch_size: int = 256
     batch_size: int = 8
+    accumulate: int = 1
     epochs: int = 30
     steps_per_epoch: int = 50
     patience: int = 6
     loss: str = "mse"
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    split: str = "contiguous"
     test_fraction: float = 0.3
     validation_fraction: float = 0.1
     direction: str = "east"
+    block_size: int = 128
+    buffer: int = 0
+    validation_window: Optional[list[int]] = None
+    extra_pairs: list[list[str]] = field(default_factory=list)
+    validation_embeddings: Optional[str] = None
+    validation_reference: Optional[str] = None
+    terrain: Optional[str] = None
+    balance: bool = False
+    amp: bool = True
     seed: int = 0
     device: str = "auto"
+    keep_checkpoint: bool = False
     name: str = ""
     region: str = ""
     year: Optional[int] = None
     tile: int = 256
     overlap: int = 64
+
+    def split_spec(self) -> SplitSpec:
+        return SplitSpec(self.split, self.test_fraction, self.validation_fraction, self.direction,
+                         self.block_size, self.buffer, self.seed, self.validation_window)
 
 
 @dataclass
@@ -64,55 +87,23 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     seconds: float = 0.0
+    initial_val_loss: float = float("nan")
 
 
 def _check(config: TrainConfig, multiple: int) -> None:
-    if config.loss not in LOSSES:
-        raise InputError(f"loss '{config.loss}'", "is not known", f"Use one of: {', '.join(LOSSES)}")
+    for name, choices in (("loss", LOSSES), ("schedule", SCHEDULES)):
+        if getattr(config, name) not in choices:
+            raise InputError(f"{name} '{getattr(config, name)}'", "is not known", f"Use one of: {', '.join(choices)}")
     if config.patch_size % multiple:
         raise InputError(f"patch size {config.patch_size}", f"is not a multiple of {multiple}, which this "
                          "architecture needs", f"Use e.g. {max(multiple, config.patch_size // multiple * multiple)}")
-    for name in ("batch_size", "epochs", "steps_per_epoch"):
+    for name in ("batch_size", "epochs", "steps_per_epoch", "accumulate", "patience"):
         if getattr(config, name) < 1:
             raise InputError(f"{name.replace('_', ' ')} {getattr(config, name)}", "must be at least 1",
                              "Give a positive number")
-
-
-class _Patches:
-    """Random patches inside a window, keeping only those with enough labelled pixels."""
-
-    def __init__(self, pair: AlignedPair, window: Window, size: int, rng: np.random.Generator) -> None:
-        if window.width < size or window.height < size:
-            raise InputError(f"patch size {size}", f"does not fit the {int(window.width)}x{int(window.height)} px "
-                             "training strip", "Use a smaller --patch-size or a larger area")
-        self.pair, self.window, self.size, self.rng = pair, window, size, rng
-        self.mask = pair.label_mask
-
-    def origin(self) -> tuple[int, int]:
-        for _ in range(50):
-            r = int(self.window.row_off + self.rng.integers(0, self.window.height - self.size + 1))
-            c = int(self.window.col_off + self.rng.integers(0, self.window.width - self.size + 1))
-            if self.mask[r:r + self.size, c:c + self.size].mean() > 0.5:
-                return r, c
-        return r, c
-
-    def grid_origins(self) -> list[tuple[int, int]]:
-        """Non-overlapping patches tiling the window (for a fixed validation set)."""
-        w, s = self.window, self.size
-        return [(int(r), int(c)) for r in range(w.row_off, w.row_off + w.height - s + 1, s)
-                for c in range(w.col_off, w.col_off + w.width - s + 1, s)]
-
-
-def _batch(pair: AlignedPair, mask: np.ndarray, origins: list[tuple[int, int]], size: int,
-           mean: float, std: float):
-    import torch
-
-    x = np.stack([pair.embeddings[:, r:r + size, c:c + size] for r, c in origins])
-    y = np.stack([pair.reference[r:r + size, c:c + size] for r, c in origins])
-    m = np.stack([mask[r:r + size, c:c + size] for r, c in origins])
-    x = torch.from_numpy(np.nan_to_num(x, nan=0.0))
-    y = torch.from_numpy(np.where(m, (np.nan_to_num(y) - mean) / std, 0.0).astype(np.float32))
-    return x, y, torch.from_numpy(m)
+    if bool(config.validation_embeddings) != bool(config.validation_reference):
+        raise InputError("validation pair", "needs both embeddings and reference",
+                         "Give --validation-embeddings and --validation-reference together")
 
 
 def masked_loss(pred, target, mask, kind: str = "mse"):
@@ -124,148 +115,255 @@ def masked_loss(pred, target, mask, kind: str = "mse"):
         return pred.sum() * 0.0
     if kind == "huber":
         return F.huber_loss(pred, target, delta=1.0)
+    if kind == "l1":
+        return F.l1_loss(pred, target)
     return F.mse_loss(pred, target)
 
 
-def train_model(config: TrainConfig, log: Log = print) -> TrainResult:
-    """Train, keep the best epoch on validation, save the model package and evaluate it."""
-    import torch
+def load_scenes(config: TrainConfig) -> list[Scene]:
+    """Training pairs split into areas, plus the separate validation pair when given."""
+    spec = config.split_spec()
+    separate = bool(config.validation_embeddings)
+    scenes = []
+    for emb, ref in [(config.embeddings, config.reference), *[tuple(p) for p in config.extra_pairs]]:
+        pair = load_pair(emb, ref)
+        scenes.append(make_scene(pair, make_areas(spec, pair.grid.height, pair.grid.width, separate), config.terrain))
+    if separate:
+        pair = load_pair(config.validation_embeddings, config.validation_reference)
+        none = np.zeros((pair.grid.height, pair.grid.width), dtype=bool)
+        scenes.append(make_scene(pair, Areas(none, np.ones_like(none), none), config.terrain))
+    return scenes
 
+
+def target_statistics(scenes: list[Scene]) -> tuple[float, float]:
+    """Mean and std of the target over labelled training pixels (the default normalisation)."""
+    values = np.concatenate([s.target[s.label & s.areas.train] for s in scenes])
+    if not values.size:
+        raise InputError(scenes[0].pair.reference_path, "has no valid pixel in the training area",
+                         "Check its nodata and that it covers the embeddings")
+    return float(values.mean()), float(values.std()) or 1.0
+
+
+class _Trainer:
+    """One run: model, optimiser, schedule and sampling state; everything a checkpoint holds."""
+
+    def __init__(self, config: TrainConfig, log: Log, progress: Optional[Progress]) -> None:
+        import torch
+
+        self.config, self.log, self.progress = config, log, progress
+        self.model_config = architecture_config(config.arch, config.encoder, config.encoder_depth,
+                                                config.decoder_channels)
+        _check(config, size_multiple(self.model_config))
+        self.scenes = load_scenes(config)
+        self.mean, self.std = target_statistics(self.scenes)
+        self.sampler = PatchSampler(self.scenes, config.patch_size, config.balance)
+        self.val_origins = validation_origins(self.scenes, config.patch_size)
+        self.device = select_device(config.device)
+        cuda = self.device.type == "cuda"
+        self.amp = config.amp and cuda
+        self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        torch.manual_seed(config.seed)
+        self.rng = np.random.default_rng(config.seed)
+        self.model = build_model(self.model_config).to(self.device, memory_format=self.memory_format)
+        self.optimiser = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        if config.schedule == "cosine":
+            self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimiser, T_max=config.epochs * config.steps_per_epoch)
+        else:
+            self.schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimiser, factor=0.5, patience=max(1, config.patience // 2))
+        self.history: list[dict] = []
+        self.best = {"val": float("inf"), "epoch": 0, "state": self._state()}
+        self.initial_val = float("nan")
+
+    def _state(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def _forward(self, x):
+        import torch
+
+        x = x.to(self.device).contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            return self.model(x)[:, 0].float()
+
+    def step(self) -> float:
+        """One optimiser step over ``accumulate`` micro-batches."""
+        c = self.config
+        self.optimiser.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(c.accumulate):
+            x, y, m = batch(self.scenes, self.sampler.draw(self.rng, c.batch_size), c.patch_size, self.mean, self.std)
+            loss = masked_loss(self._forward(x), y.to(self.device), m.to(self.device), c.loss) / c.accumulate
+            self.scaler.scale(loss).backward()
+            total += loss.item()
+        self.scaler.step(self.optimiser)
+        self.scaler.update()
+        if self.config.schedule == "cosine":
+            self.schedule.step()
+        return total
+
+    def validate(self) -> float:
+        import torch
+
+        self.model.eval()
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for origin in self.val_origins:
+                x, y, m = batch(self.scenes, [origin], self.config.patch_size, self.mean, self.std, "validation")
+                n = int(m.sum())
+                total += float(masked_loss(self._forward(x), y.to(self.device), m.to(self.device),
+                                           self.config.loss)) * n
+                count += n
+        self.model.train()
+        return total / max(count, 1)
+
+    def run_epochs(self, out: Path) -> None:
+        c = self.config
+        start = len(self.history) + 1
+        for epoch in range(start, c.epochs + 1):
+            t0 = time.perf_counter()
+            self.model.train()
+            losses = []
+            for k in range(c.steps_per_epoch):
+                losses.append(self.step())
+                if self.progress:
+                    self.progress((epoch - 1) * c.steps_per_epoch + k + 1, c.epochs * c.steps_per_epoch)
+            val = self.validate()
+            if c.schedule == "plateau":
+                self.schedule.step(val)
+            row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val,
+                   "lr": self.optimiser.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+            self.history.append(row)
+            if val < self.best["val"]:
+                self.best = {"val": val, "epoch": epoch, "state": self._state()}
+            stop = epoch - self.best["epoch"] >= c.patience
+            self.save(out)
+            eta = np.mean([r["seconds"] for r in self.history[start - 1:]]) * (c.epochs - epoch)
+            self.log(f"epoch {epoch:3d}/{c.epochs}  train {row['train_loss']:.4f}  val {val:.4f}"
+                     f"{'  *best' if self.best['epoch'] == epoch else ''}  {row['seconds']:.0f}s  "
+                     f"ETA {eta / 60:.1f} min")
+            if stop:
+                self.log(f"early stop: no validation gain for {c.patience} epochs (best epoch {self.best['epoch']})")
+                break
+
+    def save(self, out: Path) -> None:
+        state = {"epoch": len(self.history), "history": self.history, "best_val": self.best["val"],
+                 "best_epoch": self.best["epoch"], "initial_val": self.initial_val,
+                 "numpy_rng": self.rng.bit_generator.state, "schedule": self.schedule.state_dict(),
+                 "scaler": self.scaler.state_dict()}
+        save_checkpoint(out, self.model, self.best["state"], self.optimiser, state)
+
+    def restore(self, out: Path) -> None:
+        state, best = load_checkpoint(out, self.model, self.optimiser)
+        self.history = state["history"]
+        self.best = {"val": state["best_val"], "epoch": state["best_epoch"], "state": best}
+        self.initial_val = state["initial_val"]
+        self.rng.bit_generator.state = state["numpy_rng"]
+        self.schedule.load_state_dict(state["schedule"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"training {c.arch}/{c.encoder} on {describe_device(self.device)}: {c.epochs} epochs x "
+                f"{c.steps_per_epoch} steps, batch {c.batch_size}x{c.accumulate} of {c.patch_size}px patches "
+                f"({len(self.sampler.origins)} to draw from), target mean {self.mean:.1f} m, std {self.std:.1f} m"
+                f"{' above the coarse terrain' if c.terrain else ''}; validation loss before training "
+                f"{self.initial_val:.4f}")
+
+
+def train_model(config: TrainConfig, log: Log = print, progress: Optional[Progress] = None) -> TrainResult:
+    """Train from scratch into a new run folder; Ctrl-C leaves a checkpoint to resume from."""
     started = time.perf_counter()
-    model_config = architecture_config(config.arch, config.encoder, config.encoder_depth, config.decoder_channels)
-    _check(config, size_multiple(model_config))
     out = Path(config.out)
     if out.exists() and any(out.iterdir()):
         raise InputError(out, "already exists and is not empty", "Choose a new output folder for the model")
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    pair = load_pair(config.embeddings, config.reference)
-    split = contiguous_split(pair.grid.width, pair.grid.height, config.test_fraction,
-                             config.validation_fraction, config.direction)
-    mask = pair.label_mask
-    train_mask = np.zeros_like(mask)
-    train_mask[split.train.toslices()] = mask[split.train.toslices()]
-    if not train_mask.any():
-        raise InputError(config.reference, "has no valid pixel in the training area",
-                         "Check its nodata and that it covers the embeddings")
-    mean = float(pair.reference[train_mask].mean())
-    std = float(pair.reference[train_mask].std()) or 1.0
-
-    device = select_device(config.device)
-    model = build_model(model_config).to(device)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.epochs * config.steps_per_epoch)
-    train_patches = _Patches(pair, split.train, config.patch_size, rng)
-    val_origins = _Patches(pair, split.validation, min(config.patch_size, int(split.validation.width),
-                                                       int(split.validation.height)) // size_multiple(model_config)
-                           * size_multiple(model_config), rng)
-    log(f"training {config.arch}/{config.encoder} on {describe_device(device)}: "
-        f"{config.epochs} epochs x {config.steps_per_epoch} steps, batch {config.batch_size} x "
-        f"{config.patch_size}px, target mean {mean:.1f} m, std {std:.1f} m")
-
-    history: list[dict] = []
-    best = (float("inf"), None, -1)
-    for epoch in range(1, config.epochs + 1):
-        t0 = time.perf_counter()
-        model.train()
-        losses = []
-        for _ in range(config.steps_per_epoch):
-            origins = [train_patches.origin() for _ in range(config.batch_size)]
-            x, y, m = _batch(pair, mask, origins, config.patch_size, mean, std)
-            x, y, m = x.to(device), y.to(device), m.to(device)
-            loss = masked_loss(model(x)[:, 0], y, m, config.loss)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            losses.append(loss.item())
-        val = _validate(model, pair, mask, val_origins, mean, std, config.loss, device)
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val,
-               "seconds": time.perf_counter() - t0}
-        history.append(row)
-        if val < best[0]:
-            best = (val, copy.deepcopy(model.state_dict()), epoch)
-        eta = row["seconds"] * (config.epochs - epoch)
-        log(f"epoch {epoch:3d}/{config.epochs}  train {row['train_loss']:.4f}  val {val:.4f}"
-            f"{'  *best' if best[2] == epoch else ''}  {row['seconds']:.0f}s  ETA {eta / 60:.1f} min")
-        if epoch - best[2] >= config.patience:
-            log(f"early stop: no validation gain for {config.patience} epochs (best epoch {best[2]})")
-            break
-
-    model.load_state_dict(best[1])
-    model = model.cpu().eval()
-    card = _card(config, model_config, split, pair, mean, std, best[2], history)
-    result = _save_and_evaluate(model, card, split, config, out, log, history)
-    result.seconds = time.perf_counter() - started
-    return result
+    trainer = _Trainer(config, log, progress)  # reads and checks every input before writing anything
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    trainer.initial_val = trainer.validate()
+    log(trainer.describe())
+    return _finish(trainer, out, started)
 
 
-def _validate(model, pair, mask, patches: _Patches, mean, std, kind, device) -> float:
+def resume_training(run_dir: str | os.PathLike, log: Log = print, progress: Optional[Progress] = None) -> TrainResult:
+    """Continue an interrupted run from its last epoch: same result as an uninterrupted run."""
+    started = time.perf_counter()
+    out = Path(run_dir)
+    if not (out / "config.json").is_file():
+        raise InputError(out, "is not a training run folder (no config.json)", "Give the --out folder of a train run")
+    if (out / "model.json").is_file():
+        raise InputError(out, "holds a finished run", "Train a new model into a new folder instead")
+    config = TrainConfig(**json.loads((out / "config.json").read_text()))
+    trainer = _Trainer(config, log, progress)
+    trainer.restore(out)
+    log(f"resuming {out} after epoch {len(trainer.history)} of {config.epochs}")
+    return _finish(trainer, out, started)
+
+
+def _finish(trainer: _Trainer, out: Path, started: float) -> TrainResult:
     import torch
 
+    trainer.run_epochs(out)
+    model = trainer.model.cpu().to(memory_format=torch.contiguous_format)
+    model.load_state_dict(trainer.best["state"])
     model.eval()
-    total, count = 0.0, 0
-    size = patches.size
-    with torch.inference_mode():
-        for origin in patches.grid_origins():
-            x, y, m = _batch(pair, mask, [origin], size, mean, std)
-            if m.any():
-                loss = masked_loss(model(x.to(device))[:, 0], y.to(device), m.to(device), kind)
-                total += float(loss) * int(m.sum())
-                count += int(m.sum())
-    return total / max(count, 1)
+    card = _card(trainer, out)
+    metrics = _save_and_evaluate(model, card, trainer, out)
+    if not trainer.config.keep_checkpoint:
+        shutil.rmtree(out / CHECKPOINT_FOLDER, ignore_errors=True)
+    return TrainResult(out, trainer.history, metrics, time.perf_counter() - started, trainer.initial_val)
 
 
-def _card(config: TrainConfig, model_config: dict, split: Split, pair: AlignedPair, mean: float, std: float,
-          best_epoch: int, history: list[dict]) -> dict:
+def _card(trainer: _Trainer, out: Path) -> dict:
+    c, pair = trainer.config, trainer.scenes[0].pair
     left, bottom, right, top = pair.grid.bounds
-    return make_card(
-        model_config, name=config.name or f"{config.arch}-{config.encoder}-{Path(config.out).name}",
-        target_mean=mean, target_std=std, tile=config.tile, overlap=config.overlap,
+    target = {"relative_to": {"input": "coarse terrain", "file": Path(c.terrain).name}} if c.terrain else {}
+    card = make_card(
+        trainer.model_config, name=c.name or f"{c.arch}-{c.encoder}-{out.name}",
+        target_mean=trainer.mean, target_std=trainer.std, tile=c.tile, overlap=c.overlap,
         training={
-            "embeddings": Path(config.embeddings).name, "reference": Path(config.reference).name,
-            "region": config.region, "year": config.year, "crs": pair.grid.crs.to_string(),
+            "embeddings": Path(c.embeddings).name, "reference": Path(c.reference).name,
+            "extra_pairs": [[Path(p).name for p in pair_] for pair_ in c.extra_pairs],
+            "region": c.region, "year": c.year, "crs": pair.grid.crs.to_string(),
             "bounds": [left, bottom, right, top], "resolution_m": pair.grid.resolution[0],
-            "split": split.as_dict(),
-            "loss": config.loss, "optimizer": {"name": "AdamW", "lr": config.lr, "weight_decay": config.weight_decay},
-            "schedule": "cosine", "patch_size": config.patch_size, "batch_size": config.batch_size,
-            "epochs_run": len(history), "best_epoch": best_epoch, "steps_per_epoch": config.steps_per_epoch,
-            "seed": config.seed,
+            "split": {**c.split_spec().as_dict(), "pixels": trainer.scenes[0].areas.as_dict()},
+            "loss": c.loss, "optimizer": {"name": "AdamW", "lr": c.lr, "weight_decay": c.weight_decay},
+            "schedule": c.schedule, "patch_size": c.patch_size, "batch_size": c.batch_size,
+            "accumulate": c.accumulate, "balanced_sampling": c.balance, "epochs_run": len(trainer.history),
+            "best_epoch": trainer.best["epoch"], "steps_per_epoch": c.steps_per_epoch, "seed": c.seed,
         })
+    card["target"]["normalisation"]["from"] = "training area"
+    card["target"].update(target)
+    return card
 
 
-def _save_and_evaluate(model, card: dict, split: Split, config: TrainConfig, out: Path, log: Log,
-                       history: list[dict]) -> TrainResult:
-    """Write the package, then predict the whole scene with it and record train/test metrics."""
-    staging = Path(tempfile.mkdtemp(prefix=".training-", dir=out.parent if out.parent.is_dir() else None))
-    try:
-        save_model(staging, model, card)
-        package_dir = staging
-        with tempfile.TemporaryDirectory() as scratch:
-            predicted = Path(scratch) / "predicted.tif"
-            predict_height(config.embeddings, ModelPackage(model, card, package_dir), predicted,
-                           device=config.device)
-            regions = {"train": window_union(split.train, split.validation), "test": split.test}
-            comparison = compare_heights(predicted, config.reference, regions=regions)
-        metrics = {name: {k: v for k, v in m.items() if k != "window"}
-                   for name, m in comparison["regions"].items()}
-        card["metrics"] = metrics
-        save_model(staging, model, card)
-        (staging / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-        _write_history(staging / "history.csv", history)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    log(f"model written to {out}: test R² {metrics['test']['r2']:.3f}, RMSE {metrics['test']['rmse']:.2f} m")
-    return TrainResult(out, history=history, metrics=metrics)
+def _save_and_evaluate(model, card: dict, trainer: _Trainer, out: Path) -> dict:
+    """Evaluate on the run's own split, then write the package (card last, with the metrics)."""
+    from ..plugin.core.models import ModelPackage
+    from .evaluate import evaluate_model
+
+    c = trainer.config
+    report = evaluate_model(ModelPackage(model, card, out), c.embeddings, c.reference, out / "evaluation",
+                            c.split_spec(), terrain=c.terrain, device=c.device, keep_rasters=False,
+                            log=trainer.log)
+    metrics = {name: report["areas"][name]["model"] for name in ("train", "test")}
+    card["metrics"] = metrics
+    staging = out / ".package"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_model(staging, model, card)
+    _write_history(out / "history.csv", trainer.history)
+    for name in ("model.safetensors", "model.json"):
+        os.replace(staging / name, out / name)
+    staging.rmdir()
+    trainer.log(f"model written to {out}: test R² {metrics['test']['r2']:.3f}, RMSE {metrics['test']['rmse']:.2f} m")
+    return metrics
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["epoch", "train_loss", "val_loss", "seconds"])
+        writer = csv.DictWriter(fh, fieldnames=["epoch", "train_loss", "val_loss", "lr", "seconds"])
         writer.writeheader()
         writer.writerows(history)

@@ -105,10 +105,18 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
                    out_path: str | os.PathLike, *, tile: Optional[int] = None, overlap: Optional[int] = None,
                    batch_size: int = 4, device: str = "auto", amp: bool = True,
                    channels_last: Optional[bool] = None, band_width: int = DEFAULT_BAND_WIDTH,
-                   progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> PredictionResult:
-    """Predict surface height (m) for every pixel of an embeddings raster into a GeoTIFF."""
+                   progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
+                   relative: bool = False) -> PredictionResult:
+    """Predict surface height (m) for every pixel of an embeddings raster into a GeoTIFF.
+
+    A model trained on height above a coarse terrain raster is refused unless ``relative``
+    (set by ``core.terrain``, which adds the terrain back).
+    """
     started = time.perf_counter()
     package = model if isinstance(model, ModelPackage) else load_model(model)
+    if package.card["target"].get("relative_to") and not relative:
+        raise InputError(package.path, "predicts height above a coarse terrain raster, which this prediction "
+                         "was not given", "Use 'alphaearth-height predict --terrain RASTER' with this model")
     tile = int(tile or package.default("tile", 256))
     overlap = int(package.default("overlap", tile // 4) if overlap is None else overlap)
     _check_tiling(tile, overlap, batch_size, package.multiple)

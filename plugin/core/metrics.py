@@ -104,3 +104,17 @@ def json_safe(value):
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def format_markdown_table(rows: dict[str, dict], names: Sequence[str] = ("n", "r2", "rmse", "mae", "median_diff",
+                                                                        "nmad", "le90")) -> str:
+    """The same figures as a Markdown table (for reports and the README); missing values show as —."""
+    def cell(m: dict, n: str) -> str:
+        value = m.get(n)
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return "—"
+        return f"{value:d}" if n == "n" else f"{value:.3f}"
+
+    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += [f"| {label} | " + " | ".join(cell(m, n) for n in names) + " |" for label, m in rows.items()]
+    return "\n".join(lines)

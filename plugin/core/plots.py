@@ -79,8 +79,10 @@ def render_accuracy_plots(predicted: np.ndarray, reference: np.ndarray, prefix: 
 
 def render_maps(out_png: str | os.PathLike, predicted: str | os.PathLike,
                 difference: Optional[str | os.PathLike] = None, reference_on_grid: Optional[np.ndarray] = None,
-                split_fraction: Optional[float] = None, title: str = "") -> None:
-    """Side-by-side maps: [reference], predicted height, [difference]; a dashed line marks a split."""
+                split_fraction: Optional[float] = None, title: str = "",
+                outline: Optional[np.ndarray] = None) -> None:
+    """Side-by-side maps: [reference], predicted height, [difference]; a dashed line marks a split,
+    or ``outline`` (a boolean mask on the raster's grid, e.g. the test area) is drawn dashed."""
     plt = _pyplot()
     panels = []
     pred = read_preview(predicted)
@@ -100,12 +102,48 @@ def render_maps(out_png: str | os.PathLike, predicted: str | os.PathLike,
                           interpolation="nearest")
         if split_fraction is not None:
             ax.axvline(split_fraction * values.shape[1] - 0.5, color="k", ls="--", lw=1)
+        if outline is not None and outline.any() and not outline.all():
+            ax.contour(_resize_nearest(outline, values.shape).astype(float), levels=[0.5], colors="k",
+                       linestyles="--", linewidths=1)
         ax.set_title(label)
         ax.set_xticks([])
         ax.set_yticks([])
         fig.colorbar(image, ax=ax, shrink=0.8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def _resize_nearest(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A full-resolution mask brought to a preview's shape."""
+    rows = (np.arange(shape[0]) * mask.shape[0] / shape[0]).astype(int)
+    cols = (np.arange(shape[1]) * mask.shape[1] / shape[1]).astype(int)
+    return mask[np.ix_(rows, cols)]
+
+
+ERROR_BY_BIN_SIZE = (6.4, 4.0)  # inches at 100 dpi
+
+
+def render_error_by_bin(series: dict[str, list[dict]], out_png: str | os.PathLike, title: str = "") -> None:
+    """Median difference (bias) and RMSE per reference-height bin, one line per labelled
+    series of ``binned_metrics`` rows: shows whether low ground is over- and high ground
+    under-predicted, the paper's failure under distribution shift."""
+    plt = _pyplot()
+    fig, (bias, rmse) = plt.subplots(1, 2, figsize=ERROR_BY_BIN_SIZE)
+    for label, rows in series.items():
+        centres = [(r["bin_min"] + r["bin_max"]) / 2 for r in rows]
+        bias.plot(centres, [r["median_diff"] for r in rows], marker="o", ms=3, label=label)
+        rmse.plot(centres, [r["rmse"] for r in rows], marker="o", ms=3, label=label)
+    bias.axhline(0, color="k", lw=0.8)
+    bias.set_ylabel("median predicted − reference (m)")
+    rmse.set_ylabel("RMSE (m)")
+    for ax in (bias, rmse):
+        ax.set_xlabel("reference height (m)")
+    rmse.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

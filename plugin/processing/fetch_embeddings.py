@@ -1,49 +1,94 @@
-"""Fetch embeddings: the part of an embeddings source under an extent, as a small GeoTIFF."""
+"""Fetch embeddings: an area's AlphaEarth embeddings from a local raster, the public COGs or
+Earth Engine, as one small AEF int8 GeoTIFF (core.fetch, the same code as the CLI and the dock)."""
 
 from __future__ import annotations
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsProcessingContext, QgsProcessingFeedback,
-                       QgsProcessingParameterEnum, QgsProcessingParameterExtent,
-                       QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
+from typing import Any
 
-from .base import HeightAlgorithm
+from qgis.core import (QgsCoordinateReferenceSystem, QgsProcessingContext, QgsProcessingException,
+                       QgsProcessingFeedback, QgsProcessingParameterEnum, QgsProcessingParameterExtent,
+                       QgsProcessingParameterFile, QgsProcessingParameterRasterDestination,
+                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
 
-# Earth Engine and the public cloud-optimised GeoTIFFs join this list in a later release;
-# the parameter already exists so scripts and models written now keep working then.
-SOURCES = ("Local raster",)
+from .base import HeightAlgorithm, report_progress
+from .compat import FOLDER
+
+# (core.fetch source name, label); the order is the enum's, so scripts keep working when
+# sources are added at the end.
+SOURCES = (("local", "Local raster"), ("cog", "AlphaEarth public COGs (no account)"),
+           ("earthengine", "Google Earth Engine (needs account)"))
+# core.fetch.FIRST_YEAR and the dock's default; importing core here would load rasterio
+# whenever QGIS lists the algorithms.
+FIRST_YEAR, DEFAULT_YEAR = 2017, 2020
 
 
 class FetchEmbeddings(HeightAlgorithm):
     ALG_ID = "fetchembeddings"
-    DISPLAY_NAME = "Fetch embeddings (local raster)"
+    DISPLAY_NAME = "Fetch embeddings"
     GROUP = "Embeddings"
-    HELP = ("Copies the part of a 64-band AlphaEarth embeddings raster (AEF int8 tiles or float "
-            "exports) under an extent to a north-up GeoTIFF, snapped outwards to whole pixels of the "
-            "source grid. The extent may be in any CRS; the output keeps the embeddings' CRS, grid and "
-            "data type (int8 stays int8, no resampling). The area, pixel count and download size are "
-            "reported before copying.\n\n"
-            "Source: only 'Local raster' for now; Earth Engine and the public AlphaEarth "
-            "cloud-optimised GeoTIFFs will be added as further choices.\n\n"
+    CANCELLABLE = True
+    HELP = ("Writes the AlphaEarth embeddings under an extent, for one year, to an AEF int8 GeoTIFF "
+            "(64 bands A00..A63, nodata -128). The size, tiles and download are reported before "
+            "anything is fetched.\n\n"
+            "Sources:\n"
+            "- Local raster: the part of a 64-band embeddings raster under the extent, on the raster's "
+            "own grid and CRS (snapped outwards to whole pixels, no resampling).\n"
+            "- AlphaEarth public COGs: the public cloud-optimised GeoTIFFs (Source Cooperative mirror), "
+            "no account needed; only the blocks under the extent are downloaded.\n"
+            "- Google Earth Engine: needs an Earth Engine account (run earthengine authenticate once) "
+            "and a Google Cloud project (here, or $EARTHENGINE_PROJECT).\n"
+            "Remote sources write the extent's UTM zone at 10 m; areas across zones are combined with "
+            "nearest-neighbour resampling. Downloaded tiles are cached (advanced: cache folder), so a "
+            "repeated or cancelled fetch does not download them again.\n\n"
+            "The extent may be in any CRS. Cancelling leaves no output file.\n\n"
             "Data: AlphaEarth Foundations Satellite Embedding dataset, produced by Google and "
             "Google DeepMind, CC-BY 4.0.")
 
     def initAlgorithm(self, config: dict | None = None) -> None:  # noqa: N802 - QGIS API
-        self.add(QgsProcessingParameterEnum("SOURCE", self.tr("Embedding source"), options=list(SOURCES),
-                                            defaultValue=0))
-        self.add(QgsProcessingParameterRasterLayer("INPUT", self.tr("Embeddings raster (64 bands)")))
+        self.add(QgsProcessingParameterEnum("SOURCE", self.tr("Embedding source"),
+                                            options=[label for _, label in SOURCES], defaultValue=0))
+        self.add(QgsProcessingParameterRasterLayer(
+            "INPUT", self.tr("Embeddings raster (64 bands; Local raster only)"), optional=True))
         self.add(QgsProcessingParameterExtent("EXTENT", self.tr("Area of interest")))
-        self.add(QgsProcessingParameterRasterDestination("OUTPUT", self.tr("Embeddings (clipped)")))
+        self.add_int("YEAR", "Year", DEFAULT_YEAR, FIRST_YEAR)
+        self.add(QgsProcessingParameterString("PROJECT", self.tr("Google Cloud project (Earth Engine only)"),
+                                              optional=True))
+        self.add(QgsProcessingParameterString("BASE_URL", self.tr("COG base URL (empty: public mirror)"),
+                                              optional=True), advanced=True)
+        self.add(QgsProcessingParameterFile("CACHE_DIR", self.tr("Tile cache folder (empty: default)"),
+                                            behavior=FOLDER, optional=True), advanced=True)
+        self.add(QgsProcessingParameterRasterDestination("OUTPUT", self.tr("Embeddings")))
 
     def execute(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
-        from ..core.aoi import clip_embeddings, size_estimate
+        from ..core.fetch import estimate, fetch, format_estimate
+        from ..core.inference import Cancelled
 
-        source = self.raster_path(parameters, "INPUT", context)
+        source = SOURCES[self.parameterAsEnum(parameters, "SOURCE", context)][0]
+        options = self._source_options(source, parameters, context)
         out = self.raster_output(parameters, "OUTPUT", context)
         aoi = self._aoi(parameters, context)
-        feedback.pushInfo(describe_size(size_estimate(aoi)))
-        grid = clip_embeddings(source, aoi, out)
-        feedback.pushInfo(f"wrote {grid.width} x {grid.height} px in {grid.crs.to_string()} to {out}")
+        year = self.parameterAsInt(parameters, "YEAR", context)
+        cache_dir = self.parameterAsFile(parameters, "CACHE_DIR", context) or None
+        feedback.pushInfo(format_estimate(estimate(aoi, year, source, cache_dir=cache_dir, **options)))
+        try:
+            result = fetch(aoi, year, source, out, cache_dir=cache_dir, progress=report_progress(feedback),
+                           cancel=feedback.isCanceled, **options)
+        except Cancelled:
+            raise QgsProcessingException(self.tr("Fetch cancelled; no output was written "
+                                                 "(tiles already downloaded stay cached).")) from None
+        feedback.pushInfo(f"wrote {result.grid.width} x {result.grid.height} px in {result.grid.crs.to_string()} "
+                          f"to {out}: {result.fetched} tiles fetched, {result.from_cache} from cache, "
+                          f"{result.valid_fraction:.0%} with data, {result.seconds:.1f} s")
         return {"OUTPUT": out}
+
+    def _source_options(self, source: str, parameters: dict, context: QgsProcessingContext) -> dict[str, Any]:
+        """Only the options the chosen source takes (core refuses the others)."""
+        if source == "local":
+            layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
+            return {"raster": self.raster_path(parameters, "INPUT", context) if layer is not None else None}
+        name, key = ("PROJECT", "project") if source == "earthengine" else ("BASE_URL", "base_url")
+        value = self.parameterAsString(parameters, name, context).strip()
+        return {key: value} if value else {}
 
     def _aoi(self, parameters: dict, context: QgsProcessingContext):
         """The extent as a core AreaOfInterest; an extent given without CRS is in the layer's."""
@@ -52,16 +97,17 @@ class FetchEmbeddings(HeightAlgorithm):
         rect = self.parameterAsExtent(parameters, "EXTENT", context)
         crs = self.parameterAsExtentCrs(parameters, "EXTENT", context)
         if not crs.isValid():
-            crs = self.parameterAsRasterLayer(parameters, "INPUT", context).crs()
+            crs = self._layer_crs(parameters, context)
         return AreaOfInterest(rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum(), crs_text(crs))
+
+    def _layer_crs(self, parameters: dict, context: QgsProcessingContext) -> QgsCoordinateReferenceSystem:
+        layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
+        if layer is None:
+            raise QgsProcessingException(self.tr("The area of interest has no CRS: give it as "
+                                                 "'xmin,xmax,ymin,ymax [EPSG:code]'"))
+        return layer.crs()
 
 
 def crs_text(crs: QgsCoordinateReferenceSystem) -> str:
     """A CRS rasterio understands: the authority id, or WKT for custom CRSs."""
     return crs.authid() or crs.toWkt()
-
-
-def describe_size(estimate: dict) -> str:
-    return (f"area {estimate['area_km2']:.2f} km², {estimate['width']} x {estimate['height']} px at 10 m "
-            f"({estimate['pixels']:,} px) in {estimate['crs']}: about {estimate['bytes_int8'] / 1e6:.1f} MB "
-            f"as AEF int8, {estimate['bytes_float32'] / 1e6:.1f} MB as float32")

@@ -19,8 +19,8 @@ from qgis.gui import QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox, QgsMapTo
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QPixmap
 from qgis.PyQt.QtWidgets import (QButtonGroup, QCheckBox, QComboBox, QFormLayout, QGridLayout, QGroupBox,
-                                 QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar, QPushButton, QRadioButton,
-                                 QScrollArea, QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
+                                 QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton,
+                                 QRadioButton, QScrollArea, QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
 
 from ..core.aoi import AreaOfInterest, aoi_window, size_estimate
 from ..core.errors import InputError
@@ -37,9 +37,14 @@ log = logging.getLogger(__name__)
 
 TITLE = "AlphaEarth Height"
 SETTINGS = "alphaearth_height/"
-SOURCES = (("file", "Local raster file", ""), ("layer", "Raster layer", ""),
-           ("earthengine", "Earth Engine", "Arrives with the Earth Engine fetcher"),
-           ("cog", "AlphaEarth public COGs", "Arrives with the public COG fetcher"))
+# (dock key, label, core.fetch source, tooltip): two ways to pick a local raster, two remote sources.
+SOURCES = (("file", "Local raster file", "local", "A 64-band embeddings raster on disk"),
+           ("layer", "Raster layer", "local", "A 64-band embeddings raster loaded in the project"),
+           ("cog", "AlphaEarth public COGs (no account)", "cog",
+            "The public cloud-optimised GeoTIFFs: no account, only the area's blocks are downloaded"),
+           ("earthengine", "Google Earth Engine", "earthengine",
+            "Needs an Earth Engine account (earthengine authenticate) and a Google Cloud project"))
+FETCH_SOURCES = {key: source for key, _, source, _ in SOURCES}
 DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "CUDA"))
 YEARS = (2017, 2025, 2020)  # first, last, default AlphaEarth annual image
 METRICS = (("r2", "R²", "{:.3f}"), ("rmse", "RMSE", "{:.2f} m"), ("mae", "MAE", "{:.2f} m"),
@@ -202,17 +207,17 @@ class HeightDock(QgsDockWidget):
         group = QGroupBox("Embeddings")
         form = QFormLayout(group)
         self.source_combo = QComboBox()
-        for index, (key, label, tooltip) in enumerate(SOURCES):
+        for index, (key, label, _, tooltip) in enumerate(SOURCES):
             self.source_combo.addItem(label, key)
-            if tooltip:  # placeholders until the fetchers land
-                self.source_combo.model().item(index).setEnabled(False)
-                self.source_combo.setItemData(index, tooltip, Qt.ItemDataRole.ToolTipRole)
+            self.source_combo.setItemData(index, tooltip, Qt.ItemDataRole.ToolTipRole)
         self.source_combo.currentIndexChanged.connect(self._on_source_changed)
         self.embeddings_file = QgsFileWidget()
         self.embeddings_file.setFilter("GeoTIFF (*.tif *.tiff);;All files (*)")
         self.embeddings_file.setDialogTitle("AlphaEarth embeddings raster (64 bands)")
         self.embeddings_layer = QgsMapLayerComboBox()
         self.embeddings_layer.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
+        self.project_edit = QLineEdit()
+        self.project_edit.setPlaceholderText("Cloud project id (empty: $EARTHENGINE_PROJECT)")
         self.year_spin = QSpinBox()
         self.year_spin.setRange(YEARS[0], YEARS[1])
         self.year_spin.setValue(YEARS[2])
@@ -220,6 +225,7 @@ class HeightDock(QgsDockWidget):
         form.addRow("Source", self.source_combo)
         form.addRow("File", self.embeddings_file)
         form.addRow("Layer", self.embeddings_layer)
+        form.addRow("Cloud project", self.project_edit)
         form.addRow("Year", self.year_spin)
         self.embeddings_form = form
         return group
@@ -328,9 +334,10 @@ class HeightDock(QgsDockWidget):
     def _restore_settings(self) -> None:
         s = self.settings
         index = self.source_combo.findData(s.value(SETTINGS + "source", "file"))
-        self.source_combo.setCurrentIndex(index if index in (0, 1) else 0)
+        self.source_combo.setCurrentIndex(max(0, index))
         self.year_spin.setValue(int(s.value(SETTINGS + "year", YEARS[2])))
         self.embeddings_file.setFilePath(s.value(SETTINGS + "embeddings_file", ""))
+        self.project_edit.setText(s.value(SETTINGS + "ee_project", ""))
         self.folder_radio.setChecked(s.value(SETTINGS + "model", "bundled") == "folder")
         self.model_folder.setFilePath(s.value(SETTINGS + "model_folder", ""))
         self.device_combo.setCurrentIndex(max(0, self.device_combo.findData(s.value(SETTINGS + "device", "auto"))))
@@ -344,6 +351,7 @@ class HeightDock(QgsDockWidget):
         s.setValue(SETTINGS + "source", self.source_combo.currentData())
         s.setValue(SETTINGS + "year", self.year_spin.value())
         s.setValue(SETTINGS + "embeddings_file", self.embeddings_file.filePath())
+        s.setValue(SETTINGS + "ee_project", self.project_edit.text().strip())
         s.setValue(SETTINGS + "model", "folder" if self.folder_radio.isChecked() else "bundled")
         s.setValue(SETTINGS + "model_folder", self.model_folder.filePath())
         s.setValue(SETTINGS + "device", self.device_combo.currentData())
@@ -385,15 +393,32 @@ class HeightDock(QgsDockWidget):
     # ---- embeddings, model, output --------------------------------------------------------
 
     def _on_source_changed(self) -> None:
-        from_file = self.source_combo.currentData() == "file"
-        for widget, visible in ((self.embeddings_file, from_file), (self.embeddings_layer, not from_file)):
-            widget.setVisible(visible)
-            self.embeddings_form.labelForField(widget).setVisible(visible)
+        """Show only the chosen source's own field: a file, a layer or an Earth Engine project."""
+        key = self.source_combo.currentData()
+        for widget, shown_for in ((self.embeddings_file, "file"), (self.embeddings_layer, "layer"),
+                                  (self.project_edit, "earthengine")):
+            widget.setVisible(key == shown_for)
+            self.embeddings_form.labelForField(widget).setVisible(key == shown_for)
 
     def embeddings_path(self) -> str:
         if self.source_combo.currentData() == "file":
             return existing_file(self.embeddings_file.filePath(), "embeddings file")
         return layer_file(self.embeddings_layer.currentLayer(), "embeddings")
+
+    def source_options(self) -> dict:
+        """Options for the remote sources: the Earth Engine project, a COG mirror.
+
+        The mirror has no widget: ``alphaearth_height/cog_base_url`` in QgsSettings, for
+        those who must go through their own copy of the public COGs.
+        """
+        key = self.source_combo.currentData()
+        if key == "earthengine":
+            project = self.project_edit.text().strip()
+            return {"project": project} if project else {}
+        if key == "cog":
+            mirror = str(self.settings.value(SETTINGS + "cog_base_url", "") or "").strip()
+            return {"base_url": mirror} if mirror else {}
+        return {}
 
     def reference_path(self) -> Optional[str]:
         layer = self.reference_combo.currentLayer()
@@ -456,16 +481,20 @@ class HeightDock(QgsDockWidget):
         """Everything cheap to check is checked here, before a task is started."""
         if self.aoi is None:
             raise InputError("area of interest", "is not chosen", "Draw it, use the canvas extent or a polygon layer")
-        embeddings = self.embeddings_path()
-        with EmbeddingRaster(embeddings) as source:
-            aoi_window(source.grid, self.aoi, embeddings)
+        source = FETCH_SOURCES[self.source_combo.currentData()]
+        embeddings = ""
+        if source == "local":  # remote sources are checked in the task: no network on the UI thread
+            embeddings = self.embeddings_path()
+            with EmbeddingRaster(embeddings) as raster:
+                aoi_window(raster.grid, self.aoi, embeddings)
         reference = self.reference_path()
         model = self.model_path()
         read_card(Path(model or bundled_model_dir()))
         out_dir = self.output_path()
         name = unique_stem(out_dir, aoi_stem(self.aoi, self.year_spin.value()))
         return HeightJob(embeddings=embeddings, out_dir=str(out_dir), model=model, aoi=self.aoi,
-                         reference=reference, name=name, device=self.device_combo.currentData())
+                         reference=reference, name=name, device=self.device_combo.currentData(), source=source,
+                         year=self.year_spin.value(), source_options=self.source_options())
 
     def run(self) -> None:
         if self.is_running():
@@ -480,7 +509,7 @@ class HeightDock(QgsDockWidget):
         self.task = HeightTask(job, self._on_task_done)
         self.task.progressChanged.connect(self._on_progress)
         self._set_running(True)
-        log.info("Starting height job %s", job.name)
+        log.info("Starting height job %s (%s %d)", job.name, job.source, job.year)
         QgsApplication.taskManager().addTask(self.task)
 
     def is_running(self) -> bool:

@@ -23,6 +23,7 @@ from qgis.PyQt.QtGui import QColor  # noqa: E402
 from qgis.PyQt.QtWidgets import QDockWidget, QMainWindow, QVBoxLayout, QWidget  # noqa: E402
 
 from alphaearth_height.plugin.core.aoi import AreaOfInterest  # noqa: E402
+from alphaearth_height.plugin.core.job import FETCH_END  # noqa: E402
 from alphaearth_height.plugin.dependencies import dependencies_dir, missing_dependencies, python_executable  # noqa: E402
 from alphaearth_height.plugin.log import TAG  # noqa: E402
 from alphaearth_height.plugin.ui import dock as dock_module  # noqa: E402
@@ -241,10 +242,16 @@ def test_dependencies_found_and_pip_interpreter():
 def test_dock_builds_with_expected_controls(dock, iface):
     combo = dock.source_combo
     labels = [combo.itemText(i) for i in range(combo.count())]
-    assert labels == ["Local raster file", "Raster layer", "Earth Engine", "AlphaEarth public COGs"]
-    placeholders = [combo.model().item(i) for i in (2, 3)]
-    assert all(not item.isEnabled() for item in placeholders)
-    assert all("fetcher" in combo.itemData(i, Qt.ItemDataRole.ToolTipRole) for i in (2, 3))
+    assert labels == ["Local raster file", "Raster layer", "AlphaEarth public COGs (no account)",
+                      "Google Earth Engine"]
+    assert all(combo.model().item(i).isEnabled() and combo.itemData(i, Qt.ItemDataRole.ToolTipRole)
+               for i in range(combo.count()))
+    shown = {}
+    for key in ("file", "layer", "cog", "earthengine"):
+        combo.setCurrentIndex(combo.findData(key))
+        shown[key] = [w.isVisibleTo(dock) for w in (dock.embeddings_file, dock.embeddings_layer, dock.project_edit)]
+    assert shown == {"file": [True, False, False], "layer": [False, True, False], "cog": [False, False, False],
+                     "earthengine": [False, False, True]}
     assert (dock.year_spin.minimum(), dock.year_spin.maximum()) == (2017, 2025)
     assert [dock.device_combo.itemData(i) for i in range(3)] == ["auto", "cpu", "cuda"]
     assert dock.reference_combo.allowEmptyLayer() and dock.reference_combo.currentLayer() is None
@@ -264,7 +271,8 @@ def test_settings_persist(dock, iface, tiny_model, tmp_path):
     dock.model_folder.setFilePath(str(tiny_model))
     dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
     dock.output_folder.setFilePath(str(tmp_path))
-    dock.source_combo.setCurrentIndex(1)
+    dock.source_combo.setCurrentIndex(dock.source_combo.findData("earthengine"))
+    dock.project_edit.setText(" my-cloud-project ")
     dock.save_settings()
     again = dock_module.HeightDock(iface)
     try:
@@ -272,7 +280,9 @@ def test_settings_persist(dock, iface, tiny_model, tmp_path):
         assert again.folder_radio.isChecked() and again.model_folder.filePath() == str(tiny_model)
         assert again.device_combo.currentData() == "cpu"
         assert again.output_folder.filePath() == str(tmp_path)
-        assert again.source_combo.currentData() == "layer"
+        assert again.source_combo.currentData() == "earthengine"
+        assert again.project_edit.text() == "my-cloud-project" and again.project_edit.isVisibleTo(again)
+        assert again.source_options() == {"project": "my-cloud-project"}
         assert "tiny test U-Net" in again.card_text.toPlainText()
     finally:
         again.shutdown()
@@ -389,7 +399,7 @@ def test_cancel_mid_run_leaves_no_output(dock, iface, small_scene, tiny_model, t
 
     def cancel_once_predicting(_task_id) -> None:
         task = dock.task  # set before addTask, which announces it before starting it
-        task.progressChanged.connect(lambda value: value > 5 and task.cancel(),
+        task.progressChanged.connect(lambda value: value > FETCH_END and task.cancel(),
                                      Qt.ConnectionType.DirectConnection)
 
     manager.taskAdded.connect(cancel_once_predicting)
@@ -400,9 +410,45 @@ def test_cancel_mid_run_leaves_no_output(dock, iface, small_scene, tiny_model, t
     assert ok is False
     assert any("cancelled" in m for m in iface.messages())
     leftovers = [p.name for p in tmp_path.iterdir()
-                 if p.name.endswith(("_height.tif", "_difference.tif", "_metrics.json", ".png")) or ".partial" in p.name]
+                 if p.name.endswith(("_embeddings.tif", "_height.tif", "_difference.tif", "_metrics.json", ".png"))
+                 or ".partial" in p.name]
     assert leftovers == []
     assert result_layers() == []
+
+
+@pytest.mark.parametrize("source", ["cog", "earthengine"])
+def test_remote_source_without_aoi_is_refused(source, dock, iface, tiny_model, tmp_path):
+    dock.source_combo.setCurrentIndex(dock.source_combo.findData(source))
+    dock.output_folder.setFilePath(str(tmp_path))
+    assert dock.aoi is None
+    assert run_and_wait(dock) is None and dock.task is None
+    assert "area of interest: is not chosen" in iface.messages()[-1]
+    assert iface.bar.items()[-1].level() == Qgis.MessageLevel.Critical
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_from_the_public_cogs(dock, iface, tiny_model, tmp_path, monkeypatch, tmp_path_factory):
+    """COG source end to end through the task, the mirror served on 127.0.0.1."""
+    from range_server import PREFIX, RangeServer, build_mirror
+
+    root = tmp_path_factory.mktemp("mirror")
+    west = build_mirror(root)["w"]
+    monkeypatch.setenv("ALPHAEARTH_HEIGHT_CACHE", str(tmp_path / "cache"))
+    dock.source_combo.setCurrentIndex(dock.source_combo.findData("cog"))
+    dock.folder_radio.setChecked(True)
+    dock.model_folder.setFilePath(str(tiny_model))
+    dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
+    dock.output_folder.setFilePath(str(tmp_path / "out"))
+    dock.set_aoi(AreaOfInterest(west.left + 1000, west.bottom + 1000, west.left + 2200, west.bottom + 2000,
+                                "EPSG:32630"))
+    with RangeServer(root) as server:
+        QgsSettings().setValue("alphaearth_height/cog_base_url", f"{server.url}/{PREFIX}")
+        assert run_and_wait(dock) is True, iface.messages()
+        assert any(path.endswith(".tiff") for _, path, _, _ in server.log.requests)
+    assert dock.task.job.source == "cog" and dock.task.job.source_options == {"base_url": f"{server.url}/{PREFIX}"}
+    outputs = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert [name.split("_")[-1] for name in outputs] == ["embeddings.tif", "height.tif"]
+    assert len(result_layers()) == 1
 
 
 def broken_weights(tiny_model: Path, tmp_path: Path) -> Path:

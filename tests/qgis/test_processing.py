@@ -15,7 +15,9 @@ pytest.importorskip("qgis.core")
 from qgis.core import (QgsApplication, QgsProcessingException, QgsProcessingFeedback,  # noqa: E402
                        QgsRasterLayer)
 
+from alphaearth_height.plugin.core.aoi import AreaOfInterest  # noqa: E402
 from alphaearth_height.plugin.core.models import load_model  # noqa: E402
+from range_server import PREFIX, RangeServer, build_mirror, expected_output  # noqa: E402
 
 UTM = "EPSG:32630"
 
@@ -38,6 +40,12 @@ def run(provider):
     def run_algorithm(alg_id: str, params: dict, feedback: QgsProcessingFeedback | None = None) -> dict:
         return processing.run(f"alphaearth_height:{alg_id}", params, feedback=feedback)
     return run_algorithm
+
+
+@pytest.fixture(scope="module")
+def cog_mirror(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mirror")
+    return root, build_mirror(root)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +109,7 @@ def test_fetch_clips_to_the_extent_on_the_source_grid(run, small_scene, tmp_path
     assert (layer.width(), layer.height(), layer.bandCount()) == (100, 80, 64)
     extent = layer.extent()
     assert (extent.xMinimum(), extent.xMaximum(), extent.yMinimum(), extent.yMaximum()) == (xmin, xmax, ymin, ymax)
-    assert any("MB as AEF int8" in m for m in feedback.messages)
+    assert any(m.startswith("local 2020: 100x80 px") and "MiB to download" in m for m in feedback.messages)
 
 
 def test_fetch_accepts_an_extent_in_another_crs(run, small_scene, tmp_path):
@@ -115,6 +123,41 @@ def test_fetch_accepts_an_extent_in_another_crs(run, small_scene, tmp_path):
     layer = open_layer(out)
     assert layer.crs().authid() == UTM
     assert 130 <= layer.width() < 256 and 130 <= layer.height() < 256
+
+
+def test_fetch_from_the_public_cogs(run, cog_mirror, tmp_path):
+    """The COG source through a real HTTP server on 127.0.0.1 standing in for the mirror."""
+    from alphaearth_height.plugin.core.fetch.tiling import output_grid
+
+    root, cogs = cog_mirror
+    west = cogs["w"]
+    extent = (west.left + 1000, west.bottom + 1200, west.left + 2500, west.bottom + 2000)
+    feedback = Recorder()
+    out = tmp_path / "cog.tif"
+    with RangeServer(root) as server:
+        run("fetchembeddings", {"SOURCE": 1, "EXTENT": "{},{},{},{} [EPSG:32630]".format(*extent[::2], *extent[1::2]),
+                                "YEAR": 2020, "BASE_URL": f"{server.url}/{PREFIX}",
+                                "CACHE_DIR": str(tmp_path / "cache"), "OUTPUT": str(out)}, feedback)
+    assert any(m.startswith("cog 2020: 150x80 px") and "1 COG file(s)" in m for m in feedback.messages)
+    grid = output_grid(AreaOfInterest(*extent, UTM))
+    with rasterio.open(out) as ds:
+        assert ds.crs.to_string() == UTM and ds.transform == grid.transform
+        assert np.array_equal(ds.read(), expected_output(grid, [west]))
+    assert (tmp_path / "cache").is_dir()
+
+
+def test_fetch_source_errors_and_cancel(run, small_scene, tmp_path):
+    extent = f"690000,690500,4974500,4975000 [{UTM}]"
+    with pytest.raises(QgsProcessingException, match="needs an embeddings raster"):
+        run("fetchembeddings", {"SOURCE": 0, "EXTENT": extent, "OUTPUT": str(tmp_path / "a.tif")})
+    with pytest.raises(QgsProcessingException, match="outside the AlphaEarth years"):
+        run("fetchembeddings", {"SOURCE": 1, "EXTENT": extent, "YEAR": 2099, "OUTPUT": str(tmp_path / "b.tif")})
+    feedback = QgsProcessingFeedback()
+    feedback.cancel()
+    with pytest.raises(QgsProcessingException, match="cancelled"):
+        run("fetchembeddings", {"INPUT": str(small_scene.embeddings), "EXTENT": extent,
+                                "OUTPUT": str(tmp_path / "c.tif")}, feedback)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_predict_writes_a_height_raster_on_the_embedding_grid(predicted, small_scene):
@@ -186,9 +229,9 @@ def test_train_writes_a_model_that_loads(run, small_scene, tmp_path):
     assert np.isfinite(result["TEST_RMSE"])
 
 
-def test_only_prediction_offers_cancel(provider):
+def test_cancel_offered_where_core_can_cancel(provider):
     from alphaearth_height.plugin.processing.compat import CAN_CANCEL
 
     cancellable = {alg.name(): bool(alg.flags() & CAN_CANCEL) for alg in provider.algorithms()}
-    assert cancellable == {"compareheights": False, "fetchembeddings": False, "predictheight": True,
+    assert cancellable == {"compareheights": False, "fetchembeddings": True, "predictheight": True,
                            "trainmodel": False}

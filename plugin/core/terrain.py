@@ -1,0 +1,58 @@
+"""Prediction for models trained on height above a coarse terrain raster: the network
+gives local relief, and the terrain (resampled onto the embedding grid) is added back.
+
+Streaming like ``predict_height``: the relief is written first, then summed with the
+terrain block by block; the output appears only once complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import rasterio
+
+from .compare import BLOCK, ReferenceOnGrid, read_height_grid
+from .errors import InputError
+from .inference import PredictionResult, predict_height
+from .models import ModelPackage, load_model
+from .rasters import OUTPUT_NODATA, atomic_write, check_output_path, describe_band, float_profile, iter_windows
+
+
+def uses_terrain(package: ModelPackage) -> bool:
+    return bool(package.card["target"].get("relative_to"))
+
+
+def predict_surface(embeddings: str | os.PathLike, model: str | os.PathLike | ModelPackage,
+                    out_path: str | os.PathLike, terrain: Optional[str | os.PathLike] = None,
+                    **options) -> PredictionResult:
+    """``predict_height``, adding the coarse terrain back for models that need it."""
+    package = model if isinstance(model, ModelPackage) else load_model(model)
+    if not uses_terrain(package):
+        if terrain:
+            raise InputError(terrain, f"was given but {package.name} was trained without a terrain input",
+                             "Leave out --terrain for this model")
+        return predict_height(embeddings, package, out_path, **options)
+    if not terrain:
+        return predict_height(embeddings, package, out_path, **options)  # refuses, naming the missing input
+    out = check_output_path(out_path, embeddings, terrain)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".relief-") as scratch:
+        relief = Path(scratch) / "relief.tif"
+        result = predict_height(embeddings, package, relief, relative=True, **options)
+        _add_terrain(relief, terrain, out)
+    result.path = out
+    return result
+
+
+def _add_terrain(relief: Path, terrain: str | os.PathLike, out: Path) -> None:
+    src, grid = read_height_grid(relief)
+    with src, ReferenceOnGrid(terrain, grid) as ground, atomic_write(out) as tmp:
+        with rasterio.open(tmp, "w", **float_profile(grid)) as dst:
+            kept = {k: v for k, v in src.tags().items() if k not in ("ATTRIBUTION", "SOFTWARE", "AREA_OR_POINT")}
+            describe_band(dst, "predicted surface height", "m", **kept, TERRAIN=Path(terrain).name)
+            for window in iter_windows(grid.width, grid.height, BLOCK):
+                height = src.read(1, window=window, masked=True).filled(np.nan) + ground.read(window)
+                dst.write(np.where(np.isfinite(height), height, OUTPUT_NODATA).astype(np.float32), 1, window=window)

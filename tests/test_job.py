@@ -1,0 +1,72 @@
+"""run_height_job: embeddings through core.fetch, then prediction; nothing left behind on failure."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import rasterio
+
+from alphaearth_height.plugin.core import aef
+from alphaearth_height.plugin.core.aoi import AreaOfInterest, aoi_window
+from alphaearth_height.plugin.core.errors import InputError
+from alphaearth_height.plugin.core.inference import Cancelled
+from alphaearth_height.plugin.core.job import FETCH_END, HeightJob, remove_outputs, run_height_job
+from alphaearth_height.plugin.core.rasters import EmbeddingRaster
+from conftest import UTM
+
+
+def scene_job(scene, model, out_dir, **changes) -> HeightJob:
+    left, bottom, right, top = scene.grid.bounds
+    aoi = AreaOfInterest(left + 505, bottom + 700, right - 333, top - 410, UTM)
+    job = HeightJob(embeddings=str(scene.embeddings), out_dir=str(out_dir), model=str(model), aoi=aoi,
+                    name="scene", device="cpu", batch_size=2)
+    for key, value in changes.items():
+        setattr(job, key, value)
+    return job
+
+
+def test_local_source_with_aoi_fetches_the_window(small_scene, tiny_model, tmp_path):
+    job = scene_job(small_scene, tiny_model, tmp_path)
+    progress: list[float] = []
+    result = run_height_job(job, progress=progress.append)
+    assert result.fetched and result.embeddings == tmp_path / "scene_embeddings.tif"
+    with EmbeddingRaster(small_scene.embeddings) as src:
+        window = aoi_window(src.grid, job.aoi)
+        direct = aef.quantise(src.read(window))
+        transform = src.grid.window_transform(window)
+    with rasterio.open(result.embeddings) as ds:
+        assert np.array_equal(ds.read(), direct)
+        assert ds.transform == transform and ds.count == 64 and ds.tags()["ATTRIBUTION"] == aef.ATTRIBUTION
+    with rasterio.open(result.predicted) as ds:
+        assert (ds.width, ds.height) == (direct.shape[2], direct.shape[1]) and ds.transform == transform
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene_embeddings.tif", "scene_height.tif"]
+    assert progress == sorted(progress) and FETCH_END in progress and progress[-1] == 100.0
+
+
+@pytest.mark.parametrize("when", ["fetching", "predicting"])
+def test_cancelled_job_leaves_the_folder_empty(small_scene, tiny_model, tmp_path, when):
+    progress: list[float] = []
+    cancel = (lambda: True) if when == "fetching" else (lambda: bool(progress) and progress[-1] > FETCH_END)
+    with pytest.raises(Cancelled):
+        run_height_job(scene_job(small_scene, tiny_model, tmp_path, reference=str(small_scene.reference)),
+                       progress=progress.append, cancel=cancel)
+    assert when == "fetching" or max(progress) > FETCH_END  # cancelled after the fetch wrote its file
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_whole_local_raster_is_used_as_is_and_never_removed(small_scene, tiny_model, tmp_path):
+    own = tmp_path / "mine_embeddings.tif"  # the name a fetched file would have
+    shutil.copy(small_scene.embeddings, own)
+    result = run_height_job(scene_job(small_scene, tiny_model, tmp_path, embeddings=str(own), aoi=None))
+    assert result.embeddings == own and not result.fetched
+    remove_outputs(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine_embeddings.tif"]
+
+
+def test_remote_sources_need_an_aoi(small_scene, tiny_model, tmp_path):
+    for source in ("cog", "earthengine"):
+        with pytest.raises(InputError, match="needs an area of interest"):
+            run_height_job(scene_job(small_scene, tiny_model, tmp_path, embeddings="", aoi=None, source=source))
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,138 @@
+"""Evaluation report for a model on an area with a reference DSM: the compare step's
+metrics overall, per area of a split (train / validation / test) and per height bin,
+next to the paper's per-pixel ridge baseline fitted on the same split's train area.
+
+The report folder holds report.json, report.md and PNG plots (REPORT_PLOTS); the
+prediction and difference rasters too unless ``keep_rasters`` is off. It appears under
+its name only once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..plugin.core.compare import compare_heights, read_height_grid
+from ..plugin.core.errors import InputError
+from ..plugin.core.metrics import binned_metrics, format_markdown_table, height_metrics, json_safe, nice_bin_edges
+from ..plugin.core.models import ModelPackage, load_model
+from ..plugin.core.plots import render_accuracy_plots, render_error_by_bin, render_maps
+from ..plugin.core.terrain import predict_surface
+from ..plugin.core.uncertainty import predict_uncertainty
+from .baseline import fit_on_area, predict_map
+from .data import load_pair
+from .splits import Areas, SplitSpec, make_areas
+
+AREAS = ("train", "validation", "test")
+# file -> (width, height) in pixels; sizes follow from each plot's figsize at 100 dpi
+REPORT_PLOTS = {"overall_scatter.png": (500, 450), "overall_histogram.png": (500, 400),
+                "test_scatter.png": (500, 450), "test_histogram.png": (500, 400),
+                "error_by_height.png": (640, 400), "maps.png": (1560, 500)}
+TABLE_COLUMNS = ("n", "r2", "rmse", "mae", "mean_diff", "median_diff", "nmad", "le90")
+
+
+def split_from_card(card: dict) -> SplitSpec:
+    """The split the model was trained with (so its test area is judged as such)."""
+    return SplitSpec.from_dict(card.get("training", {}).get("split", {}))
+
+
+def evaluate_model(model: str | os.PathLike | ModelPackage, embeddings: str | os.PathLike,
+                   reference: str | os.PathLike, out_dir: str | os.PathLike, spec: Optional[SplitSpec] = None,
+                   *, terrain: Optional[str] = None, device: str = "auto", keep_rasters: bool = True,
+                   uncertainty: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Write the report folder and return the report (as written to report.json)."""
+    package = model if isinstance(model, ModelPackage) else load_model(model)
+    spec = spec or split_from_card(package.card)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(out, "already exists and is not empty", "Choose a new folder for the report")
+    pair = load_pair(embeddings, reference)
+    areas = make_areas(spec, pair.grid.height, pair.grid.width)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        report = _write_report(package, pair, areas, spec, staging, terrain, device, uncertainty, log)
+        if not keep_rasters:
+            for name in ("prediction.tif", "difference.tif"):
+                (staging / name).unlink()
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"evaluation report written to {out}")
+    return report
+
+
+def _write_report(package: ModelPackage, pair, areas: Areas, spec: SplitSpec, folder: Path,
+                  terrain: Optional[str], device: str, uncertainty: bool, log) -> dict:
+    predicted, difference = folder / "prediction.tif", folder / "difference.tif"
+    log(f"evaluating {package.name}: predicting {pair.grid.width}x{pair.grid.height} px")
+    predict_surface(pair.embeddings_path, package, predicted, terrain, device=device)
+    if uncertainty:
+        predict_uncertainty(pair.embeddings_path, package, folder / "uncertainty.tif", device=device)
+    comparison = compare_heights(predicted, pair.reference_path, difference, plots_prefix=str(folder / "overall"))
+    pred = _read(predicted)
+    valid = pair.label_mask & np.isfinite(pred)
+    if not (areas.train & valid).any() or not (areas.test & valid).any():
+        raise InputError(pair.reference_path, "has no valid pixel in the train or the test area of this split",
+                         "Check the split options against the area the reference covers")
+    ridge = predict_map(fit_on_area(pair.embeddings, pair.reference, areas.train & valid), pair.embeddings, valid)
+    edges = nice_bin_edges(pair.reference[valid])
+    report_areas = {name: _area_metrics(pred, ridge, pair.reference, getattr(areas, name) & valid, edges)
+                    for name in AREAS}
+    test = areas.test & valid
+    render_accuracy_plots(pred[test], pair.reference[test], str(folder / "test"))
+    render_error_by_bin({f"{label} {name}": report_areas[name][f"{key}_bins"]
+                         for name in ("train", "test") for key, label in (("model", "model"), ("ridge", "ridge"))},
+                        folder / "error_by_height.png", title=f"{package.name}: error by reference height")
+    render_maps(folder / "maps.png", predicted, difference, reference_on_grid=pair.reference, outline=areas.test,
+                title="Reference, prediction and difference; the test area is outlined")
+    report = {"model": {"name": package.name, "path": str(package.path), "card_metrics": package.card.get("metrics")},
+              "embeddings": str(pair.embeddings_path), "reference": str(pair.reference_path),
+              "terrain": terrain, "split": {**spec.as_dict(), "pixels": areas.as_dict()},
+              "overall": comparison["overall"], "overall_bins": comparison["bins"], "areas": report_areas,
+              "plots": sorted(REPORT_PLOTS), "uncertainty": "uncertainty.tif" if uncertainty else None}
+    (folder / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
+    (folder / "report.md").write_text(report_markdown(report))
+    return report
+
+
+def _read(path: Path) -> np.ndarray:
+    src, _ = read_height_grid(path)
+    with src:
+        return src.read(1, masked=True).filled(np.nan).astype(np.float32)
+
+
+def _area_metrics(pred: np.ndarray, ridge: np.ndarray, reference: np.ndarray, mask: np.ndarray,
+                  edges: np.ndarray) -> dict:
+    return {"model": height_metrics(pred[mask], reference[mask]), "ridge": height_metrics(ridge[mask], reference[mask]),
+            "model_bins": binned_metrics(pred[mask], reference[mask], edges),
+            "ridge_bins": binned_metrics(ridge[mask], reference[mask], edges)}
+
+
+def report_markdown(report: dict) -> str:
+    """The report's tables: per area model vs ridge, then per height bin on train and test."""
+    areas = report["areas"]
+    rows = {f"{who} {name}": areas[name][who] for name in AREAS for who in ("model", "ridge")
+            if areas[name][who]["n"]}
+    parts = [f"# Evaluation of {report['model']['name']}", "",
+             f"Embeddings `{Path(report['embeddings']).name}`, reference `{Path(report['reference']).name}`; "
+             f"split {report['split']['kind']} ({report['split']['direction'] if report['split']['kind'] == 'contiguous' else 'blocks of ' + str(report['split']['block_size']) + ' px'}, "
+             f"test fraction {report['split']['test_fraction']}, buffer {report['split']['buffer']} px). "
+             "Differences are predicted − reference, in metres; ridge is the per-pixel baseline fitted on the "
+             "train area.", "", "## By area", "", format_markdown_table(rows, TABLE_COLUMNS), "",
+             "## Whole area (compare step)", "", format_markdown_table({"model": report["overall"]}, TABLE_COLUMNS)]
+    for name in ("train", "test"):
+        bins = {f"{b['bin_min']:.0f}–{b['bin_max']:.0f} m": b for b in areas[name]["model_bins"]}
+        if bins:
+            parts += ["", f"## Model by reference height, {name} area", "", format_markdown_table(bins, TABLE_COLUMNS)]
+    parts += ["", "## Plots", ""] + [f"![{name}]({name})" for name in sorted(REPORT_PLOTS)]
+    return "\n".join(parts) + "\n"
