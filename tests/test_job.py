@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -70,3 +71,14 @@ def test_remote_sources_need_an_aoi(small_scene, tiny_model, tmp_path):
         with pytest.raises(InputError, match="needs an area of interest"):
             run_height_job(scene_job(small_scene, tiny_model, tmp_path, embeddings="", aoi=None, source=source))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_run_keeps_an_earlier_runs_outputs(small_scene, tiny_model, tmp_path):
+    earlier = tmp_path / "height_height.tif"
+    earlier.write_bytes(b"an earlier result")
+    os.utime(earlier, (1_000_000_000, 1_000_000_000))
+    job = HeightJob(embeddings=str(small_scene.embeddings), out_dir=str(tmp_path), model=str(tiny_model),
+                    device="cpu", tile=60)  # 60 is not a multiple of 8: refused before writing
+    with pytest.raises(InputError):
+        run_height_job(job)
+    assert earlier.read_bytes() == b"an earlier result"

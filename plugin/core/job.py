@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -75,6 +76,7 @@ def run_height_job(job: HeightJob, progress: Optional[Progress] = None,
                          "Draw an area or give an extent; only a local raster can be used whole")
     stem = safe_name(job.name)
     package = package or load_model(job.model or bundled_model_dir())
+    started = time.time()
     result = HeightJobResult(out / f"{stem}_height.tif", Path(job.embeddings), fetched=job.aoi is not None)
     if result.fetched:
         result.embeddings = out / f"{stem}_embeddings.tif"
@@ -88,7 +90,7 @@ def run_height_job(job: HeightJob, progress: Optional[Progress] = None,
         if job.reference and not (cancel and cancel()):
             _compare(job, result, out / stem)
     except BaseException:
-        remove_outputs(result)
+        remove_outputs(result, since=started)
         raise
     report(100.0)
     return result
@@ -116,13 +118,14 @@ def _scaled(report: Progress, start: float, end: float) -> Callable[[int, int], 
     return lambda done, total: report(start + (end - start) * done / max(total, 1))
 
 
-def remove_outputs(result: HeightJobResult) -> None:
+def remove_outputs(result: HeightJobResult, since: Optional[float] = None) -> None:
     """Delete what a job wrote (a failed run, or one cancelled after prediction).
 
     The embeddings go only when the job fetched them: a local raster used whole is the
-    user's input, not an output.
+    user's input, not an output. With ``since``, files older than that (an earlier
+    run's outputs under the same name) are kept.
     """
     fetched = result.embeddings if result.fetched else None
     for path in (result.predicted, result.difference, result.metrics_file, fetched, *map(Path, result.plots)):
-        if path and os.path.exists(path):
+        if path and os.path.exists(path) and (since is None or os.path.getmtime(path) >= since - 1.0):
             os.remove(path)
