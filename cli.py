@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .plugin.core.device import DEVICE_CHOICES
@@ -16,15 +17,21 @@ PROG = "alphaearth-height"
 class _Bar:
     """A tqdm progress bar driven by (done, total) callbacks."""
 
-    def __init__(self, label: str) -> None:
-        self.label, self.bar = label, None
+    def __init__(self, label: str, unit: str = "tile") -> None:
+        self.label, self.unit, self.bar = label, unit, None
 
     def __call__(self, done: int, total: int) -> None:
         from tqdm import tqdm
 
         if self.bar is None:
-            self.bar = tqdm(total=total, desc=self.label, unit="tile", file=sys.stderr, leave=False)
+            self.bar = tqdm(total=total, desc=self.label, unit=self.unit, file=sys.stderr, leave=False)
         self.bar.update(done - self.bar.n)
+
+    def write(self, message: str) -> None:
+        """A log line printed above the bar (the bar shows the ETA)."""
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stdout)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -59,18 +66,30 @@ def _fetch(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from .plugin.core.inference import predict_height
-    from .plugin.core.models import bundled_model_dir
+    from .plugin.core.models import bundled_model_dir, load_model
+    from .plugin.core.rasters import check_output_path
+    from .plugin.core.terrain import predict_surface
+    from .plugin.core.uncertainty import predict_uncertainty
 
+    options = dict(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, device=args.device,
+                   amp=not args.no_amp)
+    if args.uncertainty:
+        check_output_path(args.uncertainty, args.embeddings, args.out)
+    package = load_model(args.model or bundled_model_dir())
     bar = _Bar("predicting")
     try:
-        result = predict_height(args.embeddings, args.model or bundled_model_dir(), args.out, tile=args.tile,
-                                overlap=args.overlap, batch_size=args.batch_size, device=args.device,
-                                amp=not args.no_amp, progress=bar)
+        result = predict_surface(args.embeddings, package, args.out, args.terrain, progress=bar, **options)
     finally:
         bar.close()
     print(f"wrote {result.path} ({result.grid.width}x{result.grid.height} px, {result.tiles} tiles, "
           f"{result.seconds:.1f} s on {result.device})")
+    if args.uncertainty:
+        bar = _Bar("uncertainty (8 augmentations)")
+        try:
+            spread = predict_uncertainty(args.embeddings, package, args.uncertainty, progress=bar, **options)
+        finally:
+            bar.close()
+        print(f"wrote {spread.path} (test-time augmentation spread, {spread.seconds:.1f} s)")
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -89,17 +108,84 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .training.train import TrainConfig, train_model
+    from .training.train import TrainConfig, resume_training, train_model
 
-    channels = [int(c) for c in args.decoder_channels.split(",")] if args.decoder_channels else None
-    config = TrainConfig(
-        embeddings=args.embeddings, reference=args.reference, out=args.out, arch=args.arch, encoder=args.encoder,
-        encoder_depth=args.encoder_depth, decoder_channels=channels, patch_size=args.patch_size,
-        batch_size=args.batch_size, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-        patience=args.patience, loss=args.loss, lr=args.lr, weight_decay=args.weight_decay,
-        test_fraction=args.test_fraction, validation_fraction=args.validation_fraction, direction=args.direction,
-        seed=args.seed, device=args.device, name=args.name or "", region=args.region or "", year=args.year)
-    train_model(config)
+    bar = _Bar("training", unit="step")
+    try:
+        if args.resume:
+            resume_training(args.resume, log=bar.write, progress=bar)
+            return
+        missing = [f"--{n}" for n in ("embeddings", "reference", "out") if not getattr(args, n)]
+        if missing:
+            raise InputError("train", f"needs {', '.join(missing)}", "Give them, or --resume RUN_DIR")
+        channels = [int(c) for c in args.decoder_channels.split(",")] if args.decoder_channels else None
+        config = TrainConfig(
+            embeddings=args.embeddings, reference=args.reference, out=args.out, arch=args.arch,
+            encoder=args.encoder, encoder_depth=args.encoder_depth, decoder_channels=channels,
+            patch_size=args.patch_size, batch_size=args.batch_size, accumulate=args.accumulate, epochs=args.epochs,
+            steps_per_epoch=args.steps_per_epoch, patience=args.patience, loss=args.loss, lr=args.lr,
+            weight_decay=args.weight_decay, schedule=args.schedule, extra_pairs=args.pair or [],
+            validation_embeddings=args.validation_embeddings, validation_reference=args.validation_reference,
+            terrain=args.terrain, balance=args.balance, amp=not args.no_amp, seed=args.seed, device=args.device,
+            keep_checkpoint=args.keep_checkpoint, name=args.name or "", region=args.region or "", year=args.year,
+            **_split_options(args, {}))
+        try:
+            train_model(config, log=bar.write, progress=bar)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"{PROG}: interrupted; continue with: {PROG} train --resume {args.out}", file=sys.stderr)
+            raise SystemExit(130) from None
+    finally:
+        bar.close()
+
+
+def _split_options(args: argparse.Namespace, base: dict) -> dict:
+    """TrainConfig split fields from the command line; unset ones keep ``base``'s values."""
+    names = {"split": "split", "test_fraction": "test_fraction", "validation_fraction": "validation_fraction",
+             "direction": "direction", "block_size": "block_size", "buffer": "buffer",
+             "validation_window": "validation_window"}
+    options = dict(base)
+    options.update({field: getattr(args, arg) for field, arg in names.items() if getattr(args, arg) is not None})
+    return options
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .plugin.core.metrics import format_metrics_table
+    from .plugin.core.models import bundled_model_dir, load_model
+    from .training.evaluate import evaluate_model, split_from_card
+    from .training.splits import SplitSpec
+
+    package = load_model(args.model or bundled_model_dir())
+    base = split_from_card(package.card).as_dict()
+    base["split"] = base.pop("kind")
+    options = _split_options(args, base)
+    options["kind"] = options.pop("split")
+    report = evaluate_model(package, args.embeddings, args.reference, args.out, SplitSpec.from_dict(options),
+                            terrain=args.terrain, device=args.device, uncertainty=args.uncertainty)
+    rows = {f"{who} {name}": report["areas"][name][who] for name in ("train", "test") for who in ("model", "ridge")}
+    print(format_metrics_table(rows))
+    print(f"report: {args.out}/report.md")
+
+
+def _correct(args: argparse.Namespace) -> None:
+    from .training.bias import correct_bias
+
+    if bool(args.points) == bool(args.reference):
+        raise InputError("correct", "needs exactly one source of reference heights",
+                         "Give --points CSV or --reference RASTER (with --window)")
+    result = correct_bias(args.predicted, args.out, points=args.points, points_crs=args.points_crs,
+                          reference=args.reference, window=args.window, method=args.method,
+                          check_reference=args.check_reference)
+    print(result.summary())
+
+
+def _experiment(args: argparse.Namespace) -> None:
+    from .training.experiment import ExperimentBudget, run_experiment
+
+    budget = ExperimentBudget(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, scene_size=args.scene_size)
+    result = run_experiment(args.out, budget, device=args.device)
+    print(Path(args.out, "comparison.md").read_text())
+    print(f"{result['seconds'] / 60:.1f} min on {result['device']}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -126,6 +212,24 @@ def _demo(args: argparse.Namespace) -> None:
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                    help="where the model runs (auto: CUDA, then Apple MPS, then CPU)")
+
+
+def _add_split(p: argparse.ArgumentParser, train: bool) -> None:
+    """Split options; for evaluate they default to the split recorded in the model card."""
+    def default(value):
+        return value if train else None
+
+    p.add_argument("--split", default=default("contiguous"), choices=("contiguous", "blocks"),
+                   help="contiguous strips (the paper) or random spatial blocks")
+    p.add_argument("--test-fraction", type=float, default=default(0.3))
+    p.add_argument("--validation-fraction", type=float, default=default(0.1))
+    p.add_argument("--direction", default=default("east"), choices=("east", "west", "north", "south"),
+                   help="side of the scene held out for testing (contiguous split)")
+    p.add_argument("--block-size", type=int, default=default(128), help="block side in pixels (blocks split)")
+    p.add_argument("--buffer", type=int, default=default(0),
+                   help="pixels kept out of training around the test and validation areas")
+    p.add_argument("--validation-window", nargs=4, type=int, metavar=("COL", "ROW", "WIDTH", "HEIGHT"),
+                   help="validation area as a pixel window (instead of the validation strip or blocks)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, help="overlap between tiles in pixels (default: the model card's)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
     p.add_argument("--no-amp", action="store_true", help="full precision on CUDA (AMP is on by default there)")
+    p.add_argument("--terrain", help="coarse terrain raster, for models trained with --terrain")
+    p.add_argument("--uncertainty", metavar="U_TIF", help="also write the test-time augmentation spread (m) here")
     _add_device(p)
     p.set_defaults(run=_predict)
 
@@ -168,32 +274,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the overall metrics as one JSON line")
     p.set_defaults(run=_compare)
 
-    p = sub.add_parser("train", help="train a U-Net / U-Net++ height model")
-    p.add_argument("--embeddings", required=True, help="64-band embeddings GeoTIFF")
-    p.add_argument("--reference", required=True, help="reference DSM (any CRS and resolution)")
-    p.add_argument("--out", required=True, help="new folder for the model package")
+    p = sub.add_parser("train", help="train a U-Net / U-Net++ height model (a run folder, resumable)")
+    p.add_argument("--embeddings", help="64-band embeddings GeoTIFF")
+    p.add_argument("--reference", help="reference DSM (any CRS and resolution)")
+    p.add_argument("--pair", nargs=2, action="append", metavar=("EMBEDDINGS", "REFERENCE"),
+                   help="a further training pair (repeatable), split like the first")
+    p.add_argument("--out", help="new run folder (model package, config, history, checkpoint, evaluation)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--arch", default="unetplusplus", choices=("unet", "unetplusplus"))
     p.add_argument("--encoder", default="resnet18", help="any segmentation-models-pytorch encoder")
     p.add_argument("--encoder-depth", type=int, default=5, help="encoder stages, 3-5 (default 5)")
     p.add_argument("--decoder-channels", help="comma-separated, one per encoder stage")
     p.add_argument("--patch-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimiser step (memory is short)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--steps-per-epoch", type=int, default=50)
     p.add_argument("--patience", type=int, default=6, help="epochs without validation gain before stopping")
-    p.add_argument("--loss", default="mse", choices=("mse", "huber"))
+    p.add_argument("--loss", default="mse", choices=("mse", "huber", "l1"))
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--test-fraction", type=float, default=0.3)
-    p.add_argument("--validation-fraction", type=float, default=0.1)
-    p.add_argument("--direction", default="east", choices=("east", "west", "north", "south"),
-                   help="side of the scene held out for testing")
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "plateau"))
+    _add_split(p, train=True)
+    p.add_argument("--validation-embeddings", help="a separate validation pair: embeddings")
+    p.add_argument("--validation-reference", help="a separate validation pair: reference DSM")
+    p.add_argument("--terrain", help="coarse terrain raster: the model learns height above it")
+    p.add_argument("--balance", action="store_true", help="draw patches so every height range is seen as often")
+    p.add_argument("--no-amp", action="store_true", help="full precision on CUDA (AMP is on by default there)")
+    p.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint/ once the run has finished")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", help="model name written into the card")
     p.add_argument("--region", help="training region written into the card")
     p.add_argument("--year", type=int, help="embedding year written into the card")
     _add_device(p)
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("evaluate", help="report (metrics, plots, ridge baseline) for a model on a referenced area")
+    p.add_argument("--model", help="model folder; default: the bundled model")
+    p.add_argument("--embeddings", required=True, help="64-band embeddings GeoTIFF")
+    p.add_argument("--reference", required=True, help="reference DSM (any CRS and resolution)")
+    p.add_argument("--out", required=True, help="new report folder")
+    p.add_argument("--terrain", help="coarse terrain raster, for models trained with --terrain")
+    p.add_argument("--uncertainty", action="store_true", help="also write uncertainty.tif (test-time augmentation)")
+    _add_split(p, train=False)
+    _add_device(p)
+    p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("correct", help="remove a prediction's regional bias using a few reference heights")
+    p.add_argument("--predicted", required=True, help="predicted height GeoTIFF")
+    p.add_argument("--out", required=True, help="output corrected height GeoTIFF")
+    p.add_argument("--points", help="CSV with columns x,y,height")
+    p.add_argument("--points-crs", help="CRS of the CSV's x,y (default: the prediction's)")
+    p.add_argument("--reference", help="reference DSM raster to sample (with --window: only that patch)")
+    p.add_argument("--window", nargs=4, type=int, metavar=("COL", "ROW", "WIDTH", "HEIGHT"),
+                   help="patch of the prediction grid where --reference is used")
+    p.add_argument("--method", default="auto", choices=("auto", "offset", "linear", "quantile"),
+                   help="auto: the one with the lowest cross-validated RMSE on the samples")
+    p.add_argument("--check-reference", help="a reference over the whole area to report before/after metrics")
+    p.set_defaults(run=_correct)
+
+    p = sub.add_parser("experiment", help="the paper's experiment on the demo scene: U-Net vs U-Net++ vs ridge")
+    p.add_argument("--out", default="experiment", help="new output folder (default experiment)")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--steps-per-epoch", type=int, default=25)
+    p.add_argument("--scene-size", type=int, default=1024, help="demo scene side in pixels")
+    p.add_argument("--device", default="cpu", choices=DEVICE_CHOICES, help="default cpu (the documented budget)")
+    p.set_defaults(run=_experiment)
 
     p = sub.add_parser("demo", help="run the whole pipeline on the embedded synthetic scene")
     p.add_argument("--out", default="demo_output", help="output folder (default demo_output)")

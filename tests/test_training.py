@@ -62,3 +62,92 @@ def test_short_training_writes_a_package_that_predicts(small_scene, tmp_path):
     assert out.stats["valid_pixels"] > 0
     with pytest.raises(InputError, match="already exists and is not empty"):
         train_model(config, log=logs.append)
+
+
+from safetensors.torch import load_file  # noqa: E402
+
+from alphaearth_height.training.train import resume_training  # noqa: E402
+
+TINY = dict(arch="unet", encoder_depth=3, decoder_channels=[16, 16, 8], patch_size=64, device="cpu", tile=64,
+            overlap=16)
+
+
+@pytest.fixture(scope="module")
+def trained(small_scene, tmp_path_factory):
+    """A short but real training run on the 256 x 256 demo scene (contiguous split, east)."""
+    config = TrainConfig(embeddings=str(small_scene.embeddings), reference=str(small_scene.reference),
+                         out=str(tmp_path_factory.mktemp("trained") / "run"), batch_size=8, epochs=4,
+                         steps_per_epoch=12, lr=3e-3, **TINY)
+    return train_model(config, log=lambda message: None)
+
+
+def test_short_training_lowers_validation_loss_and_beats_ridge_on_the_test_area(trained):
+    best = min(row["val_loss"] for row in trained.history)
+    assert best < 0.5 * trained.initial_val_loss
+    report = json.loads((trained.model_dir / "evaluation" / "report.json").read_text())
+    for area in ("validation", "test"):
+        net, ridge = report["areas"][area]["model"], report["areas"][area]["ridge"]
+        assert net["n"] == ridge["n"] > 0
+        assert net["rmse"] < ridge["rmse"] and net["r2"] > ridge["r2"], area
+    card = load_model(trained.model_dir).card
+    assert card["metrics"]["test"]["rmse"] == pytest.approx(report["areas"]["test"]["model"]["rmse"])
+
+
+def test_the_run_folder_holds_package_config_history_and_report(trained):
+    names = {p.name for p in trained.model_dir.iterdir()}
+    assert {"model.json", "model.safetensors", "config.json", "history.csv", "evaluation"} <= names
+    assert "checkpoint" not in names  # a finished run needs no resume state unless asked to keep it
+    config = json.loads((trained.model_dir / "config.json").read_text())
+    assert config["epochs"] == 4 and config["split"] == "contiguous"
+
+
+def _config(scene, out, **changes) -> TrainConfig:
+    values = dict(embeddings=str(scene.embeddings), reference=str(scene.reference), out=str(out), batch_size=2,
+                  epochs=3, steps_per_epoch=3, keep_checkpoint=True, **TINY)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_result(small_scene, tmp_path):
+    torch.use_deterministic_algorithms(True)
+    try:
+        whole = train_model(_config(small_scene, tmp_path / "whole", schedule="plateau"), log=lambda m: None)
+
+        def interrupt_after_epoch_2(message: str) -> None:
+            if message.startswith("epoch   2/"):
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            train_model(_config(small_scene, tmp_path / "cut", schedule="plateau"), log=interrupt_after_epoch_2)
+        assert not (tmp_path / "cut" / "model.json").exists()
+        assert (tmp_path / "cut" / "checkpoint" / "state.safetensors").is_file()
+        resumed = resume_training(tmp_path / "cut", log=lambda m: None)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in whole.history]
+    a = load_file(str(whole.model_dir / "model.safetensors"))
+    b = load_file(str(resumed.model_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    with pytest.raises(InputError, match="finished run"):
+        resume_training(tmp_path / "cut", log=lambda m: None)
+
+
+def test_a_bad_option_is_refused_before_anything_is_written(small_scene, tmp_path):
+    with pytest.raises(InputError, match="loss 'cubic'"):
+        train_model(_config(small_scene, tmp_path / "run", loss="cubic"), log=lambda m: None)
+    with pytest.raises(InputError, match="patch size 512"):
+        train_model(_config(small_scene, tmp_path / "run", patch_size=512), log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("loss", ["huber", "l1"])
+def test_other_losses_ignore_nodata_too(loss):
+    pred = torch.zeros(1, 3, 3)
+    target = torch.full((1, 3, 3), 2.0)
+    mask = torch.ones(1, 3, 3, dtype=torch.bool)
+    clean = masked_loss(pred, target, mask, loss).item()
+    target[0, 1, 1], mask[0, 1, 1] = 1e9, False
+    assert masked_loss(pred, target, mask, loss).item() == pytest.approx(clean)

@@ -120,13 +120,13 @@ def _area_metrics(pred: np.ndarray, ridge: np.ndarray, reference: np.ndarray, ma
 
 def report_markdown(report: dict) -> str:
     """The report's tables: per area model vs ridge, then per height bin on train and test."""
-    areas = report["areas"]
+    areas, split = report["areas"], report["split"]
     rows = {f"{who} {name}": areas[name][who] for name in AREAS for who in ("model", "ridge")
             if areas[name][who]["n"]}
+    layout = f"test side {split['direction']}" if split["kind"] == "contiguous" else f"{split['block_size']} px blocks"
     parts = [f"# Evaluation of {report['model']['name']}", "",
              f"Embeddings `{Path(report['embeddings']).name}`, reference `{Path(report['reference']).name}`; "
-             f"split {report['split']['kind']} ({report['split']['direction'] if report['split']['kind'] == 'contiguous' else 'blocks of ' + str(report['split']['block_size']) + ' px'}, "
-             f"test fraction {report['split']['test_fraction']}, buffer {report['split']['buffer']} px). "
+             f"split {split['kind']} ({layout}, test fraction {split['test_fraction']}, buffer {split['buffer']} px). "
              "Differences are predicted − reference, in metres; ridge is the per-pixel baseline fitted on the "
              "train area.", "", "## By area", "", format_markdown_table(rows, TABLE_COLUMNS), "",
              "## Whole area (compare step)", "", format_markdown_table({"model": report["overall"]}, TABLE_COLUMNS)]

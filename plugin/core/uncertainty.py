@@ -50,6 +50,6 @@ def predict_uncertainty(embeddings: str | os.PathLike, model: str | os.PathLike 
     wrapped = ModelPackage(_augmented(package.module), card, package.path)
     result = predict_height(embeddings, wrapped, out_path, relative=True, **options)
     with rasterio.open(result.path, "r+") as dst:
-        dst.set_band_description(1, "height uncertainty: std over flips and rotations (TTA)")
+        dst.set_band_description(1, "height uncertainty: std over flips and rotations (test-time augmentation)")
         dst.update_tags(1, METHOD="test-time augmentation, 8 dihedral transforms (4 on non-square tiles)")
     return result

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessingOutputNumber,
-                       QgsProcessingParameterEnum, QgsProcessingParameterFolderDestination,
-                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
+                       QgsProcessingParameterBoolean, QgsProcessingParameterEnum,
+                       QgsProcessingParameterFolderDestination, QgsProcessingParameterRasterLayer,
+                       QgsProcessingParameterString)
 
 from ..core.device import DEVICE_CHOICES
 from ..core.models import ARCHITECTURES
@@ -14,6 +15,10 @@ ARCH_CHOICES = tuple(ARCHITECTURES)
 # Same order as training.data.DIRECTIONS (a test checks it); importing that module here
 # would load rasterio whenever QGIS lists the algorithms.
 DIRECTIONS = ("east", "west", "north", "south")
+# Same as training.train.LOSSES / SCHEDULES and training.splits.SPLIT_KINDS (a test checks them).
+LOSSES = ("mse", "huber", "l1")
+SCHEDULES = ("cosine", "plateau")
+SPLITS = ("contiguous", "blocks")
 
 
 class TrainModel(HeightAlgorithm):
@@ -26,11 +31,15 @@ class TrainModel(HeightAlgorithm):
             "The reference may be in any CRS and resolution; it is resampled onto the embeddings' grid. "
             "The scene is split into contiguous strips: the test strip ('test fraction' of the scene, on "
             "the side given by 'held-out side') is never trained on, so the test metrics show how the "
-            "model does on ground it has not seen.\n\n"
+            "model does on ground it has not seen. Advanced: random spatial blocks instead of strips, a "
+            "buffer (pixels kept out of training around the test and validation areas), the loss, the "
+            "learning-rate schedule, gradient accumulation, height-balanced patch sampling, and a coarse "
+            "terrain raster (the model then learns height above it; such a model predicts only through "
+            "'alphaearth-height predict --terrain').\n\n"
             "Patch size must be a multiple of 2^encoder depth. Device: " + DEVICE_HELP + "\n\n"
             "The output folder (new or empty) receives model.json + model.safetensors, usable by "
-            "'Predict height', with config.json and history.csv. Training cannot be cancelled once "
-            "started.")
+            "'Predict height', with config.json, history.csv and an evaluation report (evaluation/). "
+            "Training cannot be cancelled once started.")
 
     def initAlgorithm(self, config: dict | None = None) -> None:  # noqa: N802 - QGIS API
         self.add(QgsProcessingParameterRasterLayer("EMBEDDINGS", self.tr("Embeddings raster (64 bands)")))
@@ -47,6 +56,19 @@ class TrainModel(HeightAlgorithm):
         self.add(QgsProcessingParameterEnum("DIRECTION", self.tr("Held-out side (test strip)"),
                                             options=list(DIRECTIONS), defaultValue=0), advanced=True)
         self.add_int("SEED", "Random seed", 0, 0, advanced=True)
+        self.add(QgsProcessingParameterEnum("SPLIT", self.tr("Split"), options=list(SPLITS), defaultValue=0),
+                 advanced=True)
+        self.add_int("BLOCK_SIZE", "Block size in pixels (blocks split)", 128, 8, advanced=True)
+        self.add_int("BUFFER", "Buffer around test and validation areas (pixels)", 0, 0, advanced=True)
+        self.add(QgsProcessingParameterEnum("LOSS", self.tr("Loss"), options=list(LOSSES), defaultValue=0),
+                 advanced=True)
+        self.add(QgsProcessingParameterEnum("SCHEDULE", self.tr("Learning-rate schedule"), options=list(SCHEDULES),
+                                            defaultValue=0), advanced=True)
+        self.add_int("ACCUMULATE", "Gradient accumulation (batches per step)", 1, 1, advanced=True)
+        self.add(QgsProcessingParameterBoolean("BALANCE", self.tr("Balance height ranges when sampling patches"),
+                                               defaultValue=False), advanced=True)
+        self.add(QgsProcessingParameterRasterLayer("TERRAIN", self.tr("Coarse terrain raster (optional)"),
+                                                   optional=True), advanced=True)
         self.add_device()
         self.add(QgsProcessingParameterFolderDestination("OUTPUT", self.tr("Model folder")))
         self.addOutput(QgsProcessingOutputNumber("TEST_R2", self.tr("Test R²")))
@@ -75,4 +97,9 @@ class TrainModel(HeightAlgorithm):
             batch_size=number("BATCH_SIZE"), epochs=number("EPOCHS"), steps_per_epoch=number("STEPS_PER_EPOCH"),
             test_fraction=self.parameterAsDouble(parameters, "TEST_FRACTION", context),
             direction=self.enum_text(parameters, "DIRECTION", context, DIRECTIONS), seed=number("SEED"),
+            split=self.enum_text(parameters, "SPLIT", context, SPLITS), block_size=number("BLOCK_SIZE"),
+            buffer=number("BUFFER"), loss=self.enum_text(parameters, "LOSS", context, LOSSES),
+            schedule=self.enum_text(parameters, "SCHEDULE", context, SCHEDULES), accumulate=number("ACCUMULATE"),
+            balance=self.parameterAsBoolean(parameters, "BALANCE", context),
+            terrain=self.raster_path(parameters, "TERRAIN", context) if parameters.get("TERRAIN") else None,
             device=self.enum_text(parameters, "DEVICE", context, DEVICE_CHOICES))

@@ -1,0 +1,195 @@
+"""Regional bias correction: a model applied away from its training area is often shifted
+(the paper's weak spot). A few reference heights on the target area — points from a CSV
+or a patch of a reference raster — fit an offset, a linear map or a quantile mapping;
+the one with the lowest cross-validated RMSE on those samples (the offset unless another is
+clearly better, and no implausible slope) is applied to the whole prediction and recorded
+in the corrected raster's tags.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import rasterio
+from rasterio.warp import transform as transform_points
+from rasterio.windows import Window
+
+from ..plugin.core.compare import BLOCK, ReferenceOnGrid, compare_heights, read_height_grid
+from ..plugin.core.errors import InputError
+from ..plugin.core.metrics import format_metrics_table, height_metrics
+from ..plugin.core.rasters import (OUTPUT_NODATA, Grid, atomic_write, check_output_path, describe_band,
+                                   float_profile, iter_windows)
+
+METHODS = ("offset", "linear", "quantile")
+MIN_SAMPLES = {"offset": 1, "linear": 5, "quantile": 20}
+QUANTILES = 21
+FOLDS = 5
+MARGIN = 0.1                 # a richer mapping must beat the offset's cross-validated RMSE by 10 %
+SLOPE_RANGE = (0.5, 2.0)     # linear maps outside it are not chosen automatically
+
+
+@dataclass
+class Correction:
+    """prediction -> corrected height; ``params`` say how (and are written to the tags)."""
+
+    method: str
+    params: dict
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        p = self.params
+        if self.method == "offset":
+            return values + p["offset"]
+        if self.method == "linear":
+            return p["slope"] * values + p["intercept"]
+        xp, fp = np.asarray(p["predicted_quantiles"]), np.asarray(p["reference_quantiles"])
+        mapped = np.interp(values, xp, fp)
+        # beyond the samples' range: keep the end quantiles' offset rather than clamping
+        return np.where(values < xp[0], values + fp[0] - xp[0],
+                        np.where(values > xp[-1], values + fp[-1] - xp[-1], mapped))
+
+
+def fit_correction(method: str, predicted: np.ndarray, reference: np.ndarray) -> Correction:
+    d = reference - predicted
+    if method == "offset":
+        return Correction(method, {"offset": float(np.median(d))})
+    if method == "linear":
+        slope, intercept = np.polyfit(predicted.astype(np.float64), reference.astype(np.float64), 1)
+        return Correction(method, {"slope": float(slope), "intercept": float(intercept)})
+    q = np.linspace(0, 1, QUANTILES)
+    xp = np.maximum.accumulate(np.quantile(predicted, q))
+    xp = xp + np.arange(QUANTILES) * 1e-6  # strictly increasing for np.interp
+    return Correction(method, {"predicted_quantiles": xp.tolist(),
+                               "reference_quantiles": np.quantile(reference, q).tolist()})
+
+
+def cross_validated_rmse(method: str, predicted: np.ndarray, reference: np.ndarray, seed: int = 0) -> float:
+    """RMSE of ``method`` on held-out folds of the samples (leave-one-out below FOLDS samples)."""
+    n = len(predicted)
+    folds = np.random.default_rng(seed).permutation(n) % min(FOLDS, n)
+    errors = []
+    for k in range(folds.max() + 1):
+        held = folds == k
+        if held.all():
+            continue
+        fitted = fit_correction(method, predicted[~held], reference[~held])
+        errors.append(fitted.apply(predicted[held]) - reference[held])
+    return float(np.sqrt(np.mean(np.concatenate(errors) ** 2))) if errors else float("nan")
+
+
+def choose_correction(predicted: np.ndarray, reference: np.ndarray, method: str = "auto") -> tuple[Correction, dict]:
+    """The named method, or under 'auto' the one with the lowest cross-validated RMSE."""
+    n = len(predicted)
+    candidates = [m for m in (METHODS if method == "auto" else (method,)) if n >= MIN_SAMPLES[m]]
+    if not candidates:
+        raise InputError(f"{n} reference sample(s)", f"are too few for the {method} correction",
+                         f"Give at least {MIN_SAMPLES[method if method != 'auto' else 'offset']} samples")
+    scores = {m: cross_validated_rmse(m, predicted, reference) if n > 1 else float("nan") for m in candidates}
+    if method == "auto":
+        candidates = [m for m in candidates if m != "linear" or _plausible(fit_correction(m, predicted, reference))]
+        # the simplest wins unless another is clearly better: samples from one patch cover a narrow
+        # height range, and a richer mapping fitted there extrapolates badly to the rest of the area
+        simplest = scores[candidates[0]]
+        candidates = [m for m in candidates if m == candidates[0] or scores[m] < (1 - MARGIN) * simplest]
+    best = min(candidates, key=lambda m: scores[m] if np.isfinite(scores[m]) else np.inf)
+    return fit_correction(best, predicted, reference), scores
+
+
+def _plausible(correction: Correction) -> bool:
+    """A linear map that flips or wildly stretches heights is an artefact of narrow samples."""
+    return SLOPE_RANGE[0] <= correction.params["slope"] <= SLOPE_RANGE[1]
+
+
+@dataclass
+class BiasResult:
+    path: Path
+    correction: Correction
+    samples: int
+    cv_rmse: dict
+    on_samples: dict = field(default_factory=dict)   # before / after (in-sample)
+    on_check: dict = field(default_factory=dict)     # before / after on --check-reference
+
+    def summary(self) -> str:
+        lines = [f"wrote {self.path}: {self.correction.method} correction from {self.samples} samples "
+                 f"({json.dumps(_rounded(self.correction.params))})",
+                 "cross-validated RMSE on the samples: " + ", ".join(f"{m} {v:.2f} m" for m, v in self.cv_rmse.items())]
+        for label, table in (("samples", self.on_samples), ("check reference", self.on_check)):
+            if table:
+                lines += [f"on the {label}:", format_metrics_table(table)]
+        return "\n".join(lines)
+
+
+def _rounded(params: dict) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) else f"{len(v)} quantiles") for k, v in params.items()}
+
+
+def read_points(path: str | os.PathLike, grid: Grid, crs: Optional[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols) on ``grid`` and heights of a CSV with columns x, y, height."""
+    try:
+        with open(path, newline="") as fh:
+            rows = [{k.strip().lower(): v for k, v in r.items() if k} for r in csv.DictReader(fh)]
+        xs, ys, hs = (np.array([float(r[c]) for r in rows]) for c in ("x", "y", "height"))
+    except (OSError, KeyError, ValueError) as exc:
+        raise InputError(path, f"cannot be read as a CSV of x,y,height ({exc})",
+                         "Give a CSV with a header line x,y,height and numbers below") from None
+    if crs:
+        xs, ys = (np.asarray(v) for v in transform_points(crs, grid.crs, xs, ys))
+    cols, rows_ = ~grid.transform * (xs, ys)
+    return np.floor(rows_).astype(int), np.floor(cols).astype(int), hs
+
+
+def _samples(predicted: str | os.PathLike, points, points_crs, reference, window) -> tuple[np.ndarray, np.ndarray]:
+    src, grid = read_height_grid(predicted)
+    with src:
+        pred = src.read(1, masked=True).filled(np.nan).astype(np.float32)
+    if points:
+        rows, cols, heights = read_points(points, grid, points_crs)
+        inside = (rows >= 0) & (rows < grid.height) & (cols >= 0) & (cols < grid.width)
+        p, r = pred[rows[inside], cols[inside]], heights[inside]
+    else:
+        w = Window(*window) if window else Window(0, 0, grid.width, grid.height)
+        with ReferenceOnGrid(reference, grid) as ref:
+            r = ref.read(w).ravel()
+        p = pred[w.toslices()].ravel()
+    ok = np.isfinite(p) & np.isfinite(r)
+    if not ok.any():
+        raise InputError(points or reference, "has no height where the prediction has data",
+                         "Give reference heights inside the predicted area")
+    return p[ok].astype(np.float64), r[ok].astype(np.float64)
+
+
+def correct_bias(predicted: str | os.PathLike, out_path: str | os.PathLike, *, points: Optional[str] = None,
+                 points_crs: Optional[str] = None, reference: Optional[str] = None,
+                 window: Optional[list[int]] = None, method: str = "auto",
+                 check_reference: Optional[str] = None) -> BiasResult:
+    """Fit a correction on the given reference heights and write the corrected raster."""
+    if method not in ("auto", *METHODS):
+        raise InputError(f"method '{method}'", "is not known", f"Use auto or one of: {', '.join(METHODS)}")
+    out = check_output_path(out_path, predicted, reference or "", check_reference or "")
+    p, r = _samples(predicted, points, points_crs, reference, window)
+    correction, scores = choose_correction(p, r, method)
+    _write_corrected(predicted, out, correction, len(p), points or f"{reference} window {window or 'all'}")
+    result = BiasResult(out, correction, len(p), scores,
+                        on_samples={"before": height_metrics(p, r), "after": height_metrics(correction.apply(p), r)})
+    if check_reference:
+        result.on_check = {"before": compare_heights(predicted, check_reference)["overall"],
+                           "after": compare_heights(out, check_reference)["overall"]}
+    return result
+
+
+def _write_corrected(predicted, out: Path, correction: Correction, samples: int, source: str) -> None:
+    src, grid = read_height_grid(predicted)
+    with src, atomic_write(out) as tmp:
+        with rasterio.open(tmp, "w", **float_profile(grid)) as dst:
+            describe_band(dst, "predicted surface height, bias-corrected", "m", PREDICTED=Path(predicted).name,
+                          BIAS_CORRECTION=json.dumps({"method": correction.method, **correction.params}),
+                          BIAS_SAMPLES=str(samples), BIAS_SOURCE=str(source))
+            for w in iter_windows(grid.width, grid.height, BLOCK):
+                values = src.read(1, window=w, masked=True).filled(np.nan).astype(np.float64)
+                fixed = correction.apply(values)
+                dst.write(np.where(np.isfinite(fixed), fixed, OUTPUT_NODATA).astype(np.float32), 1, window=w)
