@@ -84,11 +84,3 @@ def contiguous_split(width: int, height: int, test_fraction: float = 0.3, valida
         windows[name] = (Window(offset, 0, size, height) if direction in ("east", "west")
                          else Window(0, offset, width, size))
     return Split(windows["train"], windows["validation"], windows["test"], direction)
-
-
-def window_union(a: Window, b: Window) -> Window:
-    """Smallest window holding both (used for the 'train area' = train + validation)."""
-    c0, r0 = min(a.col_off, b.col_off), min(a.row_off, b.row_off)
-    c1 = max(a.col_off + a.width, b.col_off + b.width)
-    r1 = max(a.row_off + a.height, b.row_off + b.height)
-    return Window(c0, r0, c1 - c0, r1 - r0)
