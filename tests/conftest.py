@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from rasterio.windows import Window
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from alphaearth_height.plugin.core import aef  # noqa: E402
+from alphaearth_height.plugin.core.compare import ReferenceOnGrid  # noqa: E402
 from alphaearth_height.plugin.core.demo_scene import generate_demo_scene  # noqa: E402
 from alphaearth_height.plugin.core.models import architecture_config, build_model, make_card, save_model  # noqa: E402
 
@@ -46,16 +48,46 @@ def write_embeddings(path: Path, values: np.ndarray, *, quantised: bool = True, 
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A small random-weight U-Net package (depth 3) saved as safetensors + card."""
+def save_tiny_model(folder: Path, name: str, **target) -> Path:
+    """A small random-weight U-Net package (depth 3); ``target`` goes into the card's target section."""
     import torch
 
     torch.manual_seed(0)
     config = architecture_config("unet", "resnet18", encoder_depth=3, decoder_channels=[32, 16, 8])
     module = build_model(config).eval()
-    card = make_card(config, name="tiny test U-Net", target_mean=100.0, target_std=50.0, tile=64, overlap=16)
-    return save_model(tmp_path_factory.mktemp("models") / "tiny", module, card)
+    card = make_card(config, name=name, target_mean=100.0, target_std=50.0, tile=64, overlap=16)
+    card["target"].update(target)
+    return save_model(folder, module, card)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny", "tiny test U-Net")
+
+
+@pytest.fixture(scope="session")
+def terrain_model(tmp_path_factory) -> Path:
+    """The tiny model as if trained relative to a coarse terrain (as training --terrain writes its card)."""
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "terrain", "tiny terrain U-Net",
+                           relative_to={"input": "coarse terrain", "file": "terrain.tif"})
+
+
+def coarse_terrain(scene, path: Path) -> Path:
+    """A 160 m terrain raster (block means of the reference), as a coarse DEM would be."""
+    grid = scene.grid
+    with ReferenceOnGrid(scene.reference, grid) as ref:
+        values = ref.read(Window(0, 0, grid.width, grid.height))
+    blocks = np.nanmean(values.reshape(16, 16, 16, 16), axis=(1, 3))
+    transform = grid.transform * grid.transform.scale(16, 16)
+    with rasterio.open(path, "w", driver="GTiff", width=16, height=16, count=1, dtype="float32", crs=grid.crs,
+                       transform=transform, nodata=-9999) as dst:
+        dst.write(np.nan_to_num(blocks, nan=-9999).astype(np.float32), 1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def scene_terrain(small_scene, tmp_path_factory) -> Path:
+    return coarse_terrain(small_scene, tmp_path_factory.mktemp("terrain") / "terrain.tif")
 
 
 @pytest.fixture(scope="session")

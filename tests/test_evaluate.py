@@ -18,6 +18,7 @@ from alphaearth_height.plugin.core.uncertainty import predict_uncertainty
 from alphaearth_height.training.evaluate import evaluate_model
 from alphaearth_height.training.splits import SplitSpec
 from alphaearth_height.training.train import TrainConfig, train_model
+from conftest import coarse_terrain
 
 # every plot of the report, with its size in pixels (figure size x 100 dpi)
 EXPECTED_PLOTS = {"overall_scatter.png": (500, 450), "overall_histogram.png": (500, 400),
@@ -82,19 +83,6 @@ def test_a_report_folder_is_never_overwritten(report_dir, small_scene, tiny_mode
     with pytest.raises(InputError, match="not empty"):
         evaluate_model(tiny_model, small_scene.embeddings, small_scene.reference, report_dir, device="cpu",
                        log=lambda m: None)
-
-
-def coarse_terrain(scene, path):
-    """A 160 m terrain raster (block means of the reference), as a coarse DEM would be."""
-    grid = scene.grid
-    with ReferenceOnGrid(scene.reference, grid) as ref:
-        values = ref.read(Window(0, 0, grid.width, grid.height))
-    blocks = np.nanmean(values.reshape(16, 16, 16, 16), axis=(1, 3))
-    transform = grid.transform * grid.transform.scale(16, 16)
-    with rasterio.open(path, "w", driver="GTiff", width=16, height=16, count=1, dtype="float32", crs=grid.crs,
-                       transform=transform, nodata=-9999) as dst:
-        dst.write(np.nan_to_num(blocks, nan=-9999).astype(np.float32), 1)
-    return path
 
 
 def test_a_terrain_relative_model_predicts_only_with_its_terrain(small_scene, tmp_path):

@@ -8,11 +8,13 @@ import shutil
 import numpy as np
 import pytest
 import rasterio
+from rasterio.windows import Window
 
 from alphaearth_height.plugin.core import aef
 from alphaearth_height.plugin.core.aoi import AreaOfInterest, aoi_window
+from alphaearth_height.plugin.core.compare import ReferenceOnGrid
 from alphaearth_height.plugin.core.errors import InputError
-from alphaearth_height.plugin.core.inference import Cancelled
+from alphaearth_height.plugin.core.inference import Cancelled, predict_height
 from alphaearth_height.plugin.core.job import FETCH_END, HeightJob, remove_outputs, run_height_job
 from alphaearth_height.plugin.core.rasters import EmbeddingRaster
 from conftest import UTM
@@ -82,3 +84,22 @@ def test_a_failed_run_keeps_an_earlier_runs_outputs(small_scene, tiny_model, tmp
     with pytest.raises(InputError):
         run_height_job(job)
     assert earlier.read_bytes() == b"an earlier result"
+
+
+def test_a_terrain_model_job_adds_the_terrain_to_the_relief(small_scene, terrain_model, scene_terrain, tmp_path):
+    job = scene_job(small_scene, terrain_model, tmp_path, aoi=None)
+    with pytest.raises(InputError, match="coarse terrain raster"):
+        run_height_job(job)
+    assert list(tmp_path.iterdir()) == []
+    job.terrain = str(scene_terrain)
+    result = run_height_job(job)
+    relief = predict_height(small_scene.embeddings, terrain_model, tmp_path / "relief.tif", device="cpu",
+                            batch_size=2, relative=True)
+    grid = small_scene.grid
+    with rasterio.open(result.predicted) as h, rasterio.open(relief.path) as r:
+        height, relief_m = h.read(1, masked=True), r.read(1, masked=True)
+    with ReferenceOnGrid(scene_terrain, grid) as terrain:
+        ground = terrain.read(Window(0, 0, grid.width, grid.height))
+    both = ~height.mask & np.isfinite(ground)
+    assert both.sum() > 1000
+    assert np.allclose(height[both], relief_m[both] + ground[both], atol=1e-3)

@@ -116,7 +116,8 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
     package = model if isinstance(model, ModelPackage) else load_model(model)
     if package.card["target"].get("relative_to") and not relative:
         raise InputError(package.path, "predicts height above a coarse terrain raster, which this prediction "
-                         "was not given", "Use 'alphaearth-height predict --terrain RASTER' with this model")
+                         "was not given", "Give it the terrain raster (predict --terrain, or the dock's or "
+                         "Processing's 'Coarse terrain' input)")
     tile = int(tile or package.default("tile", 256))
     overlap = int(package.default("overlap", tile // 4) if overlap is None else overlap)
     _check_tiling(tile, overlap, batch_size, package.multiple)

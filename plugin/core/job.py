@@ -18,8 +18,9 @@ from .aoi import AreaOfInterest
 from .compare import compare_heights
 from .errors import InputError
 from .fetch import fetch
-from .inference import CancelFn, predict_height
+from .inference import CancelFn
 from .models import ModelPackage, bundled_model_dir, load_model
+from .terrain import predict_surface
 
 Progress = Callable[[float], None]
 FETCH_END, PREDICT_END = 20.0, 90.0  # progress: fetch 0-20 %, predict 20-90 %, compare to 100 %
@@ -41,6 +42,7 @@ class HeightJob:
     year: int = 2020
     source_options: dict[str, Any] = field(default_factory=dict)  # e.g. project, base_url
     cache_dir: Optional[str] = None       # None: core.fetch's default tile cache
+    terrain: Optional[str] = None         # coarse terrain raster, for models trained relative to one
 
 
 @dataclass
@@ -83,9 +85,10 @@ def run_height_job(job: HeightJob, progress: Optional[Progress] = None,
         _fetch(job, result.embeddings, report, cancel)
     report(FETCH_END)
     try:
-        prediction = predict_height(result.embeddings, package, result.predicted, tile=job.tile,
-                                    overlap=job.overlap, batch_size=job.batch_size, device=job.device,
-                                    cancel=cancel, progress=_scaled(report, FETCH_END, PREDICT_END))
+        prediction = predict_surface(result.embeddings, package, result.predicted, terrain=job.terrain,
+                                     tile=job.tile, overlap=job.overlap, batch_size=job.batch_size,
+                                     device=job.device, cancel=cancel,
+                                     progress=_scaled(report, FETCH_END, PREDICT_END))
         result.device, result.model_name = prediction.device, package.name
         if job.reference and not (cancel and cancel()):
             _compare(job, result, out / stem)

@@ -22,8 +22,9 @@ from .models import ModelPackage, load_model
 from .rasters import OUTPUT_NODATA, atomic_write, check_output_path, describe_band, float_profile, iter_windows
 
 
-def uses_terrain(package: ModelPackage) -> bool:
-    return bool(package.card["target"].get("relative_to"))
+def uses_terrain(card: dict) -> bool:
+    """Whether a model card's target is height above a coarse terrain (so predicting needs one)."""
+    return bool(card["target"].get("relative_to"))
 
 
 def predict_surface(embeddings: str | os.PathLike, model: str | os.PathLike | ModelPackage,
@@ -31,10 +32,10 @@ def predict_surface(embeddings: str | os.PathLike, model: str | os.PathLike | Mo
                     **options) -> PredictionResult:
     """``predict_height``, adding the coarse terrain back for models that need it."""
     package = model if isinstance(model, ModelPackage) else load_model(model)
-    if not uses_terrain(package):
+    if not uses_terrain(package.card):
         if terrain:
             raise InputError(terrain, f"was given but {package.name} was trained without a terrain input",
-                             "Leave out --terrain for this model")
+                             "Leave the terrain input empty for this model")
         return predict_height(embeddings, package, out_path, **options)
     if not terrain:
         return predict_height(embeddings, package, out_path, **options)  # refuses, naming the missing input

@@ -22,6 +22,8 @@ class PredictHeight(HeightAlgorithm):
             "Model folder: a folder with model.json and model.safetensors (as written by 'Train height "
             "model'); empty uses the bundled demo model, which was trained on a synthetic scene and is "
             "only meant for trying the tools.\n"
+            "Coarse terrain: needed only by a model trained with one (its card says so); the height is "
+            "the predicted relief plus this terrain, resampled onto the embeddings' grid.\n"
             "Tile size: 0 uses the model card's default. Overlap: empty uses the model card's default, "
             "0 means no overlap.\n"
             "Device: " + DEVICE_HELP + "\n\n"
@@ -31,6 +33,8 @@ class PredictHeight(HeightAlgorithm):
         self.add(QgsProcessingParameterRasterLayer("INPUT", self.tr("Embeddings raster (64 bands)")))
         self.add(QgsProcessingParameterFile("MODEL", self.tr("Model folder (empty: bundled model)"),
                                             behavior=FOLDER, optional=True))
+        self.add(QgsProcessingParameterRasterLayer("TERRAIN", self.tr("Coarse terrain (for models trained with one)"),
+                                                   optional=True))
         self.add_int("TILE", "Tile size in pixels (0: model default)", 0, 0, advanced=True)
         self.add_int("OVERLAP", "Tile overlap in pixels (empty: model default)", None, 0, optional=True,
                      advanced=True)
@@ -41,16 +45,19 @@ class PredictHeight(HeightAlgorithm):
         self.add(QgsProcessingParameterRasterDestination("OUTPUT", self.tr("Predicted height")))
 
     def execute(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
-        from ..core.inference import Cancelled, predict_height
+        from ..core.inference import Cancelled
         from ..core.models import bundled_model_dir
+        from ..core.terrain import predict_surface
 
         embeddings = self.raster_path(parameters, "INPUT", context)
         out = self.raster_output(parameters, "OUTPUT", context)
         model = self.parameterAsFile(parameters, "MODEL", context) or bundled_model_dir()
+        terrain = self.raster_path(parameters, "TERRAIN", context) if parameters.get("TERRAIN") else None
         feedback.pushInfo(f"model: {model}")
         try:
-            result = predict_height(
-                embeddings, model, out, tile=self.parameterAsInt(parameters, "TILE", context) or None,
+            result = predict_surface(
+                embeddings, model, out, terrain=terrain,
+                tile=self.parameterAsInt(parameters, "TILE", context) or None,
                 overlap=self.optional_int(parameters, "OVERLAP", context),
                 batch_size=self.parameterAsInt(parameters, "BATCH_SIZE", context),
                 device=self.enum_text(parameters, "DEVICE", context, DEVICE_CHOICES),

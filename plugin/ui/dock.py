@@ -28,6 +28,7 @@ from ..core.job import HeightJob, HeightJobResult, safe_name
 from ..core.models import read_card
 from ..core.models import bundled_model_dir
 from ..core.rasters import EmbeddingRaster
+from ..core.terrain import uses_terrain
 from ..dependencies import InstallTask, missing_dependencies
 from ..layers import add_result_layers
 from ..tasks import HeightTask
@@ -244,6 +245,18 @@ class HeightDock(QgsDockWidget):
         self.model_folder.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
         self.model_folder.setDialogTitle("Model folder (model.json + model.safetensors)")
         layout.addWidget(self.model_folder)
+        self.terrain_row = QWidget()  # shown only for models trained relative to a coarse terrain
+        terrain_layout = QHBoxLayout(self.terrain_row)
+        terrain_layout.setContentsMargins(0, 0, 0, 0)
+        self.terrain_combo = QgsMapLayerComboBox()
+        self.terrain_combo.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
+        self.terrain_combo.setAllowEmptyLayer(True)
+        self.terrain_combo.setLayer(None)
+        self.terrain_combo.setToolTip("The model predicts height above this coarse terrain (DEM), which is added back")
+        terrain_layout.addWidget(QLabel("Coarse terrain"))
+        terrain_layout.addWidget(self.terrain_combo, 1)
+        self.terrain_row.setVisible(False)
+        layout.addWidget(self.terrain_row)
         self.card_text = QPlainTextEdit()
         self.card_text.setReadOnly(True)
         self.card_text.setMaximumHeight(96)
@@ -437,10 +450,16 @@ class HeightDock(QgsDockWidget):
         """Show the model card (JSON only: the weights and torch load in the task)."""
         self.model_folder.setEnabled(self.folder_radio.isChecked())
         try:
-            folder = self.model_path()
-            self.card_text.setPlainText(card_summary(read_card(Path(folder or bundled_model_dir()))))
+            card = read_card(Path(self.model_path() or bundled_model_dir()))
+            self.card_text.setPlainText(card_summary(card))
+            self.terrain_row.setVisible(uses_terrain(card))
         except InputError as exc:
             self.card_text.setPlainText(str(exc))
+            self.terrain_row.setVisible(False)
+
+    def terrain_path(self, card: dict) -> Optional[str]:
+        """The coarse terrain a model trained relative to one needs; checked before the task starts."""
+        return layer_file(self.terrain_combo.currentLayer(), "coarse terrain") if uses_terrain(card) else None
 
     def _on_device_changed(self) -> None:
         if self.device_combo.currentData() == "cuda":
@@ -489,12 +508,12 @@ class HeightDock(QgsDockWidget):
                 aoi_window(raster.grid, self.aoi, embeddings)
         reference = self.reference_path()
         model = self.model_path()
-        read_card(Path(model or bundled_model_dir()))
+        terrain = self.terrain_path(read_card(Path(model or bundled_model_dir())))
         out_dir = self.output_path()
         name = unique_stem(out_dir, aoi_stem(self.aoi, self.year_spin.value()))
         return HeightJob(embeddings=embeddings, out_dir=str(out_dir), model=model, aoi=self.aoi,
                          reference=reference, name=name, device=self.device_combo.currentData(), source=source,
-                         year=self.year_spin.value(), source_options=self.source_options())
+                         year=self.year_spin.value(), source_options=self.source_options(), terrain=terrain)
 
     def run(self) -> None:
         if self.is_running():

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import rasterio
 
 pytest.importorskip("qgis.core")
 
@@ -23,6 +24,7 @@ from qgis.PyQt.QtGui import QColor  # noqa: E402
 from qgis.PyQt.QtWidgets import QDockWidget, QMainWindow, QVBoxLayout, QWidget  # noqa: E402
 
 from alphaearth_height.plugin.core.aoi import AreaOfInterest  # noqa: E402
+from alphaearth_height.plugin.core.errors import InputError  # noqa: E402
 from alphaearth_height.plugin.core.job import FETCH_END  # noqa: E402
 from alphaearth_height.plugin.dependencies import dependencies_dir, missing_dependencies, python_executable  # noqa: E402
 from alphaearth_height.plugin.log import TAG  # noqa: E402
@@ -309,6 +311,23 @@ def test_model_card_shown(dock, tiny_model, tmp_path):
     text = dock.card_text.toPlainText()
     assert "unet / resnet18" in text and "Occitanie (2020)" in text
     assert "R² 0.810" in text and "RMSE 4.25 m" in text
+
+
+def test_terrain_picker_only_for_terrain_models(dock, iface, small_scene, tiny_model, terrain_model, scene_terrain,
+                                               tmp_path):
+    configure(dock, small_scene, tiny_model, tmp_path)
+    assert not dock.terrain_row.isVisibleTo(dock) and dock.build_job().terrain is None
+    dock.model_folder.setFilePath(str(terrain_model))
+    assert dock.terrain_row.isVisibleTo(dock) and dock.terrain_combo.allowEmptyLayer()
+    with pytest.raises(InputError, match="coarse terrain"):
+        dock.build_job()
+    dock.terrain_combo.setLayer(add_raster(scene_terrain, "terrain"))
+    assert dock.build_job().terrain == str(scene_terrain)
+    assert run_and_wait(dock) is True
+    with rasterio.open(dock.last_result.predicted) as ds:
+        assert ds.tags()["TERRAIN"] == "terrain.tif"
+    dock.bundled_radio.setChecked(True)
+    assert not dock.terrain_row.isVisibleTo(dock)
 
 
 def test_device_detection_runs_in_background(dock):

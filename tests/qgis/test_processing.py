@@ -217,6 +217,25 @@ def test_missing_model_folder_fails_with_the_core_message(run, small_scene, tmp_
     assert not out.exists()
 
 
+def test_predict_a_terrain_model_with_its_terrain(run, small_scene, terrain_model, scene_terrain, tiny_model,
+                                                  tmp_path):
+    from alphaearth_height.plugin.core.terrain import predict_surface
+
+    params = {"INPUT": str(small_scene.embeddings), "MODEL": str(terrain_model), "BATCH_SIZE": 2, "DEVICE": 1,
+              "OUTPUT": str(tmp_path / "height.tif")}
+    with pytest.raises(QgsProcessingException, match="coarse terrain raster"):
+        run("predictheight", params)
+    with pytest.raises(QgsProcessingException, match="trained without a terrain input"):
+        run("predictheight", {**params, "MODEL": str(tiny_model), "TERRAIN": str(scene_terrain)})
+    assert list(tmp_path.iterdir()) == []
+    run("predictheight", {**params, "TERRAIN": str(scene_terrain)})
+    direct = predict_surface(small_scene.embeddings, terrain_model, tmp_path / "direct.tif", scene_terrain,
+                             device="cpu", batch_size=2)
+    with rasterio.open(tmp_path / "height.tif") as got, rasterio.open(direct.path) as want:
+        assert got.tags()["TERRAIN"] == "terrain.tif"
+        assert np.allclose(got.read(1), want.read(1), atol=1e-4)
+
+
 def test_train_writes_a_model_that_loads(run, small_scene, tmp_path):
     out = tmp_path / "model"
     result = run("trainmodel", {"EMBEDDINGS": str(small_scene.embeddings), "REFERENCE": str(small_scene.reference),
