@@ -27,6 +27,13 @@ class DemoResult:
     table: str
 
 
+def _inside(mask: np.ndarray, window) -> np.ndarray:
+    """``mask`` restricted to a window of the grid."""
+    kept = np.zeros_like(mask)
+    kept[window.toslices()] = mask[window.toslices()]
+    return kept
+
+
 def run_demo(out_dir: str | os.PathLike = "demo_output", model: Optional[str | os.PathLike] = None,
              device: str = "auto", log: Callable[[str], None] = print,
              progress: Optional[Callable[[int, int], None]] = None) -> DemoResult:
@@ -44,15 +51,10 @@ def run_demo(out_dir: str | os.PathLike = "demo_output", model: Optional[str | o
     metrics = compare_heights(predicted, scene.reference, difference, regions=regions)
 
     pair = load_pair(scene.embeddings, scene.reference)
-    mask = pair.label_mask
-    train_mask = np.zeros_like(mask)
-    train_mask[scene.train_window.toslices()] = mask[scene.train_window.toslices()]
-    ridge = RidgeBaseline().fit(*pixels(pair.embeddings, pair.reference, train_mask))
+    ridge = RidgeBaseline().fit(*pixels(pair.embeddings, pair.reference, _inside(pair.label_mask, scene.train_window)))
     baseline = {}
     for name, window in regions.items():
-        region_mask = np.zeros_like(mask)
-        region_mask[window.toslices()] = mask[window.toslices()]
-        features, heights = pixels(pair.embeddings, pair.reference, region_mask)
+        features, heights = pixels(pair.embeddings, pair.reference, _inside(pair.label_mask, window))
         baseline[name] = height_metrics(ridge.predict(features), heights)
     metrics["baseline_ridge"] = baseline
     metrics["model"] = {"name": package.name, "path": str(package.path), "device": result.device,
