@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .plugin.core.device import DEVICE_CHOICES
+from .plugin.core.device import BACKEND_CHOICES, DEVICE_CHOICES
 from .plugin.core.errors import InputError
 
 PROG = "alphaearth-height"
@@ -66,7 +66,7 @@ def _fetch(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from .plugin.core.models import bundled_model_dir, load_model
+    from .plugin.core.models import bundled_model_dir, open_package
     from .plugin.core.rasters import check_output_path
     from .plugin.core.terrain import predict_surface
     from .plugin.core.uncertainty import predict_uncertainty
@@ -75,10 +75,11 @@ def _predict(args: argparse.Namespace) -> None:
                    amp=not args.no_amp)
     if args.uncertainty:
         check_output_path(args.uncertainty, args.embeddings, args.out)
-    package = load_model(args.model or bundled_model_dir())
+    package = open_package(args.model or bundled_model_dir())
     bar = _Bar("predicting")
     try:
-        result = predict_surface(args.embeddings, package, args.out, args.terrain, progress=bar, **options)
+        result = predict_surface(args.embeddings, package, args.out, args.terrain, progress=bar,
+                                 backend=args.backend, **options)
     finally:
         bar.close()
     print(f"wrote {result.path} ({result.grid.width}x{result.grid.height} px, {result.tiles} tiles, "
@@ -90,6 +91,18 @@ def _predict(args: argparse.Namespace) -> None:
         finally:
             bar.close()
         print(f"wrote {spread.path} (test-time augmentation spread, {spread.seconds:.1f} s)")
+
+
+def _export_onnx(args: argparse.Namespace) -> None:
+    from .plugin.core.models import export_onnx
+
+    print(f"wrote {export_onnx(args.model)} (weights shared with model.safetensors)")
+
+
+def _worker(args: argparse.Namespace) -> None:
+    from .plugin.core.worker import serve
+
+    raise SystemExit(serve())
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -263,8 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-amp", action="store_true", help="full precision on CUDA (AMP is on by default there)")
     p.add_argument("--terrain", help="coarse terrain raster, for models trained with --terrain")
     p.add_argument("--uncertainty", metavar="U_TIF", help="also write the test-time augmentation spread (m) here")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="auto: ONNX Runtime on the CPU when the model has an ONNX graph, PyTorch on a GPU")
     _add_device(p)
     p.set_defaults(run=_predict)
+
+    p = sub.add_parser("export-onnx", help="add the ONNX graph (for ONNX Runtime) to an existing model folder")
+    p.add_argument("--model", required=True, help="model folder (model.json + model.safetensors)")
+    p.set_defaults(run=_export_onnx)
+
+    p = sub.add_parser("worker", help="run one request from the QGIS plugin (JSON on stdin, JSON lines on stdout)")
+    p.set_defaults(run=_worker)
 
     p = sub.add_parser("compare", help="difference raster and accuracy figures against a reference DSM")
     p.add_argument("--predicted", required=True, help="predicted height GeoTIFF")

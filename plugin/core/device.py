@@ -5,6 +5,8 @@ from __future__ import annotations
 from .errors import InputError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+# auto: ONNX Runtime on the CPU when the model has an ONNX graph, PyTorch on a GPU.
+BACKEND_CHOICES = ("auto", "onnx", "torch")
 
 
 def select_device(name: str | None = "auto"):

@@ -8,29 +8,25 @@ area. The output appears under its name only once complete.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional, Union
 
 import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from .device import describe_device, select_device
+from .cancel import CancelFn, Cancelled, ProgressFn  # noqa: F401 - re-exported for callers
+from .device import BACKEND_CHOICES, describe_device, select_device
 from .errors import InputError
-from .models import ModelPackage, load_model
+from .models import ONNX_FILE, ModelPackage, open_package
 from .rasters import (OUTPUT_NODATA, EmbeddingRaster, Grid, atomic_write, check_output_path,
                       describe_band, float_profile, valid_mask)
 
-ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
 DEFAULT_BAND_WIDTH = 4096
-
-
-class Cancelled(Exception):
-    """The caller asked to stop; no output was written."""
 
 
 @dataclass
@@ -65,19 +61,20 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-class ModelRunner:
-    """Holds the model on its device and turns batches of embeddings into heights."""
+class TorchRunner:
+    """Holds the torch model on its device and turns batches of embeddings into heights."""
 
     def __init__(self, package: ModelPackage, device_name: str, amp: bool, channels_last: Optional[bool]) -> None:
         import torch
 
         self.torch = torch
         self.device = select_device(device_name)
+        self.description = describe_device(self.device)
         self.channels_last = self.device.type != "mps" if channels_last is None else channels_last
         self.amp = amp and self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.module = package.module.to(self.device, memory_format=memory_format).eval()
+        self.module = package.torch_module().to(self.device, memory_format=memory_format).eval()
         self.mean, self.std = package.target_mean, package.target_std
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -88,6 +85,72 @@ class ModelRunner:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             y = self.module(x)[:, 0].float()
         return (y * self.std + self.mean).cpu().numpy()
+
+
+class OnnxRunner:
+    """The package's ONNX graph on ONNX Runtime's CPU provider: no torch, a few tens of MB."""
+
+    def __init__(self, package: ModelPackage) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # warnings about unused initializers are noise here
+        self.session = ort.InferenceSession(str(package.onnx_path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.mean, self.std = package.target_mean, package.target_std
+        threads = options.intra_op_num_threads or os.cpu_count() or 1
+        self.description = f"cpu (ONNX Runtime {ort.__version__}, {threads} threads)"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(np.nan_to_num(batch, nan=0.0), dtype=np.float32)
+        y = self.session.run(None, {self.input: x})[0][:, 0]
+        return y * np.float32(self.std) + np.float32(self.mean)
+
+
+ModelRunner = Union[TorchRunner, OnnxRunner]
+
+
+def resolve_backend(package: ModelPackage, backend: str = "auto", device: str = "auto") -> str:
+    """``onnx`` or ``torch`` for this package and device.
+
+    auto: ONNX Runtime on the CPU when the package has a graph and onnxruntime is
+    installed, unless a GPU is asked for or (device auto) PyTorch sees one.
+    """
+    backend, device = (backend or "auto").lower(), (device or "auto").lower()
+    if backend not in BACKEND_CHOICES:
+        raise InputError(f"backend '{backend}'", "is not a backend", f"Use one of: {', '.join(BACKEND_CHOICES)}")
+    have_ort = importlib.util.find_spec("onnxruntime") is not None
+    if backend == "onnx":
+        if package.onnx_path is None:
+            raise InputError(package.path, f"has no {ONNX_FILE} graph for the ONNX backend",
+                             "Add one with: alphaearth-height export-onnx --model FOLDER, or use --backend torch")
+        if not have_ort:
+            raise InputError("backend 'onnx'", "needs the onnxruntime package, which is not installed",
+                             "pip install onnxruntime, or use --backend torch")
+        if device not in ("auto", "cpu"):
+            raise InputError(f"device '{device}'", "is not available with the ONNX backend (CPU only)",
+                             "Use --backend torch for a GPU, or --device cpu")
+        return "onnx"
+    if backend == "torch" or package.onnx_path is None or not have_ort or device not in ("auto", "cpu"):
+        return "torch"
+    if device == "cpu" or importlib.util.find_spec("torch") is None:
+        return "onnx"
+    return "torch" if _torch_sees_gpu() else "onnx"
+
+
+def _torch_sees_gpu() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available())
+
+
+def make_runner(package: ModelPackage, backend: str = "auto", device: str = "auto", amp: bool = True,
+                channels_last: Optional[bool] = None) -> ModelRunner:
+    """The runner for a package: ONNX Runtime or torch, as ``resolve_backend`` decides."""
+    if resolve_backend(package, backend, device) == "onnx":
+        return OnnxRunner(package)
+    return TorchRunner(package, device, amp, channels_last)
 
 
 def _check_tiling(tile: int, overlap: int, batch_size: int, multiple: int) -> None:
@@ -106,14 +169,14 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
                    batch_size: int = 4, device: str = "auto", amp: bool = True,
                    channels_last: Optional[bool] = None, band_width: int = DEFAULT_BAND_WIDTH,
                    progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
-                   relative: bool = False) -> PredictionResult:
+                   relative: bool = False, backend: str = "auto") -> PredictionResult:
     """Predict surface height (m) for every pixel of an embeddings raster into a GeoTIFF.
 
     A model trained on height above a coarse terrain raster is refused unless ``relative``
     (set by ``core.terrain``, which adds the terrain back).
     """
     started = time.perf_counter()
-    package = model if isinstance(model, ModelPackage) else load_model(model)
+    package = model if isinstance(model, ModelPackage) else open_package(model)
     if package.card["target"].get("relative_to") and not relative:
         raise InputError(package.path, "predicts height above a coarse terrain raster, which this prediction "
                          "was not given", "Give it the terrain raster (predict --terrain, or the dock's or "
@@ -123,7 +186,7 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
     _check_tiling(tile, overlap, batch_size, package.multiple)
     out = check_output_path(out_path, embeddings)
     with EmbeddingRaster(embeddings) as source:
-        runner = ModelRunner(package, device, amp, channels_last)
+        runner = make_runner(package, backend, device, amp, channels_last)
         grid = source.grid
         plan = TilePlan(grid, tile, overlap, package.multiple, max(band_width, tile))
         stats = _Stats()
@@ -142,7 +205,7 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
                             progress(done, plan.total_tiles)
                 dst.update_tags(1, **stats.tags())
     return PredictionResult(out, grid, plan.total_tiles, time.perf_counter() - started,
-                            describe_device(runner.device), stats.summary())
+                            runner.description, stats.summary())
 
 
 @dataclass

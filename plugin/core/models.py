@@ -1,15 +1,22 @@
-"""Model packages: a folder with ``model.safetensors`` (weights) and ``model.json`` (card).
+"""Model packages: a folder with ``model.safetensors`` (weights), ``model.json`` (card)
+and, for lean CPU inference, ``model.onnx`` (the graph).
 
 The card is the single source of truth: it builds the network, tells inference how to
 prepare the input and undo the target normalisation, and records what the model was
-trained on. Pickled checkpoints are never loaded.
+trained on. Pickled checkpoints are never loaded. The ONNX graph stores no weights of
+its own: its tensors point into ``model.safetensors`` (ONNX external data), so a
+package carries its weights once and ONNX Runtime needs no torch to run it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import logging
 import os
+import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +24,13 @@ from typing import Any
 from . import aef
 from .errors import InputError
 
+log = logging.getLogger(__name__)
+
 CARD_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
+ONNX_OPSET = 17
+ONNX_INPUT, ONNX_OUTPUT = "embeddings", "height"
 CARD_FORMAT = "alphaearth-height-model"
 ARCHITECTURES = {"unet": "Unet", "unetplusplus": "UnetPlusPlus"}
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".bin")
@@ -70,11 +82,27 @@ def size_multiple(config: dict[str, Any]) -> int:
 
 @dataclass
 class ModelPackage:
-    """A loaded model: the torch module (eval mode, CPU) and its card."""
+    """A validated model folder: its card, and the torch module once loaded (eval mode, CPU).
+
+    ``open_package`` checks the files without importing torch (``module`` stays None);
+    ``load_model`` also builds the network.
+    """
 
     module: Any
     card: dict[str, Any]
     path: Path
+
+    @property
+    def onnx_path(self) -> Path | None:
+        """The ONNX graph, when the package has one."""
+        path = self.path / ONNX_FILE
+        return path if path.is_file() else None
+
+    def torch_module(self) -> Any:
+        """The torch module, loading it on first use."""
+        if self.module is None:
+            self.module = load_model(self.path).module
+        return self.module
 
     @property
     def name(self) -> str:
@@ -144,6 +172,11 @@ def save_model(folder: str | os.PathLike, module: Any, card: dict[str, Any]) -> 
         "parameters": int(sum(v.numel() for v in state.values())),
     })
     (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    if onnx_export_available():
+        export_onnx(folder)
+    else:
+        log.warning("%s: no ONNX graph written (the 'onnx' package is missing); "
+                    "add one later with: alphaearth-height export-onnx --model %s", folder, folder)
     return folder
 
 
@@ -165,11 +198,8 @@ def read_card(folder: Path) -> dict[str, Any]:
     return card
 
 
-def load_model(folder: str | os.PathLike) -> ModelPackage:
-    """Load and validate a model folder; the weights must match the card exactly."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def open_package(folder: str | os.PathLike) -> ModelPackage:
+    """Validate a model folder's card and files (hashes included) without importing torch."""
     folder = Path(folder)
     if not folder.is_dir():
         if folder.suffix.lower() in PICKLE_SUFFIXES:
@@ -186,6 +216,23 @@ def load_model(folder: str | os.PathLike) -> ModelPackage:
     if expected and expected != _sha256(weights):
         raise InputError(weights, "does not match the hash in model.json (corrupt or replaced)",
                          "Re-copy the model folder")
+    graph = folder / ONNX_FILE
+    expected = card.get("onnx", {}).get("sha256")
+    if graph.is_file() and expected and expected != _sha256(graph):
+        raise InputError(graph, "does not match the hash in model.json (corrupt or replaced)",
+                         "Re-copy the model folder, or re-export it: alphaearth-height export-onnx --model FOLDER")
+    return ModelPackage(module=None, card=card, path=folder)
+
+
+def load_model(folder: str | os.PathLike | ModelPackage) -> ModelPackage:
+    """Load and validate a model folder with its torch module; the weights must match the card exactly."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    package = folder if isinstance(folder, ModelPackage) else open_package(folder)
+    if package.module is not None:
+        return package
+    folder, card, weights = package.path, package.card, package.path / WEIGHTS_FILE
     module = build_model(card["model"])
     try:
         state = load_file(str(weights))
@@ -203,6 +250,73 @@ def load_model(folder: str | os.PathLike) -> ModelPackage:
     module.load_state_dict(state, strict=True)
     module.eval()
     return ModelPackage(module=module, card=card, path=folder)
+
+
+def safetensors_layout(path: Path) -> tuple[int, dict[str, Any]]:
+    """Byte offset of the data section and the header (name -> dtype, shape, data_offsets)."""
+    with open(path, "rb") as fh:
+        size = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(size))
+    return 8 + size, header
+
+
+def export_onnx(folder: str | os.PathLike) -> Path:
+    """Write ``model.onnx`` beside the weights, sharing them, and record it in the card.
+
+    Batch norm is not folded at export (the weights must stay those of the safetensors
+    file); ONNX Runtime fuses it when it loads the graph, so inference pays nothing.
+    """
+    import onnx
+    import torch
+
+    package = load_model(folder)
+    module = package.module.eval()
+    sample = torch.zeros(1, int(package.card["model"]["in_channels"]), package.multiple * 4, package.multiple * 4)
+    graph_path = package.path / ONNX_FILE
+    tmp = graph_path.with_name(f".{ONNX_FILE}.partial")
+    axes = {0: "batch", 2: "rows", 3: "cols"}
+    try:
+        with warnings.catch_warnings():  # the TorchScript exporter is deprecated, still the one without onnxscript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(module, sample, str(tmp), dynamo=False, opset_version=ONNX_OPSET,
+                              do_constant_folding=False, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+                              dynamic_axes={ONNX_INPUT: axes, ONNX_OUTPUT: axes})
+        graph = onnx.load(str(tmp))
+        _point_into_safetensors(graph, package.path / WEIGHTS_FILE)
+        onnx.save(graph, str(tmp))
+        os.replace(tmp, graph_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    card = dict(package.card)
+    card["onnx"] = {"file": ONNX_FILE, "sha256": _sha256(graph_path), "opset": ONNX_OPSET,
+                    "weights": f"external data in {WEIGHTS_FILE}", "onnx": onnx.__version__}
+    (package.path / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    return graph_path
+
+
+def _point_into_safetensors(graph: Any, weights: Path) -> None:
+    """Replace each initializer that is a saved tensor by a reference to its bytes in ``weights``."""
+    from onnx import TensorProto
+
+    base, header = safetensors_layout(weights)
+    for tensor in graph.graph.initializer:
+        entry = header.get(tensor.name)
+        if not entry or entry["dtype"] != "F32" or list(entry["shape"]) != list(tensor.dims) \
+                or tensor.data_type != TensorProto.FLOAT:
+            continue  # not a saved weight (an export-made constant): stays inside the graph
+        begin, end = entry["data_offsets"]
+        tensor.ClearField("raw_data")
+        tensor.ClearField("float_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", weights.name), ("offset", str(base + begin)), ("length", str(end - begin))):
+            item = tensor.external_data.add()
+            item.key, item.value = key, value
+
+
+def onnx_export_available() -> bool:
+    return importlib.util.find_spec("onnx") is not None
 
 
 def bundled_model_dir() -> Path:

@@ -18,7 +18,7 @@ import rasterio
 from .compare import BLOCK, ReferenceOnGrid, read_height_grid
 from .errors import InputError
 from .inference import PredictionResult, predict_height
-from .models import ModelPackage, load_model
+from .models import ModelPackage, open_package
 from .rasters import OUTPUT_NODATA, atomic_write, check_output_path, describe_band, float_profile, iter_windows
 
 
@@ -31,7 +31,7 @@ def predict_surface(embeddings: str | os.PathLike, model: str | os.PathLike | Mo
                     out_path: str | os.PathLike, terrain: Optional[str | os.PathLike] = None,
                     **options) -> PredictionResult:
     """``predict_height``, adding the coarse terrain back for models that need it."""
-    package = model if isinstance(model, ModelPackage) else load_model(model)
+    package = model if isinstance(model, ModelPackage) else open_package(model)
     if not uses_terrain(package.card):
         if terrain:
             raise InputError(terrain, f"was given but {package.name} was trained without a terrain input",

@@ -47,7 +47,8 @@ def predict_uncertainty(embeddings: str | os.PathLike, model: str | os.PathLike 
     package = model if isinstance(model, ModelPackage) else load_model(model)
     card = {**package.card, "target": {**package.card["target"],
                                        "normalisation": {"mean": 0.0, "std": package.target_std}}}
-    wrapped = ModelPackage(_augmented(package.module), card, package.path)
+    wrapped = ModelPackage(_augmented(package.torch_module()), card, package.path)
+    options["backend"] = "torch"  # the augmentations are a torch wrapper, not part of the ONNX graph
     result = predict_height(embeddings, wrapped, out_path, relative=True, **options)
     with rasterio.open(result.path, "r+") as dst:
         dst.set_band_description(1, "height uncertainty: std over flips and rotations (test-time augmentation)")
