@@ -240,8 +240,11 @@ def call_worker(action: str, params: dict, *, python: str, progress: Optional[Ca
                                 daemon=True)]
     for reader in readers:
         reader.start()
-    proc.stdin.write(json.dumps({"action": action, "params": params}))
-    proc.stdin.close()
+    try:
+        proc.stdin.write(json.dumps({"action": action, "params": params}))
+        proc.stdin.close()
+    except OSError:
+        pass  # it died before reading its request: its exit code tells why
     outcome: Optional[dict] = None
     cancel_sent = False
     while True:
