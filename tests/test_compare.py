@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -6,6 +8,7 @@ import rasterio
 from affine import Affine
 from rasterio.warp import transform as warp_transform, transform_bounds
 
+from alphaearth_height.plugin.core import plots
 from alphaearth_height.plugin.core.compare import compare_heights
 from alphaearth_height.plugin.core.errors import InputError
 from alphaearth_height.plugin.core.rasters import OUTPUT_NODATA
@@ -97,3 +100,50 @@ def test_reference_without_valid_pixels_is_an_error_and_writes_nothing(tmp_path)
     with pytest.raises(InputError, match="has no valid pixel"):
         compare_heights(pred, ref, tmp_path / "diff.tif", tmp_path / "m.json")
     assert not (tmp_path / "diff.tif").exists() and not (tmp_path / "m.json").exists()
+
+
+def legend_labels(monkeypatch) -> list[str]:
+    """Record the labels of the lines the plots draw (the median's legend entry among them)."""
+    from matplotlib.axes import Axes
+
+    labels: list[str] = []
+    axvline = Axes.axvline
+
+    def recording(self, *args, **kwargs):
+        labels.append(kwargs.get("label", ""))
+        return axvline(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "axvline", recording)
+    return labels
+
+
+def test_histogram_label_is_the_metrics_median(tmp_path, monkeypatch):
+    """The plot must not compute its own median (from a sample, in float32): one number everywhere."""
+    labels = legend_labels(monkeypatch)
+    predicted = write_predicted(tmp_path / "pred.tif", offset=1.75)
+    reference = write_reference(tmp_path / "ref.tif")
+    result = compare_heights(predicted, reference, tmp_path / "diff.tif", tmp_path / "metrics.json",
+                             plots_prefix=str(tmp_path / "run"))
+    median = json.loads((tmp_path / "metrics.json").read_text())["overall"]["median_diff"]
+    assert median == result["overall"]["median_diff"]
+    assert f"median {median:+.2f} m" in labels
+
+
+def test_histogram_label_takes_the_median_it_is_given(tmp_path, monkeypatch):
+    labels = legend_labels(monkeypatch)
+    diff = np.linspace(-1.0, 3.0, 1001)
+    plots.render_accuracy_plots(diff + 10.0, np.full_like(diff, 10.0), str(tmp_path / "p"), {"median_diff": 1.76})
+    assert np.median(diff) == pytest.approx(1.0)
+    assert "median +1.76 m" in labels
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        predicted = write_predicted(tmp_path / "pred.tif")
+        compare_heights(predicted, write_reference(tmp_path / "ref.tif"), tmp_path / "diff.tif",
+                        tmp_path / "metrics.json")
+    finally:
+        os.umask(old)
+    for name in ("diff.tif", "metrics.json"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o640, name

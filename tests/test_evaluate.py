@@ -107,3 +107,16 @@ def test_a_terrain_relative_model_predicts_only_with_its_terrain(small_scene, tm
     both = ~height.mask & np.isfinite(ground)
     assert both.sum() > 1000
     assert np.allclose(height[both], relief[both] + ground[both], atol=1e-3)
+
+
+def test_the_report_folder_and_files_honour_the_umask(report_dir):
+    """mkdtemp's 0700 (and mkstemp's 0600) must not make a report private to its author."""
+    import os
+    import stat
+
+    from alphaearth_height.plugin.core.rasters import current_umask
+
+    mask = current_umask()
+    assert stat.S_IMODE(os.stat(report_dir).st_mode) == 0o777 & ~mask
+    for name in ("report.json", "prediction.tif", "difference.tif", "maps.png"):
+        assert stat.S_IMODE(os.stat(report_dir / name).st_mode) == 0o666 & ~mask, name

@@ -1,10 +1,14 @@
+import os
+import stat
+import tempfile
+
 import numpy as np
 import pytest
 import rasterio
 from rasterio.windows import Window
 
 from alphaearth_height.plugin.core.errors import InputError
-from alphaearth_height.plugin.core.rasters import EmbeddingRaster, atomic_write
+from alphaearth_height.plugin.core.rasters import EmbeddingRaster, atomic_write, current_umask, honour_umask
 
 from conftest import ORIGIN, unit_embeddings, write_embeddings
 
@@ -95,3 +99,34 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         with open(tmp, "w") as fh:
             fh.write("whole")
     assert target.read_text() == "whole" and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_atomic_write_outputs_honour_the_umask(umask, tmp_path):
+    """mkstemp's 0600 must not leak into the outputs: a GeoTIFF and a JSON file get 0666 & ~umask."""
+    assert current_umask() == umask
+    raster, text = tmp_path / "height.tif", tmp_path / "metrics.json"
+    with atomic_write(raster) as tmp:
+        with rasterio.open(tmp, "w", driver="GTiff", width=4, height=4, count=1, dtype="float32") as dst:
+            dst.write(np.zeros((1, 4, 4), dtype=np.float32))
+    with atomic_write(text) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write("{}")
+    assert mode(raster) == mode(text) == 0o666 & ~umask
+
+
+def test_temporary_folders_honour_the_umask(umask, tmp_path):
+    folder = tempfile.mkdtemp(dir=tmp_path)
+    assert mode(folder) == 0o700
+    honour_umask(folder, directory=True)
+    assert mode(folder) == 0o777 & ~umask

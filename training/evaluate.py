@@ -23,6 +23,7 @@ from ..plugin.core.errors import InputError
 from ..plugin.core.metrics import binned_metrics, format_markdown_table, height_metrics, json_safe, nice_bin_edges
 from ..plugin.core.models import ModelPackage, load_model
 from ..plugin.core.plots import render_accuracy_plots, render_error_by_bin, render_maps
+from ..plugin.core.rasters import honour_umask
 from ..plugin.core.terrain import predict_surface
 from ..plugin.core.uncertainty import predict_uncertainty
 from .baseline import fit_on_area, predict_map
@@ -57,6 +58,7 @@ def evaluate_model(model: str | os.PathLike | ModelPackage, embeddings: str | os
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
+        honour_umask(staging, directory=True)
         report = _write_report(package, pair, areas, spec, staging, terrain, device, uncertainty, log)
         if not keep_rasters:
             for name in ("prediction.tif", "difference.tif"):
@@ -89,7 +91,7 @@ def _write_report(package: ModelPackage, pair, areas: Areas, spec: SplitSpec, fo
     report_areas = {name: _area_metrics(pred, ridge, pair.reference, getattr(areas, name) & valid, edges)
                     for name in AREAS}
     test = areas.test & valid
-    render_accuracy_plots(pred[test], pair.reference[test], str(folder / "test"))
+    render_accuracy_plots(pred[test], pair.reference[test], str(folder / "test"), report_areas["test"]["model"])
     render_error_by_bin({f"{label} {name}": report_areas[name][f"{key}_bins"]
                          for name in ("train", "test") for key, label in (("model", "model"), ("ridge", "ridge"))},
                         folder / "error_by_height.png", title=f"{package.name}: error by reference height")

@@ -127,7 +127,7 @@ def compare_heights(predicted: str | os.PathLike, reference: str | os.PathLike,
         raise _no_pairs(predicted, reference)
     result = pairs.metrics(bin_edges)
     if plots_prefix:
-        result["plots"] = render_accuracy_plots(*pairs.sample, plots_prefix)
+        result["plots"] = render_accuracy_plots(*pairs.sample, plots_prefix, result["overall"])
     result.update(predicted=str(predicted), reference=str(reference), difference=str(out_path or ""),
                   reference_resampling=resampling, sampled=keep < 1.0, crs=grid.crs.to_string())
     if metrics_path:

@@ -43,8 +43,12 @@ def _pyplot():
     return plt
 
 
-def render_accuracy_plots(predicted: np.ndarray, reference: np.ndarray, prefix: str) -> list[str]:
-    """Predicted-vs-reference 2-D histogram and histogram of differences, as two PNGs."""
+def render_accuracy_plots(predicted: np.ndarray, reference: np.ndarray, prefix: str, metrics: dict) -> list[str]:
+    """Predicted-vs-reference 2-D histogram and histogram of differences, as two PNGs.
+
+    The pixels may be a sample; the figures written on the plots come from ``metrics``
+    (``height_metrics`` of all the pixels), so they match metrics.json and the dock.
+    """
     plt = _pyplot()
     scatter, histogram = f"{prefix}_scatter.png", f"{prefix}_histogram.png"
     lo = float(min(predicted.min(), reference.min()))
@@ -66,7 +70,8 @@ def render_accuracy_plots(predicted: np.ndarray, reference: np.ndarray, prefix: 
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.hist(diff, bins=100, range=(-bound, bound), color="#4477aa")
     ax.axvline(0, color="k", lw=1)
-    ax.axvline(float(np.median(diff)), color="r", ls="--", lw=1, label=f"median {np.median(diff):.2f} m")
+    median = float(metrics["median_diff"])
+    ax.axvline(median, color="r", ls="--", lw=1, label=f"median {median:+.2f} m")
     ax.set_xlabel("Predicted − reference (m)")
     ax.set_ylabel("pixels")
     ax.set_title("Differences")

@@ -199,17 +199,42 @@ def check_output_path(path: str | os.PathLike, *inputs: str | os.PathLike) -> Pa
     return out
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it (and put it back)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a temporary file or folder the mode a plain ``open``/``mkdir`` would have given it.
+
+    ``mkstemp`` makes files 0600 and ``mkdtemp`` folders 0700 whatever the umask; renamed
+    into place they would stay private. Every temporary-then-rename writer calls this.
+    """
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; rename it into place only on success.
 
     A crash, cancellation or error leaves neither a partial file nor a stale
     temporary one, and an existing output is kept until the new one is complete.
+    The output gets the usual mode for the umask (not mkstemp's 0600).
     """
     out = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".partial" + out.suffix, dir=out.parent)
     os.close(fd)
     try:
+        honour_umask(tmp)
         yield tmp
         os.replace(tmp, out)
     except BaseException:

@@ -21,6 +21,7 @@ from rasterio.crs import CRS
 from rasterio.errors import RasterioIOError
 
 from .. import aef
+from ..rasters import honour_umask
 from .tiling import Tile
 
 CACHE_ENV = "ALPHAEARTH_HEIGHT_CACHE"
@@ -91,6 +92,7 @@ class TileCache:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.tif", dir=path.parent)
         os.close(fd)
         try:
+            honour_umask(tmp)
             profile = tile_profile(tile.grid.width, tile.grid.height, tile.grid.crs, tile.grid.transform)
             with rasterio.open(tmp, "w", **profile) as dst:
                 dst.write(values)

@@ -25,7 +25,7 @@ from rasterio.warp import transform_bounds
 
 from ..errors import InputError
 from ..inference import CancelFn, Cancelled
-from ..rasters import Grid
+from ..rasters import Grid, honour_umask
 from .retry import with_retries
 
 DEFAULT_BASE_URL = "https://data.source.coop/tge-labs/aef/v1/annual"
@@ -81,6 +81,7 @@ def _download(url: str, target: Path, cancel: Optional[CancelFn], timeout: float
     request = urllib.request.Request(url, headers={"User-Agent": user_agent()})
     fd, tmp = tempfile.mkstemp(prefix=".index.", suffix=".partial", dir=target.parent)
     try:
+        honour_umask(tmp)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
             while chunk := response.read(_CHUNK):
                 if cancel is not None and cancel():
