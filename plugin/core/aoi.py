@@ -1,24 +1,27 @@
 """Areas of interest: a rectangle in any CRS, snapped onto an embedding grid.
 
 The fetchers (core.fetch) turn an AOI into a grid; the dock shows its size estimate
-before anything is fetched, so it must stay instant and offline.
+before anything is fetched, so it must stay instant and offline. rasterio is imported
+only when a CRS is transformed, so light processes (core.job in QGIS) can import this.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from rasterio.crs import CRS
-from rasterio.warp import transform_bounds
-from rasterio.windows import Window
-
-from . import aef
 from .errors import InputError
-from .rasters import Grid
 
-EARTH_ENGINE_BYTES_PER_PIXEL = aef.N_BANDS * 4  # float32 from computePixels
-COG_BYTES_PER_PIXEL = aef.N_BANDS              # int8 public COGs
+if TYPE_CHECKING:
+    from rasterio.crs import CRS
+    from rasterio.windows import Window
+
+    from .rasters import Grid
+
+N_BANDS = 64                                   # aef.N_BANDS, without importing numpy here
+EARTH_ENGINE_BYTES_PER_PIXEL = N_BANDS * 4     # float32 from computePixels
+COG_BYTES_PER_PIXEL = N_BANDS                  # int8 public COGs
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,19 @@ class AreaOfInterest:
     def bounds(self) -> tuple[float, float, float, float]:
         return self.xmin, self.ymin, self.xmax, self.ymax
 
+    def to_dict(self) -> dict:
+        """JSON-safe form (``from_dict`` gives an equal AOI back)."""
+        return {"xmin": self.xmin, "ymin": self.ymin, "xmax": self.xmax, "ymax": self.ymax, "crs": str(self.crs)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AreaOfInterest":
+        return cls(float(data["xmin"]), float(data["ymin"]), float(data["xmax"]), float(data["ymax"]),
+                   str(data["crs"]))
+
     def bounds_in(self, crs: CRS | str) -> tuple[float, float, float, float]:
+        from rasterio.crs import CRS
+        from rasterio.warp import transform_bounds
+
         return transform_bounds(CRS.from_user_input(self.crs), CRS.from_user_input(crs), *self.bounds,
                                 densify_pts=21)
 
@@ -69,6 +84,8 @@ def size_estimate(aoi: AreaOfInterest, resolution: float = 10.0) -> dict:
 
 def aoi_window(grid: Grid, aoi: AreaOfInterest, source: object = "embeddings") -> Window:
     """The grid window covering the AOI (outward-snapped to whole pixels, clipped to the grid)."""
+    from rasterio.windows import Window
+
     xmin, ymin, xmax, ymax = aoi.bounds_in(grid.crs)
     inverse = ~grid.transform
     c0, r0 = inverse * (xmin, ymax)

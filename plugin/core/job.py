@@ -3,27 +3,40 @@
 The QGIS dock's task, the Processing algorithms and the CLI all run this, and the
 embeddings come through core.fetch like everywhere else, so there is one code path
 from an embedding source to layers.
+
+An AOI is predicted with ``context`` pixels of embeddings around it (the model needs to
+see past the edge: without it, heights within a few pixels of the edge are off by
+~15 m), then cropped to the AOI's own grid window. Margin files live in a hidden scratch
+folder in the output folder that is always removed.
+
+This module imports no torch, rasterio or numpy at import time (they are imported where
+used), so a light process can build jobs, read results and send both as JSON
+(``to_dict``/``from_dict``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .aoi import AreaOfInterest
-from .compare import compare_heights
 from .errors import InputError
-from .fetch import fetch
-from .inference import CancelFn
-from .models import ModelPackage, bundled_model_dir, load_model
-from .terrain import predict_surface
+
+if TYPE_CHECKING:
+    from .inference import PredictionResult
+    from .models import ModelPackage
 
 Progress = Callable[[float], None]
+CancelFn = Callable[[], bool]  # as core.inference.CancelFn, without importing it
 FETCH_END, PREDICT_END = 20.0, 90.0  # progress: fetch 0-20 %, predict 20-90 %, compare to 100 %
+DEFAULT_CONTEXT = 64  # px of context around an AOI when neither the job nor the model card says
 
 
 @dataclass
@@ -43,19 +56,60 @@ class HeightJob:
     source_options: dict[str, Any] = field(default_factory=dict)  # e.g. project, base_url
     cache_dir: Optional[str] = None       # None: core.fetch's default tile cache
     terrain: Optional[str] = None         # coarse terrain raster, for models trained relative to one
+    context: Optional[int] = None         # px fetched and predicted around the AOI, then cropped off;
+    #                                       None: the model card's inference.context, else 64
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form: paths as strings, the AOI as a dict; ``from_dict`` gives an equal job."""
+        data = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        data["aoi"] = self.aoi.to_dict() if self.aoi is not None else None
+        data["source_options"] = {k: _plain(v) for k, v in self.source_options.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HeightJob":
+        values = dict(data)
+        if values.get("aoi") is not None:
+            values["aoi"] = AreaOfInterest.from_dict(values["aoi"])
+        values["source_options"] = dict(values.get("source_options") or {})
+        return cls(**values)
 
 
 @dataclass
 class HeightJobResult:
     predicted: Path
-    embeddings: Path
-    fetched: bool = False  # embeddings were written by the job (and go with its other outputs)
+    embeddings: Path        # fetched: the AOI's window only (same grid as ``predicted``)
+    fetched: bool = False   # embeddings were written by the job (and go with its other outputs)
     difference: Optional[Path] = None
     metrics_file: Optional[Path] = None
     metrics: dict = field(default_factory=dict)
     plots: list[str] = field(default_factory=list)
     device: str = ""
     model_name: str = ""
+    context: int = 0        # px of context requested around the AOI (less where the data ends)
+
+    _PATHS = ("predicted", "embeddings", "difference", "metrics_file")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form (metrics as compare_heights gives them); ``from_dict`` inverts it."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key in self._PATHS:
+            data[key] = os.fspath(data[key]) if data[key] is not None else None
+        data["metrics"], data["plots"] = dict(self.metrics), [os.fspath(p) for p in self.plots]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HeightJobResult":
+        values = dict(data)
+        for key in cls._PATHS:
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
+        values["metrics"], values["plots"] = dict(values.get("metrics") or {}), list(values.get("plots") or [])
+        return cls(**values)
+
+
+def _plain(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 def safe_name(text: str) -> str:
@@ -67,8 +121,12 @@ def run_height_job(job: HeightJob, progress: Optional[Progress] = None,
                    cancel: Optional[CancelFn] = None, package: Optional[ModelPackage] = None) -> HeightJobResult:
     """Run a job; progress gets 0-100. Outputs are named ``<name>_*.tif`` in ``out_dir``.
 
-    A failed or cancelled run removes whatever it wrote, fetched embeddings included.
+    With an AOI, the prediction covers exactly the AOI's window of the fetch grid, but
+    was computed with ``context`` px around it. A failed or cancelled run removes
+    whatever it wrote, fetched embeddings and margin files included.
     """
+    from .models import bundled_model_dir, load_model
+
     report = progress or (lambda value: None)
     out = Path(job.out_dir)
     if not out.is_dir():
@@ -76,19 +134,20 @@ def run_height_job(job: HeightJob, progress: Optional[Progress] = None,
     if job.aoi is None and job.source != "local":
         raise InputError(f"source {job.source!r}", "needs an area of interest",
                          "Draw an area or give an extent; only a local raster can be used whole")
+    if job.context is not None and int(job.context) < 0:
+        raise InputError(f"context {job.context}", "is negative", "Give 0 or more pixels (default 64)")
     stem = safe_name(job.name)
     package = package or load_model(job.model or bundled_model_dir())
     started = time.time()
     result = HeightJobResult(out / f"{stem}_height.tif", Path(job.embeddings), fetched=job.aoi is not None)
-    if result.fetched:
-        result.embeddings = out / f"{stem}_embeddings.tif"
-        _fetch(job, result.embeddings, report, cancel)
-    report(FETCH_END)
     try:
-        prediction = predict_surface(result.embeddings, package, result.predicted, terrain=job.terrain,
-                                     tile=job.tile, overlap=job.overlap, batch_size=job.batch_size,
-                                     device=job.device, cancel=cancel,
-                                     progress=_scaled(report, FETCH_END, PREDICT_END))
+        if result.fetched:
+            result.embeddings = out / f"{stem}_embeddings.tif"
+            result.context = context_pixels(job, package)
+            prediction = _fetch_and_predict(job, package, result, report, cancel)
+        else:
+            report(FETCH_END)
+            prediction = _predict(job, package, result.embeddings, result.predicted, report, cancel)
         result.device, result.model_name = prediction.device, package.name
         if job.reference and not (cancel and cancel()):
             _compare(job, result, out / stem)
@@ -99,16 +158,60 @@ def run_height_job(job: HeightJob, progress: Optional[Progress] = None,
     return result
 
 
-def _fetch(job: HeightJob, out_path: Path, report: Progress, cancel: Optional[CancelFn]) -> None:
-    """The AOI's embeddings from the job's source (a local raster is an option like any other)."""
+def context_pixels(job: HeightJob, package: ModelPackage) -> int:
+    """The job's context, else the model card's ``inference.context``, else 64 px."""
+    value = int(job.context) if job.context is not None else package.default("context", DEFAULT_CONTEXT)
+    if value < 0:
+        raise InputError(f"context {value}", "is negative", "Give 0 or more pixels (default 64)")
+    return value
+
+
+def _source_options(job: HeightJob) -> dict[str, Any]:
     options = dict(job.source_options)
     if job.source == "local":
         options["raster"] = job.embeddings
-    fetch(job.aoi, job.year, job.source, out_path, cache_dir=job.cache_dir, cancel=cancel,
-          progress=_scaled(report, 0.0, FETCH_END), **options)
+    return options
+
+
+def _fetch_and_predict(job: HeightJob, package: ModelPackage, result: HeightJobResult, report: Progress,
+                       cancel: Optional[CancelFn]) -> PredictionResult:
+    """Fetch the AOI grown by the context (clipped at a local raster's edge), predict, crop to the AOI."""
+    from .fetch import context_grids, fetch
+    from .rasters import crop_to_grid
+
+    options = _source_options(job)
+    aoi_grid, grown = context_grids(job.aoi, job.source, result.context, **options)
+    scratch = tempfile.mkdtemp(dir=result.predicted.parent, prefix=f".{result.predicted.stem}-context-")
+    try:
+        margin = grown != aoi_grid
+        embeddings = Path(scratch) / "embeddings.tif" if margin else result.embeddings
+        predicted = Path(scratch) / "height.tif" if margin else result.predicted
+        area = AreaOfInterest(*grown.bounds, grown.crs.to_string()) if margin else job.aoi
+        fetch(area, job.year, job.source, embeddings, grid=grown, cache_dir=job.cache_dir, cancel=cancel,
+              progress=_scaled(report, 0.0, FETCH_END), **options)
+        report(FETCH_END)
+        prediction = _predict(job, package, embeddings, predicted, report, cancel)
+        if margin:
+            crop_to_grid(predicted, result.predicted, aoi_grid)
+            crop_to_grid(embeddings, result.embeddings, aoi_grid)
+            prediction.path, prediction.grid = result.predicted, aoi_grid
+    finally:  # also on failure and cancel (ignore_errors: never hide the real error)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return prediction
+
+
+def _predict(job: HeightJob, package: ModelPackage, embeddings: Path, predicted: Path, report: Progress,
+             cancel: Optional[CancelFn]) -> PredictionResult:
+    from .terrain import predict_surface
+
+    return predict_surface(embeddings, package, predicted, terrain=job.terrain, tile=job.tile,
+                           overlap=job.overlap, batch_size=job.batch_size, device=job.device, cancel=cancel,
+                           progress=_scaled(report, FETCH_END, PREDICT_END))
 
 
 def _compare(job: HeightJob, result: HeightJobResult, prefix: Path) -> None:
+    from .compare import compare_heights
+
     result.difference = prefix.with_name(prefix.name + "_difference.tif")
     result.metrics_file = prefix.with_name(prefix.name + "_metrics.json")
     result.metrics = compare_heights(result.predicted, job.reference, result.difference, result.metrics_file,

@@ -253,3 +253,67 @@ def describe_band(dst: rasterio.io.DatasetWriter, description: str, units: str, 
     except (AttributeError, ValueError):
         pass
     dst.update_tags(ATTRIBUTION=aef.ATTRIBUTION, SOFTWARE="AlphaEarth Height", **tags)
+
+
+def grow_grid(grid: Grid, pixels: int, within: Optional[Grid] = None) -> Grid:
+    """``grid`` grown by ``pixels`` on every side (the context a model sees past an AOI's edge).
+
+    With ``within`` (a grid on the same pixel lattice, e.g. a local raster's own grid)
+    the grown grid is clipped to it, so no context is invented past the data's edge.
+    """
+    if pixels < 0:
+        raise ValueError(f"cannot grow a grid by {pixels} px")
+    if within is None:
+        return Grid(grid.crs, grid.transform * Affine.translation(-pixels, -pixels),
+                    grid.width + 2 * pixels, grid.height + 2 * pixels)
+    col, row = _offset_in(within, grid)
+    col0, row0 = max(0, col - pixels), max(0, row - pixels)
+    col1 = min(within.width, col + grid.width + pixels)
+    row1 = min(within.height, row + grid.height + pixels)
+    window = Window(col0, row0, col1 - col0, row1 - row0)
+    return Grid(within.crs, within.window_transform(window), int(window.width), int(window.height))
+
+
+def _offset_in(outer: Grid, inner: Grid) -> tuple[int, int]:
+    """Whole-pixel (col, row) of ``inner``'s top-left corner in ``outer``; both on one lattice."""
+    t, u = outer.transform, inner.transform
+    col, row = ~t * (u.c, u.f)
+    if (outer.crs != inner.crs or (t.a, t.b, t.d, t.e) != (u.a, u.b, u.d, u.e)
+            or abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6):
+        raise ValueError(f"grid {u} ({inner.crs}) is not on the pixel lattice of {t} ({outer.crs})")
+    return round(col), round(row)
+
+
+def crop_to_grid(src_path: str | os.PathLike, out_path: str | os.PathLike, grid: Grid,
+                 block: int = 1024) -> Path:
+    """Copy the window of a north-up raster that ``grid`` covers into ``out_path``.
+
+    All bands, data type, nodata, tags and band descriptions are kept; the output gets
+    ``grid``'s transform exactly. Streams by blocks; written atomically.
+    """
+    out = check_output_path(out_path, src_path)
+    with open_raster(src_path) as src:
+        own = Grid(src.crs, src.transform, src.width, src.height)
+        col, row = _offset_in(own, grid)
+        if col < 0 or row < 0 or col + grid.width > src.width or row + grid.height > src.height:
+            raise ValueError(f"grid {grid} is not inside {src_path}")
+        profile = dict(src.profile)
+        profile.update(width=grid.width, height=grid.height, transform=grid.transform, BIGTIFF="IF_SAFER")
+        if profile.get("compress"):
+            profile["predictor"] = 3 if np.dtype(src.dtypes[0]).kind == "f" else 2
+        with atomic_write(out) as tmp:
+            with rasterio.open(tmp, "w", **profile) as dst:
+                dst.update_tags(**src.tags())
+                for band in range(1, src.count + 1):
+                    if src.descriptions[band - 1]:
+                        dst.set_band_description(band, src.descriptions[band - 1])
+                    dst.update_tags(band, **src.tags(band))
+                if any(src.units):
+                    try:
+                        dst.units = src.units
+                    except (AttributeError, ValueError):
+                        pass
+                for window in iter_windows(grid.width, grid.height, block):
+                    source = Window(window.col_off + col, window.row_off + row, window.width, window.height)
+                    dst.write(src.read(window=source), window=window)
+    return out

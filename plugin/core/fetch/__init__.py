@@ -16,7 +16,7 @@ from typing import Any, Optional
 from ..aoi import AreaOfInterest
 from ..errors import InputError
 from ..inference import CancelFn, ProgressFn
-from ..rasters import Grid, check_output_path
+from ..rasters import Grid, check_output_path, grow_grid
 from . import engine
 from .base import EmbeddingSource
 from .cache import TileCache, cache_size, clear_cache, default_cache_dir, resolve_cache_dir
@@ -26,8 +26,8 @@ from .tiling import plan_tiles
 SOURCES = ("earthengine", "cog", "local")
 FIRST_YEAR = 2017
 
-__all__ = ["SOURCES", "FetchResult", "fetch", "estimate", "format_estimate", "make_source", "cache_size", "clear_cache",
-           "default_cache_dir"]
+__all__ = ["SOURCES", "FetchResult", "fetch", "context_grids", "estimate", "format_estimate", "make_source",
+           "cache_size", "clear_cache", "default_cache_dir"]
 
 
 def check_year(year: Any) -> int:
@@ -78,6 +78,21 @@ def fetch(aoi: AreaOfInterest, year: int, source: str, out_path: str | os.PathLi
         cache = (TileCache(cache_root, src.name, year, out_grid.crs, out_grid.resolution)
                  if src.cacheable else None)
         return engine.run(src, aoi, out_grid, year, out_path, cache, progress, cancel)
+    finally:
+        src.close()
+
+
+def context_grids(aoi: AreaOfInterest, source: str, context: int,
+                  **source_options: Any) -> tuple[Grid, Grid]:
+    """The grid ``fetch`` gives the AOI, and that grid grown by ``context`` px on every side.
+
+    The grown grid is clipped at the data's own edge where the source knows it (a local
+    raster's extent); remote sources simply cover the larger area.
+    """
+    src = make_source(source, None, **source_options)
+    try:
+        inner = src.grid_for(aoi, None)
+        return inner, grow_grid(inner, context, src.extent())
     finally:
         src.close()
 

@@ -31,6 +31,10 @@ class EmbeddingSource:
     def grid_for(self, aoi: AreaOfInterest, grid: Optional[Grid]) -> Grid:
         return output_grid(aoi, grid)
 
+    def extent(self) -> Optional[Grid]:
+        """The data's own grid where the source knows its edge (a local raster), else None."""
+        return None
+
     def prepare(self, aoi: AreaOfInterest, grid: Grid, year: int, cancel: Optional[CancelFn]) -> None:
         """Work done once before the tiles (log in, find the files covering the area)."""
 

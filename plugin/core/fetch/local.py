@@ -44,6 +44,9 @@ class LocalSource(EmbeddingSource):
         window = aoi_window(own, aoi, self.path)
         return Grid(own.crs, own.window_transform(window), int(window.width), int(window.height))
 
+    def extent(self) -> Grid:
+        return self._raster.grid
+
     def read(self, tile: Grid, cancel: Optional[CancelFn]) -> np.ndarray:
         with self._lock:  # one GDAL handle: not to be shared between threads
             return sample_nearest(self._raster, tile)
