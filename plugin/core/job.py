@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .aoi import AreaOfInterest
+from .cancel import CancelFn
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from .models import ModelPackage
 
 Progress = Callable[[float], None]
-CancelFn = Callable[[], bool]  # as core.inference.CancelFn, without importing it
 FETCH_END, PREDICT_END = 20.0, 90.0  # progress: fetch 0-20 %, predict 20-90 %, compare to 100 %
 DEFAULT_CONTEXT = 64  # px of context around an AOI when neither the job nor the model card says
 
