@@ -84,6 +84,11 @@ def check_grid(result, scene, col, row, size=AOI_PX):
         assert ds.crs == CRS.from_string(UTM) and (ds.width, ds.height) == (size, size)
         assert ds.transform == t * t.translation(col, row) and ds.transform.e < 0 and ds.transform.b == 0
         assert ds.nodata == OUTPUT_NODATA
+        values, tags = ds.read(1, masked=True), ds.tags(1)  # statistics of the AOI, not of the margin
+        assert float(tags["STATISTICS_MAXIMUM"]) == pytest.approx(values.max(), abs=1e-3)
+        assert float(tags["STATISTICS_MINIMUM"]) == pytest.approx(values.min(), abs=1e-3)
+        assert int(tags["VALID_PIXELS"]) == values.count()
+        assert ds.tags()["SOURCE_EMBEDDINGS"] == result.embeddings.name
     with rasterio.open(result.embeddings) as ds:  # the AOI-only embeddings, on the same grid
         assert (ds.width, ds.height, ds.count, ds.transform) == (size, size, 64, t * t.translation(col, row))
 

@@ -184,8 +184,9 @@ def _fetch_and_predict(job: HeightJob, package: ModelPackage, result: HeightJobR
     scratch = tempfile.mkdtemp(dir=result.predicted.parent, prefix=f".{result.predicted.stem}-context-")
     try:
         margin = grown != aoi_grid
-        embeddings = Path(scratch) / "embeddings.tif" if margin else result.embeddings
-        predicted = Path(scratch) / "height.tif" if margin else result.predicted
+        # the final names, so tags naming a file (SOURCE_EMBEDDINGS) hold after the crop
+        embeddings = Path(scratch) / result.embeddings.name if margin else result.embeddings
+        predicted = Path(scratch) / result.predicted.name if margin else result.predicted
         area = AreaOfInterest(*grown.bounds, grown.crs.to_string()) if margin else job.aoi
         fetch(area, job.year, job.source, embeddings, grid=grown, cache_dir=job.cache_dir, cancel=cancel,
               progress=_scaled(report, 0.0, FETCH_END), **options)

@@ -289,7 +289,9 @@ def crop_to_grid(src_path: str | os.PathLike, out_path: str | os.PathLike, grid:
     """Copy the window of a north-up raster that ``grid`` covers into ``out_path``.
 
     All bands, data type, nodata, tags and band descriptions are kept; the output gets
-    ``grid``'s transform exactly. Streams by blocks; written atomically.
+    ``grid``'s transform exactly. Band statistics tags (``STATISTICS_*``, ``VALID_PIXELS``,
+    as predictions carry) are computed again for the window. Streams by blocks; written
+    atomically.
     """
     out = check_output_path(out_path, src_path)
     with open_raster(src_path) as src:
@@ -304,10 +306,15 @@ def crop_to_grid(src_path: str | os.PathLike, out_path: str | os.PathLike, grid:
         with atomic_write(out) as tmp:
             with rasterio.open(tmp, "w", **profile) as dst:
                 dst.update_tags(**src.tags())
+                restat = []
                 for band in range(1, src.count + 1):
                     if src.descriptions[band - 1]:
                         dst.set_band_description(band, src.descriptions[band - 1])
-                    dst.update_tags(band, **src.tags(band))
+                    tags = src.tags(band)
+                    if any(_is_stat(key) for key in tags):
+                        restat.append(band)
+                    dst.update_tags(band, **{k: v for k, v in tags.items() if not _is_stat(k)})
+                sums = {band: [0, 0.0, 0.0, np.inf, -np.inf] for band in restat}  # n, sum, sum sq, min, max
                 if any(src.units):
                     try:
                         dst.units = src.units
@@ -315,5 +322,26 @@ def crop_to_grid(src_path: str | os.PathLike, out_path: str | os.PathLike, grid:
                         pass
                 for window in iter_windows(grid.width, grid.height, block):
                     source = Window(window.col_off + col, window.row_off + row, window.width, window.height)
-                    dst.write(src.read(window=source), window=window)
+                    values = src.read(window=source)
+                    dst.write(values, window=window)
+                    for band in restat:
+                        v = values[band - 1].astype(np.float64)
+                        v = v[np.isfinite(v) & (v != src.nodata)] if src.nodata is not None else v[np.isfinite(v)]
+                        if v.size:
+                            acc = sums[band]
+                            acc[0] += v.size
+                            acc[1] += v.sum()
+                            acc[2] += (v * v).sum()
+                            acc[3], acc[4] = min(acc[3], v.min()), max(acc[4], v.max())
+                for band, (n, total, squares, low, high) in sums.items():
+                    if n:
+                        mean = total / n
+                        std = max(squares / n - mean * mean, 0.0) ** 0.5
+                        dst.update_tags(band, STATISTICS_MINIMUM=f"{low:.3f}", STATISTICS_MAXIMUM=f"{high:.3f}",
+                                        STATISTICS_MEAN=f"{mean:.3f}", STATISTICS_STDDEV=f"{std:.3f}",
+                                        VALID_PIXELS=str(n))
     return out
+
+
+def _is_stat(tag: str) -> bool:
+    return tag.startswith("STATISTICS_") or tag == "VALID_PIXELS"
