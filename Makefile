@@ -7,6 +7,10 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := python3-qgis qgis-providers python3-rasterio python3-gdal gdal-bin \
                 python3-venv python3-pip python3-matplotlib python3-scipy
 APT_STAMP := $(VENV)/.apt-done
+# Only for `make test`: the QGIS desktop and qgis_process (package qgis), a virtual
+# display and screenshots for tests/desktop.
+TEST_APT_PACKAGES := qgis xvfb xdotool imagemagick
+TEST_APT_STAMP := $(VENV)/.apt-test-done
 PIP_STAMP := $(VENV)/.pip-done
 
 .PHONY: setup demo test bench experiment clean-venv bundled-model package install-plugin
@@ -17,6 +21,10 @@ $(APT_STAMP):
 	@bash scripts/install_system.sh $(APT_PACKAGES)
 	@mkdir -p $(VENV) && touch $@
 
+$(TEST_APT_STAMP): $(APT_STAMP)
+	@bash scripts/install_system.sh $(TEST_APT_PACKAGES)
+	@touch $@
+
 $(PIP_STAMP): $(APT_STAMP) pyproject.toml scripts/install_python.sh
 	@bash scripts/install_python.sh $(VENV)
 	@touch $@
@@ -24,8 +32,9 @@ $(PIP_STAMP): $(APT_STAMP) pyproject.toml scripts/install_python.sh
 demo: setup
 	$(VENV)/bin/alphaearth-height demo --out demo_output
 
-test: setup
-	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q tests
+# AEH_REQUIRE_DESKTOP=1: the desktop tests fail (rather than skip) without their tools.
+test: setup $(TEST_APT_STAMP)
+	QT_QPA_PLATFORM=offscreen AEH_REQUIRE_DESKTOP=1 $(PY) -m pytest -q tests
 
 bench: setup
 	$(PY) bench/bench_predict.py

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs Debian's QGIS, GDAL and rasterio (only those missing); needs root.
+# Installs the Debian packages given as arguments (only those missing); needs root.
 set -euo pipefail
 missing=()
 for pkg in "$@"; do
