@@ -20,6 +20,8 @@ from .core.job import HeightJobResult
 # matplotlib's "terrain" colour map, as used by core's PNG maps.
 TERRAIN_STOPS = ((0.15, "#0099ff"), (0.25, "#00cc66"), (0.5, "#ffff99"), (0.75, "#805c54"))
 DIFFERENCE_CUT = (2.0, 98.0)  # percent; a few outliers must not wash out the colours
+# Short, distinct layer names; the run's name is on the group holding them.
+HEIGHT_LAYER, DIFFERENCE_LAYER = "height", "difference"
 
 
 def _interpolated() -> int:
@@ -30,6 +32,18 @@ def _interpolated() -> int:
         return Qgis.ShaderInterpolationMethod.Linear
     except AttributeError:
         return QgsColorRampShader.Type.Interpolated
+
+
+def min_max_statistics():
+    """The Min | Max statistics flags: ``Qgis.RasterBandStatistic`` from QGIS 3.40, where
+    ``QgsRasterBandStats.Stats`` is deprecated; the old enum on earlier versions."""
+    try:
+        from qgis.core import Qgis
+
+        statistic = Qgis.RasterBandStatistic
+    except AttributeError:
+        statistic = QgsRasterBandStats.Stats
+    return statistic.Min | statistic.Max
 
 
 def terrain_ramp() -> QgsColorRamp:
@@ -62,7 +76,7 @@ def apply_pseudocolor(layer: QgsRasterLayer, ramp: QgsColorRamp, vmin: float, vm
 
 
 def style_height(layer: QgsRasterLayer) -> None:
-    stats = layer.dataProvider().bandStatistics(1, QgsRasterBandStats.Stats.Min | QgsRasterBandStats.Stats.Max)
+    stats = layer.dataProvider().bandStatistics(1, min_max_statistics())
     vmin, vmax = stats.minimumValue, stats.maximumValue
     apply_pseudocolor(layer, terrain_ramp(), vmin, vmax if vmax > vmin else vmin + 1.0)
 
@@ -87,17 +101,18 @@ def load_raster(path: Path, name: str) -> QgsRasterLayer:
 
 def add_result_layers(result: HeightJobResult, group_name: str,
                       project: Optional[QgsProject] = None) -> tuple[QgsRasterLayer, Optional[QgsRasterLayer]]:
-    """Add the styled height (and difference) layers in a new group at the top of the tree.
+    """Add the styled "height" (and "difference") layers in a new group, named ``group_name``
+    (the run's name), at the top of the tree.
 
     Both layers are loaded and styled before anything enters the project, so a failure
     leaves the project unchanged.
     """
     project = project or QgsProject.instance()
-    height = load_raster(result.predicted, f"{group_name} height")
+    height = load_raster(result.predicted, HEIGHT_LAYER)
     style_height(height)
     difference = None
     if result.difference:
-        difference = load_raster(result.difference, f"{group_name} difference")
+        difference = load_raster(result.difference, DIFFERENCE_LAYER)
         style_difference(difference)
     group = project.layerTreeRoot().insertGroup(0, group_name)
     for layer in (difference, height):  # difference drawn above height

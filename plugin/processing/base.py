@@ -7,9 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from qgis.core import (QgsProcessingAlgorithm, QgsProcessingContext, QgsProcessingException,
-                       QgsProcessingFeedback, QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
-                       QgsProcessingParameterNumber)
+from qgis.core import (QgsMapLayer, QgsProcessingAlgorithm, QgsProcessingContext, QgsProcessingException,
+                       QgsProcessingFeedback, QgsProcessingLayerPostProcessorInterface,
+                       QgsProcessingParameterDefinition, QgsProcessingParameterEnum, QgsProcessingParameterNumber,
+                       QgsRasterLayer)
 from qgis.PyQt.QtCore import QCoreApplication
 
 from ..core.device import DEVICE_CHOICES
@@ -120,6 +121,47 @@ class HeightAlgorithm(QgsProcessingAlgorithm):
 
     def enum_text(self, parameters: dict, name: str, context: QgsProcessingContext, choices: tuple) -> str:
         return choices[self.parameterAsEnum(parameters, name, context)]
+
+    def style_on_load(self, context: QgsProcessingContext, path: str, style: str) -> None:
+        """Style an output as the dock does once Processing loads it ("height" or "difference")."""
+        style_on_load(context, path, style)
+
+
+class StyleOnLoad(QgsProcessingLayerPostProcessorInterface):
+    """Applies ``layers.style_<style>`` to an output layer after Processing has loaded it."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
+
+    def postProcessLayer(self, layer: QgsMapLayer, context: QgsProcessingContext,  # noqa: N802 - QGIS API
+                         feedback: QgsProcessingFeedback) -> None:
+        from .. import layers  # QGIS styling only; no torch
+
+        if isinstance(layer, QgsRasterLayer) and layer.isValid():
+            getattr(layers, STYLES[self.style])(layer)
+            layer.triggerRepaint()
+
+
+STYLES = {"height": "style_height", "difference": "style_difference"}  # functions in plugin/layers.py
+# Processing calls a post-processor after the algorithm has returned, and PyQGIS
+# garbage-collects one that only C++ refers to: keep every one we hand out alive here.
+# The context deletes the C++ side when it is done; those are dropped on the next call.
+_POST_PROCESSORS: list[StyleOnLoad] = []
+
+
+def style_on_load(context: QgsProcessingContext, path: str, style: str) -> None:
+    """If ``path`` is an output QGIS loads on completion, style it like the dock's layers."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}")
+    if not context.willLoadLayerOnCompletion(path):
+        return
+    from qgis.PyQt import sip
+
+    _POST_PROCESSORS[:] = [p for p in _POST_PROCESSORS if not sip.isdeleted(p)]
+    processor = StyleOnLoad(style)
+    _POST_PROCESSORS.append(processor)
+    context.layerToLoadOnCompletionDetails(path).setPostProcessor(processor)
 
 
 def report_progress(feedback: QgsProcessingFeedback) -> Callable[[int, int], None]:

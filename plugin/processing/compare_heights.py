@@ -48,6 +48,7 @@ class CompareHeights(HeightAlgorithm):
         out = self.raster_output(parameters, "OUTPUT", context)
         metrics_path = self.parameterAsFileOutput(parameters, "METRICS", context)
         result = compare_heights(predicted, reference, out, metrics_path)
+        self.style_on_load(context, out, "difference")
         overall = result["overall"]
         feedback.pushInfo(f"reference resampled onto the prediction grid with {result['reference_resampling']}")
         feedback.pushInfo(format_metrics_table({"overall": overall}))

@@ -65,6 +65,7 @@ class PredictHeight(HeightAlgorithm):
                 progress=report_progress(feedback), cancel=feedback.isCanceled)
         except Cancelled:
             raise QgsProcessingException(self.tr("Prediction cancelled; no output was written.")) from None
+        self.style_on_load(context, out, "height")
         feedback.pushInfo(f"{result.grid.width} x {result.grid.height} px, {result.tiles} tiles in "
                           f"{result.seconds:.1f} s on {result.device}")
         return {"OUTPUT": out}

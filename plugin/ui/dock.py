@@ -7,21 +7,26 @@ widget state into a ``HeightJob`` and a result into layers, figures and messages
 
 from __future__ import annotations
 
+import html
 import logging
 import os
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Optional
 
-from qgis.core import (Qgis, QgsApplication, QgsMapLayer, QgsMapLayerProxyModel, QgsProviderRegistry,
-                       QgsRectangle, QgsSettings, QgsTask)
-from qgis.gui import QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox, QgsMapTool
-from qgis.PyQt.QtCore import Qt, pyqtSignal
+from qgis.core import (Qgis, QgsApplication, QgsMapLayer, QgsMapLayerProxyModel, QgsProject, QgsProviderRegistry,
+                       QgsRasterLayer, QgsRectangle, QgsSettings, QgsTask)
+from qgis.gui import (QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox, QgsMapTool, QgsMessageBarItem,
+                      QgsMessageViewer)
+from qgis.PyQt.QtCore import QEvent, QObject, QSize, Qt, pyqtSignal
 from qgis.PyQt.QtGui import QPixmap
-from qgis.PyQt.QtWidgets import (QButtonGroup, QCheckBox, QComboBox, QFormLayout, QGridLayout, QGroupBox,
-                                 QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit, QProgressBar, QPushButton,
-                                 QRadioButton, QScrollArea, QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
+from qgis.PyQt.QtWidgets import (QAbstractSpinBox, QButtonGroup, QCheckBox, QComboBox, QFormLayout, QFrame,
+                                 QGridLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QMainWindow,
+                                 QPlainTextEdit, QProgressBar, QPushButton, QRadioButton, QScrollArea, QSizePolicy,
+                                 QSpinBox, QTextBrowser, QVBoxLayout, QWidget)
 
+from ..core.aef import N_BANDS as EMBEDDING_BANDS
 from ..core.aoi import AreaOfInterest, aoi_window, size_estimate
 from ..core.errors import InputError
 from ..core.job import HeightJob, HeightJobResult, safe_name
@@ -52,6 +57,54 @@ METRICS = (("r2", "R²", "{:.3f}"), ("rmse", "RMSE", "{:.2f} m"), ("mae", "MAE",
            ("mean_diff", "Bias", "{:+.2f} m"), ("median_diff", "Median difference", "{:+.2f} m"),
            ("nmad", "NMAD", "{:.2f} m"))
 PLOT_WIDTH = 320
+COMBO_MIN_CHARS = 12  # combos may shrink to this many characters (long layer names must not widen the dock)
+
+
+def compact(combo: QComboBox) -> QComboBox:
+    """A combo whose minimum width is a few characters, not its longest item (a long layer
+    name must not widen the dock); set on creation, before Qt caches its minimum size."""
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(COMBO_MIN_CHARS)
+    return combo
+
+
+class WheelGuard(QObject):
+    """Lets a combo or spin box take a wheel event only when it has focus: scrolling the
+    dock over one must scroll the dock, not switch e.g. the device from Auto to CUDA."""
+
+    def __init__(self, scroll: QScrollArea) -> None:
+        super().__init__(scroll)
+        self.scroll = scroll
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt API
+        if event.type() == QEvent.Type.Wheel and isinstance(watched, QWidget) and not watched.hasFocus():
+            # Handed to the scroll area explicitly: Qt propagates only spontaneous wheel events.
+            QgsApplication.sendEvent(self.scroll.viewport(), event)
+            return True
+        return False
+
+
+class BodyScrollArea(QScrollArea):
+    """Vertical scrolling only, and never narrower than the body's own minimum, so no
+    control is clipped; the minimum follows the body as rows are shown or hidden."""
+
+    def __init__(self, body: QWidget) -> None:
+        super().__init__()
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setWidget(body)  # QScrollArea filters the body's events: see eventFilter
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt API
+        body = self.widget()
+        width = (body.minimumSizeHint().width() if body is not None else 0)
+        width += self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
+        return QSize(width, super().minimumSizeHint().height())
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt API
+        if watched is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+            self.updateGeometry()
+        return super().eventFilter(watched, event)
 
 
 def default_output_folder() -> str:
@@ -143,6 +196,9 @@ class HeightDock(QgsDockWidget):
         self.install_task: Optional[InstallTask] = None
         self.probe_task: Optional[QgsTask] = None
         self.last_result: Optional[HeightJobResult] = None
+        self.details_viewer: Optional[QgsMessageViewer] = None  # the last error's Details window
+        self.saved_size: Optional[QSize] = None  # applied on first show, once the dock is placed
+        self.size_restored = False
         self.map_tool = AoiMapTool(self.canvas)
         self.map_tool.aoiDrawn.connect(self._on_drawn)
         self.rubber_band = AoiRubberBand(self.canvas)
@@ -150,6 +206,9 @@ class HeightDock(QgsDockWidget):
         self._build()
         self._restore_settings()
         self.refresh_dependencies()
+        self._filter_layer_pickers()
+        QgsProject.instance().layersAdded.connect(self._filter_layer_pickers)
+        QgsProject.instance().layersRemoved.connect(self._filter_layer_pickers)
 
     # ---- layout -------------------------------------------------------------------------
 
@@ -162,9 +221,11 @@ class HeightDock(QgsDockWidget):
         layout.addLayout(self._run_row())
         layout.addWidget(self._results_group())
         layout.addStretch(1)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setWidget(body)
+        scroll = BodyScrollArea(body)
+        self.wheel_guard = WheelGuard(scroll)
+        for widget in body.findChildren(QComboBox) + body.findChildren(QAbstractSpinBox):
+            widget.setFocusPolicy(Qt.FocusPolicy.StrongFocus)  # not WheelFocus: the wheel must not focus it
+            widget.installEventFilter(self.wheel_guard)
         self.setWidget(scroll)
 
     def _dependencies_group(self) -> QGroupBox:
@@ -194,7 +255,7 @@ class HeightDock(QgsDockWidget):
         for button in (self.draw_button, self.canvas_button, self.layer_button):
             buttons.addWidget(button)
         layout.addLayout(buttons)
-        self.aoi_layer_combo = QgsMapLayerComboBox()
+        self.aoi_layer_combo = compact(QgsMapLayerComboBox())
         self.aoi_layer_combo.setFilters(QgsMapLayerProxyModel.Filter.PolygonLayer)
         self.selected_only = QCheckBox("Selected features only")
         layout.addWidget(self.aoi_layer_combo)
@@ -207,7 +268,7 @@ class HeightDock(QgsDockWidget):
     def _embeddings_group(self) -> QGroupBox:
         group = QGroupBox("Embeddings")
         form = QFormLayout(group)
-        self.source_combo = QComboBox()
+        self.source_combo = compact(QComboBox())
         for index, (key, label, _, tooltip) in enumerate(SOURCES):
             self.source_combo.addItem(label, key)
             self.source_combo.setItemData(index, tooltip, Qt.ItemDataRole.ToolTipRole)
@@ -215,7 +276,7 @@ class HeightDock(QgsDockWidget):
         self.embeddings_file = QgsFileWidget()
         self.embeddings_file.setFilter("GeoTIFF (*.tif *.tiff);;All files (*)")
         self.embeddings_file.setDialogTitle("AlphaEarth embeddings raster (64 bands)")
-        self.embeddings_layer = QgsMapLayerComboBox()
+        self.embeddings_layer = compact(QgsMapLayerComboBox())
         self.embeddings_layer.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
         self.project_edit = QLineEdit()
         self.project_edit.setPlaceholderText("Cloud project id (empty: $EARTHENGINE_PROJECT)")
@@ -248,7 +309,7 @@ class HeightDock(QgsDockWidget):
         self.terrain_row = QWidget()  # shown only for models trained relative to a coarse terrain
         terrain_layout = QHBoxLayout(self.terrain_row)
         terrain_layout.setContentsMargins(0, 0, 0, 0)
-        self.terrain_combo = QgsMapLayerComboBox()
+        self.terrain_combo = compact(QgsMapLayerComboBox())
         self.terrain_combo.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
         self.terrain_combo.setAllowEmptyLayer(True)
         self.terrain_combo.setLayer(None)
@@ -262,7 +323,7 @@ class HeightDock(QgsDockWidget):
         self.card_text.setMaximumHeight(96)
         layout.addWidget(self.card_text)
         device_row = QHBoxLayout()
-        self.device_combo = QComboBox()
+        self.device_combo = compact(QComboBox())
         for key, label in DEVICES:
             self.device_combo.addItem(label, key)
         self.detect_button = QPushButton("Detect GPU")
@@ -282,7 +343,7 @@ class HeightDock(QgsDockWidget):
     def _reference_group(self) -> QGroupBox:
         group = QGroupBox("Reference DSM (optional)")
         layout = QVBoxLayout(group)
-        self.reference_combo = QgsMapLayerComboBox()
+        self.reference_combo = compact(QgsMapLayerComboBox())
         self.reference_combo.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
         self.reference_combo.setAllowEmptyLayer(True)
         self.reference_combo.setLayer(None)
@@ -314,7 +375,7 @@ class HeightDock(QgsDockWidget):
         buttons.addWidget(self.cancel_button)
         self.progress = QProgressBar()
         self.progress.setRange(0, 100)
-        self.progress.setValue(0)
+        self.progress.setValue(0)  # 0 % until a run reports progress
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
         return layout
@@ -355,6 +416,10 @@ class HeightDock(QgsDockWidget):
         self.model_folder.setFilePath(s.value(SETTINGS + "model_folder", ""))
         self.device_combo.setCurrentIndex(max(0, self.device_combo.findData(s.value(SETTINGS + "device", "auto"))))
         self.output_folder.setFilePath(s.value(SETTINGS + "output_folder", default_output_folder()))
+        size = s.value(SETTINGS + "dock_size")
+        if isinstance(size, QSize) and size.isValid():
+            self.saved_size = size
+            self.resize(size)
         self._on_source_changed()
         self.refresh_model_card()
         self._update_output_hint()
@@ -369,6 +434,26 @@ class HeightDock(QgsDockWidget):
         s.setValue(SETTINGS + "model_folder", self.model_folder.filePath())
         s.setValue(SETTINGS + "device", self.device_combo.currentData())
         s.setValue(SETTINGS + "output_folder", self.output_folder.filePath())
+        if self.size_restored:  # a dock never shown has no size of its own yet
+            s.setValue(SETTINGS + "dock_size", self.size())
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
+        """On first show, give the dock the size it had last session (QGIS only restores its own docks)."""
+        super().showEvent(event)
+        if self.size_restored:
+            return
+        self.size_restored = True
+        size, window = self.saved_size, self.parentWidget()
+        if size is None:
+            return
+        if self.isFloating() or not isinstance(window, QMainWindow):
+            screen = self.screen().availableGeometry().size() if self.screen() is not None else size
+            self.resize(size.boundedTo(screen))  # never taller or wider than the screen
+        elif window.dockWidgetArea(self) in (Qt.DockWidgetArea.TopDockWidgetArea,
+                                             Qt.DockWidgetArea.BottomDockWidgetArea):
+            window.resizeDocks([self], [size.height()], Qt.Orientation.Vertical)
+        else:
+            window.resizeDocks([self], [size.width()], Qt.Orientation.Horizontal)
 
     # ---- area of interest ---------------------------------------------------------------
 
@@ -404,6 +489,14 @@ class HeightDock(QgsDockWidget):
             self.report_error(exc, level=Qgis.MessageLevel.Warning)
 
     # ---- embeddings, model, output --------------------------------------------------------
+
+    def _filter_layer_pickers(self, *_changed) -> None:
+        """Embeddings pickers list only 64-band rasters; reference and terrain pickers never do."""
+        rasters = [layer for layer in QgsProject.instance().mapLayers().values() if isinstance(layer, QgsRasterLayer)]
+        embeddings = [layer for layer in rasters if layer.bandCount() == EMBEDDING_BANDS]
+        self.embeddings_layer.setExceptedLayerList([layer for layer in rasters if layer not in embeddings])
+        for combo in (self.reference_combo, self.terrain_combo):
+            combo.setExceptedLayerList(embeddings)
 
     def _on_source_changed(self) -> None:
         """Show only the chosen source's own field: a file, a layer or an Earth Engine project."""
@@ -481,9 +574,9 @@ class HeightDock(QgsDockWidget):
 
     def _update_output_hint(self) -> None:
         if self.aoi is None:
-            self.output_hint.setText("Layers are named after the AOI and the year")
+            self.output_hint.setText("Layers 'height' and 'difference' go in a group named after the AOI and year")
             return
-        self.output_hint.setText(f"Layers: {aoi_stem(self.aoi, self.year_spin.value())} height / difference")
+        self.output_hint.setText(f"Layers 'height', 'difference' in group {aoi_stem(self.aoi, self.year_spin.value())}")
 
     def output_path(self) -> Path:
         folder = Path(self.output_folder.filePath() or default_output_folder())
@@ -593,14 +686,48 @@ class HeightDock(QgsDockWidget):
                 image.setPixmap(pixmap.scaledToWidth(PLOT_WIDTH, Qt.TransformationMode.SmoothTransformation))
 
     def report_error(self, exc: BaseException, level: Qgis.MessageLevel = Qgis.MessageLevel.Critical,
-                     logged: bool = False) -> None:
-        """One line on the message bar; the full traceback in the log panel."""
-        text = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc} (details in the log panel)"
+                     logged: bool = False, details: str = "") -> None:
+        """The one-line reason, in full, on the message bar; its Details button shows ``details``
+        (e.g. a log) or the traceback. The traceback also goes to the log panel."""
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        text = reason if isinstance(exc, InputError) else f"{type(exc).__name__}: {reason or 'no message'}"
         if level == Qgis.MessageLevel.Warning:
             log.warning("%s", text)
         elif not logged:
             log.error("%s", text, exc_info=exc)
-        self.iface.messageBar().pushMessage(TITLE, text, level, 0 if level == Qgis.MessageLevel.Critical else 8)
+        if not details:
+            details = str(exc) if isinstance(exc, InputError) or exc.__traceback__ is None else "".join(
+                traceback.format_exception(type(exc), exc, exc.__traceback__))
+        duration = 0 if level == Qgis.MessageLevel.Critical else 8
+        self.iface.messageBar().pushItem(self._message_item(text, details, level, duration))
+
+    def _message_item(self, text: str, details: str, level: Qgis.MessageLevel, duration: int) -> QgsMessageBarItem:
+        """A bar item with the whole text word-wrapped (the stock one clips it to one line) and Details."""
+        content = QWidget(self.iface.messageBar())  # owned by Qt (the item takes it), not by Python's GC
+        row = QHBoxLayout(content)
+        row.setContentsMargins(0, 0, 0, 0)
+        label = QLabel(f"<b>{html.escape(TITLE)}</b>: {html.escape(text)}")
+        label.setTextFormat(Qt.TextFormat.RichText)
+        label.setWordWrap(True)
+        label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        label.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+        button = QPushButton("Details")
+        button.setObjectName("details")
+        button.clicked.connect(lambda: self.show_details(text, details))
+        row.addWidget(label, 1)
+        row.addWidget(button, 0, Qt.AlignmentFlag.AlignTop)
+        item = QgsMessageBarItem(TITLE, text, content, level, duration)  # title and text kept for the log
+        for browser in item.findChildren(QTextBrowser):  # the stock text, superseded by the label
+            browser.hide()
+        return item
+
+    def show_details(self, text: str, details: str) -> None:
+        """The full error text (traceback or log) in a window that does not block QGIS."""
+        viewer = QgsMessageViewer(self.iface.mainWindow())
+        viewer.setTitle(f"{TITLE}: error details")
+        viewer.setMessageAsPlainText(f"{text}\n\n{details}" if details and details != text else text)
+        self.details_viewer = viewer
+        viewer.showMessage(False)
 
     # ---- dependencies -----------------------------------------------------------------------
 
@@ -639,6 +766,8 @@ class HeightDock(QgsDockWidget):
                 task.on_done = None
                 task.cancel()
         self.canvas.mapToolSet.disconnect(self._on_map_tool_set)
+        QgsProject.instance().layersAdded.disconnect(self._filter_layer_pickers)
+        QgsProject.instance().layersRemoved.disconnect(self._filter_layer_pickers)
         if self.canvas.mapTool() is self.map_tool:
             self.canvas.unsetMapTool(self.map_tool)
         self.map_tool.deleteLater()  # the tool owns its own drawing band on the canvas

@@ -19,9 +19,11 @@ from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsMa
                        QgsMapSettings, QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings,
                        QgsSingleBandPseudoColorRenderer)
 from qgis.gui import QgsMapCanvas, QgsMapMouseEvent, QgsMessageBar, QgsRubberBand  # noqa: E402
-from qgis.PyQt.QtCore import QEvent, QPoint, QSize, Qt  # noqa: E402
-from qgis.PyQt.QtGui import QColor  # noqa: E402
-from qgis.PyQt.QtWidgets import QDockWidget, QMainWindow, QVBoxLayout, QWidget  # noqa: E402
+from qgis.PyQt.QtCore import QEvent, QPoint, QPointF, QSize, Qt  # noqa: E402
+from qgis.PyQt.QtGui import QColor, QWheelEvent  # noqa: E402
+from qgis.PyQt.QtWidgets import (QAbstractButton, QAbstractSpinBox, QComboBox, QDockWidget, QLabel,  # noqa: E402
+                                 QLineEdit, QMainWindow, QPlainTextEdit, QProgressBar, QTextBrowser, QVBoxLayout,
+                                 QWidget)
 
 from alphaearth_height.plugin.core.aoi import AreaOfInterest  # noqa: E402
 from alphaearth_height.plugin.core.errors import InputError  # noqa: E402
@@ -151,7 +153,7 @@ def run_and_wait(dock) -> bool | None:
 
 def result_layers() -> list[str]:
     return [layer.name() for layer in QgsProject.instance().mapLayers().values()
-            if layer.name().endswith((" height", " difference"))]
+            if layer.name() in ("height", "difference")]
 
 
 def fresh_state() -> None:
@@ -339,6 +341,157 @@ def test_device_detection_runs_in_background(dock):
         time.sleep(0.01)
     assert dock.device_label.text().startswith("Auto uses: ")
     assert "cpu" in dock.device_label.text() or "cuda" in dock.device_label.text()
+
+
+def test_progress_starts_at_zero(dock):
+    assert (dock.progress.minimum(), dock.progress.maximum(), dock.progress.value()) == (0, 100, 0)
+    assert dock.progress.text() == "0%"
+
+
+def visible_controls(body: QWidget) -> list[QWidget]:
+    kinds = (QAbstractButton, QComboBox, QAbstractSpinBox, QLineEdit, QLabel, QProgressBar, QPlainTextEdit)
+    return [w for w in body.findChildren(QWidget) if isinstance(w, kinds) and w.isVisibleTo(body)]
+
+
+def test_dock_at_its_narrowest_clips_no_control(dock, iface, tmp_path):
+    scroll = dock.widget()
+    assert scroll.horizontalScrollBarPolicy() == Qt.ScrollBarPolicy.ScrollBarAlwaysOff
+    long_name = add_raster(three_band_raster(tmp_path / "rgb.tif"), "a raster layer with a very long name " * 4)
+    dock.reference_combo.setLayer(long_name)
+    dock.source_combo.setCurrentIndex(dock.source_combo.findData("earthengine"))
+    iface.window.resizeDocks([dock], [10], Qt.Orientation.Horizontal)  # as narrow as it will go
+    QgsApplication.processEvents()
+    body, viewport = scroll.widget(), scroll.viewport()
+    assert dock.width() < 500, "a long layer name must not widen the dock"
+    assert body.width() <= viewport.width()
+    for widget in visible_controls(body):
+        left = widget.mapTo(body, QPoint(0, 0)).x()
+        assert left >= 0 and left + widget.width() <= viewport.width(), (widget, widget.width(), viewport.width())
+    # showing a row makes room for it too
+    dock.source_combo.setCurrentIndex(dock.source_combo.findData("file"))
+    dock.terrain_row.setVisible(True)
+    QgsApplication.processEvents()
+    for widget in visible_controls(body):
+        left = widget.mapTo(body, QPoint(0, 0)).x()
+        assert left >= 0 and left + widget.width() <= viewport.width(), (widget, widget.width(), viewport.width())
+    assert body.width() <= viewport.width() and body.width() >= body.minimumSizeHint().width()
+    assert dock.minimumSizeHint().height() < 400, "the dock scrolls: it never needs a tall screen"
+
+
+def test_dock_size_remembered_across_sessions(iface):
+    QgsSettings().setValue("alphaearth_height/dock_size", QSize(430, 500))
+    plugin = start_plugin(iface)
+    try:
+        dock = open_dock(plugin)
+        QgsApplication.processEvents()
+        assert dock.width() == 430
+        iface.window.resizeDocks([dock], [470], Qt.Orientation.Horizontal)
+        QgsApplication.processEvents()
+    finally:
+        plugin.unload()
+        flush_deletes()
+    assert QgsSettings().value("alphaearth_height/dock_size").width() == 470
+
+
+def wheel(widget: QWidget, steps: int = -1) -> None:
+    """A real wheel event over the middle of ``widget`` (negative: scroll down)."""
+    centre = QPointF(widget.width() / 2, widget.height() / 2)
+    event = QWheelEvent(centre, QPointF(widget.mapToGlobal(centre.toPoint())), QPoint(0, 0), QPoint(0, 120 * steps),
+                        Qt.MouseButton.NoButton, Qt.KeyboardModifier.NoModifier, Qt.ScrollPhase.NoScrollPhase, False)
+    QgsApplication.sendEvent(widget, event)
+
+
+def test_wheel_scrolls_the_dock_not_an_unfocused_combo(dock, iface):
+    iface.window.resize(1000, 300)  # much shorter than the dock's body: it scrolls
+    QgsApplication.processEvents()
+    scroll = dock.widget()
+    bar = scroll.verticalScrollBar()
+    combo, spin = dock.device_combo, dock.year_spin
+    assert combo.currentData() == "auto" and not combo.hasFocus()
+    for widget in (combo, spin):
+        bar.setValue(widget.mapTo(scroll.widget(), QPoint(0, 0)).y() - 10)  # the widget at the top of the view
+        QgsApplication.processEvents()
+        before = bar.value()
+        assert 0 < before < bar.maximum()
+        wheel(widget)
+        assert bar.value() > before, "the wheel scrolls the dock"
+    assert combo.currentData() == "auto" and spin.value() == 2020, "unfocused widgets keep their value"
+    assert combo.focusPolicy() == Qt.FocusPolicy.StrongFocus
+    iface.window.activateWindow()
+    combo.setFocus()
+    QgsApplication.processEvents()
+    assert combo.hasFocus()
+    wheel(combo)  # a focused combo takes the wheel as usual
+    assert combo.currentData() == "cpu"
+
+
+def test_error_shown_in_full_with_details(dock, iface):
+    reason = ("embeddings file /a/very/long/folder/name/that/goes/on/and/on/embeddings_2020.tif: has 3 band(s) "
+              "but embeddings need 64. Give an AlphaEarth embeddings raster")
+    try:
+        raise RuntimeError(reason + "\nsecond line of a worker's message")
+    except RuntimeError as exc:
+        dock.report_error(exc, details="worker log line 1\nworker log line 2")
+    item = iface.bar.currentItem()
+    assert item.text() == f"RuntimeError: {reason}" and item.level() == Qgis.MessageLevel.Critical
+    QgsApplication.processEvents()
+    label = next(w for w in item.findChildren(QLabel) if reason[:40] in w.text())
+    assert label.wordWrap() and reason in label.text().replace("&amp;", "&") and label.isVisibleTo(item)
+    assert label.height() >= label.heightForWidth(label.width()), "the whole text fits, wrapped"
+    button = item.findChild(QAbstractButton, "details")
+    assert button is not None and button.text() == "Details"
+    button.click()
+    QgsApplication.processEvents()
+    viewer = dock.details_viewer
+    shown = viewer.findChild(QTextBrowser).toPlainText()
+    assert reason in shown and "worker log line 2" in shown
+    viewer.close()
+    # without details, the traceback is shown
+    try:
+        {}["missing"]
+    except KeyError as exc:
+        dock.report_error(exc)
+    iface.bar.currentItem().findChild(QAbstractButton, "details").click()
+    assert "Traceback" in dock.details_viewer.findChild(QTextBrowser).toPlainText()
+    dock.details_viewer.close()
+
+
+def three_band_raster(path: Path) -> Path:
+    import numpy as np
+    from affine import Affine
+
+    with rasterio.open(path, "w", driver="GTiff", width=8, height=8, count=3, dtype="uint8", crs="EPSG:32630",
+                       transform=Affine(10.0, 0, 690_000.0, 0, -10.0, 4_975_000.0)) as dst:
+        dst.write(np.zeros((3, 8, 8), dtype=np.uint8))
+    return path
+
+
+def combo_layers(combo) -> list[str]:
+    return [combo.itemText(i) for i in range(combo.count()) if combo.itemText(i)]
+
+
+def test_embeddings_picker_offers_only_64_band_rasters(dock, small_scene, tmp_path):
+    dsm = add_raster(small_scene.reference, "dsm")
+    embeddings = add_raster(small_scene.embeddings, "embeddings")
+    QgsApplication.processEvents()
+    assert combo_layers(dock.embeddings_layer) == ["embeddings"]
+    assert combo_layers(dock.reference_combo) == combo_layers(dock.terrain_combo) == ["dsm"]
+    rgb = add_raster(three_band_raster(tmp_path / "rgb.tif"), "rgb")  # added later: filtered too
+    assert combo_layers(dock.embeddings_layer) == ["embeddings"]
+    assert sorted(combo_layers(dock.reference_combo)) == ["dsm", "rgb"]
+    QgsProject.instance().removeMapLayers([dsm.id(), rgb.id()])
+    assert combo_layers(dock.reference_combo) == []
+    assert dock.embeddings_layer.currentLayer() is embeddings
+
+
+def test_min_max_statistics_flags_work_on_this_qgis(small_scene):
+    from alphaearth_height.plugin import layers
+
+    layer = QgsRasterLayer(str(small_scene.reference), "dsm", "gdal")
+    stats = layer.dataProvider().bandStatistics(1, layers.min_max_statistics())
+    assert stats.maximumValue > stats.minimumValue
+    if Qgis.QGIS_VERSION_INT >= 34000:
+        assert isinstance(layers.min_max_statistics(), type(Qgis.RasterBandStatistic.Min | Qgis.RasterBandStatistic.Max))
 
 
 # ---- AOI tool ---------------------------------------------------------------------------------
@@ -530,8 +683,7 @@ def completed_run(qgis_app, small_scene, tiny_model, tmp_path_factory):
     ok = run_and_wait(dock)
     layers = {layer.name(): layer for layer in QgsProject.instance().mapLayers().values()}
     yield SimpleNamespace(iface=stand_in, plugin=plugin, dock=dock, ok=ok, out_dir=out_dir, layers=layers,
-                          height=next(v for k, v in layers.items() if k.endswith(" height")),
-                          difference=next(v for k, v in layers.items() if k.endswith(" difference")))
+                          height=layers["height"], difference=layers["difference"])
     plugin.unload()
     stand_in.close()
     fresh_state()
@@ -547,8 +699,9 @@ def test_run_adds_styled_layers(completed_run):
     assert run.ok is True
     assert any("Height layers added" in m for m in run.iface.messages())
     group = QgsProject.instance().layerTreeRoot().children()[0]
-    assert group.name().startswith("aeh_2020_x")
-    assert [child.name() for child in group.children()] == [run.difference.name(), run.height.name()]
+    assert group.name().startswith("aeh_2020_x") and group.name() == run.dock.task.job.name
+    assert [child.name() for child in group.children()] == ["difference", "height"]
+    assert [child.layer() for child in group.children()] == [run.difference, run.height]
     for layer in (run.height, run.difference):
         assert isinstance(layer.renderer(), QgsSingleBandPseudoColorRenderer)
         assert layer.crs().authid() == "EPSG:32630"

@@ -12,8 +12,8 @@ from affine import Affine
 
 pytest.importorskip("qgis.core")
 
-from qgis.core import (QgsApplication, QgsProcessingException, QgsProcessingFeedback,  # noqa: E402
-                       QgsRasterLayer)
+from qgis.core import (QgsApplication, QgsProcessingException, QgsProcessingFeedback, QgsProject,  # noqa: E402
+                       QgsRasterLayer, QgsSingleBandPseudoColorRenderer)
 
 from alphaearth_height.plugin.core.aoi import AreaOfInterest  # noqa: E402
 from alphaearth_height.plugin.core.models import load_model  # noqa: E402
@@ -192,6 +192,41 @@ def test_compare_outputs_match_the_metrics_file(run, predicted, small_scene, tmp
     for name in ("R2", "RMSE", "MAE", "MEAN_DIFF", "MEDIAN_DIFF", "NMAD"):
         assert result[name] == pytest.approx(overall[name.lower()], rel=1e-12), name
     assert result["RMSE"] > 0
+
+
+def loaded_layer(path: Path) -> QgsRasterLayer:
+    return next(layer for layer in QgsProject.instance().mapLayers().values() if Path(layer.source()) == path)
+
+
+def test_outputs_loaded_into_qgis_get_the_dock_styles(provider, predicted, small_scene, tiny_model, tmp_path):
+    """Run as from the toolbox (outputs loaded on completion): height and difference are styled
+    like the dock's layers, not left in Processing's default grey."""
+    import gc
+
+    import processing
+    from alphaearth_height.plugin.processing import base
+
+    height, diff = tmp_path / "height.tif", tmp_path / "diff.tif"
+    try:
+        processing.runAndLoadResults("alphaearth_height:predictheight", {
+            "INPUT": str(small_scene.embeddings), "MODEL": str(tiny_model), "BATCH_SIZE": 2, "DEVICE": 1,
+            "OUTPUT": str(height)})
+        gc.collect()  # the post-processor must survive until Processing calls it
+        processing.runAndLoadResults("alphaearth_height:compareheights", {
+            "PREDICTED": str(height), "REFERENCE": str(small_scene.reference), "OUTPUT": str(diff),
+            "METRICS": str(tmp_path / "metrics.json")})
+        height_layer, diff_layer = loaded_layer(height), loaded_layer(diff)
+        for layer in (height_layer, diff_layer):
+            assert isinstance(layer.renderer(), QgsSingleBandPseudoColorRenderer), layer.name()
+        stats = height_layer.dataProvider().bandStatistics(1)
+        assert height_layer.renderer().classificationMin() == pytest.approx(stats.minimumValue, abs=0.01)
+        assert height_layer.renderer().classificationMax() == pytest.approx(stats.maximumValue, abs=0.01)
+        low, high = diff_layer.renderer().classificationMin(), diff_layer.renderer().classificationMax()
+        assert low == pytest.approx(-high) and high > 0
+    finally:
+        QgsProject.instance().removeAllMapLayers()
+    with pytest.raises(ValueError):
+        base.style_on_load(None, str(height), "grey")
 
 
 @pytest.mark.parametrize("alg_id, input_name", [("predictheight", "INPUT"), ("fetchembeddings", "INPUT")])
