@@ -72,10 +72,12 @@ def make_profile(profiles_path: Path, zip_path: Path) -> Path:
 
 
 def clean_environment(**extra: str) -> dict:
-    """The environment of a user's session: no venv, no test-only Qt platform, no PYTHONPATH."""
+    """The environment of a user's session: no venv, no test-only Qt platform, no PYTHONPATH,
+    none of the plugin's own overrides (tests/conftest.py points ALPHAEARTH_HEIGHT_PYTHON at
+    the test venv; here runs must use the environment the plugin installs)."""
     env = {k: v for k, v in os.environ.items()
            if k not in {"QT_QPA_PLATFORM", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP"}
-           and not k.startswith("PYTEST_")}
+           and not k.startswith(("PYTEST_", "ALPHAEARTH_HEIGHT_"))}
     venv_bin = str(Path(sys.prefix) / "bin")
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "/usr/bin:/bin").split(os.pathsep) if p != venv_bin)
     env.update(extra)
@@ -179,7 +181,7 @@ def run_qgis_desktop(profiles_path: Path, config: dict, artifacts: Path, *, hard
     runtime.mkdir(mode=0o700)
     run = DesktopRun(log=artifacts / "qgis_stdout.log", messages=artifacts / "qgis_messages.log",
                      profile=profiles_path / "profiles" / "default")
-    for stale in ("result.json", "qgis_stdout.log", "qgis_messages.log", "desktop_inside.png", "desktop.png",
+    for stale in ("result.json", "qgis_stdout.log", "qgis_messages.log", "desktop_inside.png", "desktop_inside_difference.png", "desktop.png",
                   "desktop_timeout.png", "desktop_no_quit.png"):
         (artifacts / stale).unlink(missing_ok=True)
     config = dict(config, result=str(artifacts / "result.json"), messages=str(run.messages),

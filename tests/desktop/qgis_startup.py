@@ -234,14 +234,33 @@ class DesktopDriver:
         if signal is None:
             self.fail("the dock has env_install_button but no environmentChanged signal")
             return
-        if not button.isEnabled():
-            self.record("env_install_clicked", ok=False, detail="env_install_button disabled (already installed?)")
+        if not button.isVisible():
+            self.record("env_install_clicked", ok=False, detail="env_install_button hidden (already installed?)")
             self.later(100, self.environment_done_without_click)
             return
+        self.env_button_wait = time.monotonic()
+        self.later(0, self.click_env_install)
+
+    def click_env_install(self):
+        """Click Install once the dock lets us (it is disabled while it checks what to download)."""
+        dock = self.dock
+        button = dock.env_install_button
+        env = self.result["env"]
+        waited = time.monotonic() - self.env_button_wait
+        if not button.isEnabled():
+            if waited > self.cfg["env_timeout_s"]:
+                self.fail(f"env_install_button still disabled after {waited:.0f} s")
+            else:
+                self.later(250, self.click_env_install)
+            return
+        env["button_wait_s"] = round(waited, 1)
+        label = getattr(dock, "env_label", None)
+        env["label_before_click"] = label.text() if label is not None else None
         self.env_started = time.monotonic()
-        self.wait_signal("environmentChanged", signal, self.cfg["env_timeout_s"], self.environment_changed)
+        self.wait_signal("environmentChanged", dock.environmentChanged, self.cfg["env_timeout_s"],
+                         self.environment_changed)
         button.click()
-        self.record("env_install_clicked", widget="env_install_button")
+        self.record("env_install_clicked", widget="env_install_button", waited_s=env["button_wait_s"])
 
     def environment_done_without_click(self):
         self.environment_changed(os.path.isdir(self.env_dir()), clicked=False)
@@ -265,6 +284,8 @@ class DesktopDriver:
         env["bytes"] = folder_bytes(env["dir"]) if env["exists"] else 0
         env["mb"] = round(env["bytes"] / 1e6, 1)
         env["progress_max"] = max(self.progress_seen, default=None)
+        env["pyvenv_cfg"] = read_pyvenv_cfg(env["dir"])
+        env["worker_python"] = plugin_worker_python()
         self.record("environment_changed", ok=bool(ready), ready=bool(ready), mb=env["mb"],
                     seconds=env.get("seconds"))
         if not ready:
@@ -383,8 +404,35 @@ class DesktopDriver:
             extent.scale(1.15)
             canvas.setExtent(extent)
         canvas.refresh()
-        self.wait_signal("result_rendered", canvas.mapCanvasRefreshed, 30, lambda *a: self.later(1000, self.succeed),
+        self.wait_signal("result_rendered", canvas.mapCanvasRefreshed, 30,
+                         lambda *a: self.later(1000, self.show_height), on_timeout=self.show_height)
+
+    def show_height(self):
+        """Screenshot the difference layer (on top), then hide it and scroll the dock to the results."""
+        from qgis.core import QgsProject
+
+        self.grab(self.cfg["screenshot"].replace(".png", "_difference.png"))
+        run = self.result["run"]
+        project = QgsProject.instance()
+        for layer in project.mapLayers().values():
+            if run.get("difference") and os.path.normpath(layer.source()) == os.path.normpath(run["difference"]):
+                node = project.layerTreeRoot().findLayer(layer.id())
+                if node is not None:
+                    node.setItemVisibilityChecked(False)
+        scroll = self.dock.widget()
+        if hasattr(scroll, "verticalScrollBar"):
+            scroll.verticalScrollBar().setValue(scroll.verticalScrollBar().maximum())
+        canvas = self.iface.mapCanvas()
+        canvas.refresh()
+        self.wait_signal("height_rendered", canvas.mapCanvasRefreshed, 30, lambda *a: self.later(1000, self.succeed),
                          on_timeout=self.succeed)
+
+    def grab(self, path):
+        """The whole X screen as PNG, from inside QGIS."""
+        from qgis.core import QgsApplication
+
+        QgsApplication.processEvents()
+        return bool(QgsApplication.primaryScreen().grabWindow(0).save(path))
 
     def succeed(self):
         self.result["ok"] = True
@@ -401,11 +449,7 @@ class DesktopDriver:
         self.result["modules"] = {m: m in sys.modules for m in ("torch", "onnxruntime", "rasterio")}
         self.result["torch_modules"] = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))[:10]
         try:
-            from qgis.core import QgsApplication
-
-            QgsApplication.processEvents()
-            pixmap = QgsApplication.primaryScreen().grabWindow(0)
-            self.result["screenshot_inside"] = bool(pixmap.save(self.cfg["screenshot"]))
+            self.result["screenshot_inside"] = self.grab(self.cfg["screenshot"])
         except Exception as exc:  # noqa: BLE001
             self.result["screenshot_inside"] = f"failed: {exc}"
         self.result["phase"] = phase
@@ -460,6 +504,30 @@ class DesktopDriver:
                     button.click()
                     return
         dialog.close()
+
+
+def read_pyvenv_cfg(folder):
+    """home/version/include-system-site-packages of a venv: which Python it was made from."""
+    values = {}
+    try:
+        with open(os.path.join(folder, "pyvenv.cfg"), encoding="utf-8") as fh:
+            for line in fh:
+                key, _, value = line.partition("=")
+                if key.strip() in ("home", "version", "version_info", "include-system-site-packages", "executable"):
+                    values[key.strip()] = value.strip()
+    except OSError:
+        return None
+    return values
+
+
+def plugin_worker_python():
+    """The interpreter the plugin's runs use (plugin internals; None where they differ)."""
+    try:
+        from alphaearth_height.plugin.environment import profile_environment, worker_python
+
+        return worker_python(profile_environment())
+    except Exception as exc:  # noqa: BLE001 - informative only
+        return f"unknown ({type(exc).__name__}: {exc})"
 
 
 def folder_bytes(path):

@@ -42,12 +42,16 @@ def test_dock_installs_the_worker_environment(desktop_run, capsys):
     env = desktop_run.result.get("env") or {}
     with capsys.disabled():
         print(f"\ndesktop: plugin environment {env.get('mb', 0):.0f} MB in {env.get('dir')} "
-              f"(installed in {env.get('seconds')} s, ready={env.get('ready')})")
+              f"(installed in {env.get('seconds')} s, ready={env.get('ready')}, made from "
+              f"{(env.get('pyvenv_cfg') or {}).get('home')}, runs use {env.get('worker_python')})")
     assert env.get("widget") == "env_install_button", \
         "the dock has no env_install_button: the plugin does not manage a worker environment yet" + _context(desktop_run)
     assert env.get("ready"), "environmentChanged(True) never came" + _context(desktop_run)
     assert env.get("exists") and Path(env["dir"]) == desktop_run.env_dir, env
     assert env["mb"] > 1, env
+    worker = env.get("worker_python")
+    if worker and not worker.startswith("unknown"):
+        assert Path(worker).is_relative_to(desktop_run.env_dir), f"runs would use {worker}, not the environment"
 
 
 def test_dock_run_adds_styled_height_and_difference_layers(desktop_run):
