@@ -1,11 +1,12 @@
 """Predict throughput and peak memory, measured in one run (no timed assertions anywhere).
 
-For two area sizes it prints end-to-end `predict` throughput (read, de-quantise, model,
-blend, write) next to model-only forward throughput on the very same tiles, and the
-peak resident memory of a fresh process predicting that area. Memory should barely
-grow with the area, since inference streams by tiles.
+For two area sizes and each backend (ONNX Runtime, torch) it prints end-to-end
+`predict` throughput (read, de-quantise, model, blend, write) next to model-only forward
+throughput on the very same tiles, and the peak resident memory of a fresh process
+predicting that area. Memory should barely grow with the area, since inference streams
+by tiles. It also checks the two backends' heights agree (max |difference|).
 
-    .venv/bin/python bench/bench_predict.py [--sizes 1024 2048] [--device auto]
+    .venv/bin/python bench/bench_predict.py [--sizes 1024 2048] [--device auto] [--backends onnx torch]
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import rasterio
 from affine import Affine
 
 from alphaearth_height.plugin.core import aef
-from alphaearth_height.plugin.core.inference import TilePlan, ModelRunner, predict_height
-from alphaearth_height.plugin.core.models import bundled_model_dir, load_model
+from alphaearth_height.plugin.core.inference import TilePlan, make_runner, predict_height
+from alphaearth_height.plugin.core.models import bundled_model_dir, open_package
 from alphaearth_height.plugin.core.rasters import EmbeddingRaster
 from rasterio.windows import Window
 
@@ -45,11 +46,11 @@ def write_area(path: Path, side: int, block: int = 512) -> None:
                 dst.write(q, window=Window(c, r, block, block))
 
 
-def model_only(path: Path, device: str) -> tuple[float, int]:
+def model_only(path: Path, device: str, backend: str) -> tuple[float, int]:
     """Seconds spent in forward passes alone over the tiles predict would run
     (tiles are read outside the timed part, batch by batch)."""
-    package = load_model(bundled_model_dir())
-    runner = ModelRunner(package, device, amp=True, channels_last=None)
+    package = open_package(bundled_model_dir())
+    runner = make_runner(package, backend, device)
     with EmbeddingRaster(path) as src:
         plan = TilePlan(src.grid, package.default("tile", 256), package.default("overlap", 64), package.multiple,
                         4096)
@@ -65,12 +66,13 @@ def model_only(path: Path, device: str) -> tuple[float, int]:
     return seconds, len(origins)
 
 
-def child(path: str, out: str, device: str) -> None:
+def child(path: str, out: str, device: str, backend: str) -> None:
     """One area in a fresh process: model load (imports included), then predict, then peak RSS."""
     start = time.perf_counter()
-    package = load_model(bundled_model_dir())
+    package = open_package(bundled_model_dir())
+    make_runner(package, backend, device)  # imports and graph/module load, outside predict's own timing
     load_seconds = time.perf_counter() - start
-    result = predict_height(path, package, out, device=device)
+    result = predict_height(path, package, out, device=device, backend=backend)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": result.seconds, "load_seconds": load_seconds, "tiles": result.tiles,
                       "peak_mb": peak_mb, "device": result.device}))
@@ -80,32 +82,44 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--backends", nargs="+", default=["onnx", "torch"])
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(*args.child, args.device)
+        child(*args.child[:2], args.device, args.child[2])
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for side in args.sizes:
-            emb, out = Path(tmp) / f"e{side}.tif", Path(tmp) / f"h{side}.tif"
+            emb = Path(tmp) / f"e{side}.tif"
             write_area(emb, side)
-            run = subprocess.run([sys.executable, __file__, "--device", args.device, "--child", str(emb), str(out)],
-                                 capture_output=True, text=True, check=True)
-            e2e = json.loads(run.stdout.strip().splitlines()[-1])
-            fwd_seconds, tiles = model_only(emb, args.device)
-            mpx = side * side / 1e6
-            rows.append((side, tiles, e2e["seconds"], mpx / e2e["seconds"], mpx / fwd_seconds,
-                         fwd_seconds / e2e["seconds"], e2e["peak_mb"], e2e["device"], e2e["load_seconds"]))
-    print(f"bundled model, device {rows[0][7]}; throughput = output megapixels (10 m) per second; "
-          f"model load with imports before timing: {rows[0][8]:.1f} s")
-    print(f"{'area (px)':>11} {'tiles':>6} {'predict s':>10} {'end-to-end Mpx/s':>17} {'model-only Mpx/s':>17} "
-          f"{'e2e/model':>10} {'peak RSS MB':>12}")
-    for side, tiles, secs, e2e, fwd, ratio, peak, *_ in rows:
-        print(f"{side:>5}x{side:<5} {tiles:>6} {secs:>10.1f} {e2e:>17.3f} {fwd:>17.3f} {ratio:>10.2f} {peak:>12.0f}")
-    if len(rows) > 1:
-        a, b = rows[0], rows[-1]
-        print(f"area x{(b[0] / a[0]) ** 2:.0f} -> peak memory x{b[6] / a[6]:.2f}")
+            heights = {}
+            for backend in args.backends:
+                out = Path(tmp) / f"h{side}-{backend}.tif"
+                run = subprocess.run([sys.executable, __file__, "--device", args.device, "--child", str(emb),
+                                      str(out), backend], capture_output=True, text=True, check=True)
+                e2e = json.loads(run.stdout.strip().splitlines()[-1])
+                fwd_seconds, tiles = model_only(emb, args.device, backend)
+                mpx = side * side / 1e6
+                rows.append((side, backend, tiles, e2e["seconds"], mpx / e2e["seconds"], mpx / fwd_seconds,
+                             fwd_seconds / e2e["seconds"], e2e["peak_mb"], e2e["device"], e2e["load_seconds"]))
+                with rasterio.open(out) as src:
+                    heights[backend] = src.read(1)
+            if len(heights) == 2:
+                a, b = heights.values()
+                print(f"{side}x{side}: backends agree within {np.abs(a - b).max():.4f} m (max |difference|)")
+    print("bundled model; throughput = output megapixels (10 m) per second; load = imports + model load, "
+          "before the timed predict")
+    print(f"{'area (px)':>11} {'backend':>8} {'tiles':>6} {'load s':>7} {'predict s':>10} {'end-to-end Mpx/s':>17} "
+          f"{'model-only Mpx/s':>17} {'e2e/model':>10} {'peak RSS MB':>12}  device")
+    for side, backend, tiles, secs, e2e, fwd, ratio, peak, device, load in rows:
+        print(f"{side:>5}x{side:<5} {backend:>8} {tiles:>6} {load:>7.1f} {secs:>10.1f} {e2e:>17.3f} {fwd:>17.3f} "
+              f"{ratio:>10.2f} {peak:>12.0f}  {device}")
+    for backend in args.backends:
+        mine = [row for row in rows if row[1] == backend]
+        if len(mine) > 1:
+            a, b = mine[0], mine[-1]
+            print(f"{backend}: area x{(b[0] / a[0]) ** 2:.0f} -> peak memory x{b[7] / a[7]:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The QGIS plugin object: toolbar/menu action, dock, Processing provider, log handler.
 
-Nothing here imports torch, and the dock is built on first use, so enabling the plugin
-costs QGIS start-up next to nothing and works even before the dependencies exist.
+Nothing here (nor anywhere in the QGIS process) imports torch: runs happen in a worker
+process (core.worker) using the Python environment the plugin manages
+(plugin.environment). The dock is built on first use, so enabling the plugin costs
+QGIS start-up next to nothing and works before that environment exists.
 """
 
 from __future__ import annotations
@@ -13,14 +15,12 @@ from typing import Optional
 from qgis.core import Qgis, QgsApplication
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import QPushButton
 
 try:
     from qgis.PyQt.QtGui import QAction  # Qt 6 (QGIS 4)
 except ImportError:
     from qgis.PyQt.QtWidgets import QAction  # Qt 5
 
-from .dependencies import InstallTask, add_dependencies_dir, missing_dependencies
 from .log import install_log_handler, uninstall_log_handler
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 TITLE = "AlphaEarth Height"
 MENU = "&AlphaEarth Height"
 ICON = Path(__file__).resolve().parents[1] / "resources" / "icon.png"
-# The dock imports core, which needs these at import time (torch only loads inside a run).
-DOCK_IMPORTS = ("rasterio", "matplotlib")
+# The dock previews areas and checks inputs with these, from QGIS's own Python (never pip's).
+DOCK_IMPORTS = {"numpy": "python3-numpy", "rasterio": "python3-rasterio"}
 PROVIDER_MODULES = (f"{__package__}.processing", f"{__package__}.processing.provider")
 
 
@@ -41,11 +41,9 @@ class AlphaEarthHeightPlugin:
         self.action: Optional[QAction] = None
         self.dock = None
         self.provider = None
-        self.install_task: Optional[InstallTask] = None
 
     def initGui(self) -> None:  # noqa: N802 - QGIS API name
         install_log_handler()
-        add_dependencies_dir()
         icon = QIcon(str(ICON)) if ICON.is_file() else QgsApplication.getThemeIcon("/mIconRaster.svg")
         self.action = QAction(icon, TITLE, self.iface.mainWindow())
         self.action.setObjectName("AlphaEarthHeightAction")
@@ -83,9 +81,15 @@ class AlphaEarthHeightPlugin:
             self.dock.raise_()
 
     def _create_dock(self) -> bool:
-        missing = [name for name in DOCK_IMPORTS if name in missing_dependencies()]
+        import importlib.util
+
+        missing = [name for name in DOCK_IMPORTS if importlib.util.find_spec(name) is None]
         if missing:
-            self._offer_install(missing)
+            packages = " ".join(DOCK_IMPORTS[name] for name in missing)
+            text = (f"The dock needs {', '.join(missing)} in QGIS's own Python. Install it with your QGIS: "
+                    f"Debian/Ubuntu 'apt install {packages}', OSGeo4W '{packages}'")
+            self.iface.messageBar().pushMessage(TITLE, text, Qgis.MessageLevel.Critical, 0)
+            log.error("%s", text)
             return False
         from .ui.dock import HeightDock
 
@@ -100,32 +104,8 @@ class AlphaEarthHeightPlugin:
             self.action.setChecked(visible)
             self.action.blockSignals(False)
 
-    def _offer_install(self, missing: list[str]) -> None:
-        """Without these the dock cannot even be built: offer pip from the message bar."""
-        bar = self.iface.messageBar()
-        item = bar.createMessage(TITLE, "Missing Python packages: " + ", ".join(missing_dependencies()))
-        button = QPushButton("Install")
-        button.clicked.connect(lambda: self._install(missing_dependencies()))
-        item.layout().addWidget(button)
-        bar.pushWidget(item, Qgis.MessageLevel.Warning)
-        log.warning("Missing Python packages: %s", ", ".join(missing))
-
-    def _install(self, modules: list[str]) -> None:
-        if self.install_task is None:
-            self.install_task = InstallTask(modules, self._on_installed)
-            QgsApplication.taskManager().addTask(self.install_task)
-
-    def _on_installed(self, task: InstallTask) -> None:
-        self.install_task = None
-        level = Qgis.MessageLevel.Critical if task.error else Qgis.MessageLevel.Success
-        text = task.error.splitlines()[0] if task.error else "Packages installed; open AlphaEarth Height again"
-        self.iface.messageBar().pushMessage(TITLE, text, level, 0 if task.error else 8)
-
     def unload(self) -> None:
         """Undo everything initGui and the dock added, so a reload starts clean."""
-        if self.install_task is not None:
-            self.install_task.on_done = None
-            self.install_task.cancel()
         if self.dock is not None:
             self.dock.shutdown()
             self.iface.removeDockWidget(self.dock)

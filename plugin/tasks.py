@@ -1,48 +1,78 @@
-"""Background runs: a QgsTask around core's ``run_height_job``.
+"""Background work for the dock: height runs in the worker process, environment set-up.
 
-``run()`` executes on a worker thread, so it only calls core and records the outcome;
-the widgets and the project are touched in ``finished()``, which QGIS calls on the
-main thread.
+``run()`` executes on a QGIS worker thread, so it only starts processes and records the
+outcome; the widgets and the project are touched in ``finished()``, which QGIS calls on
+the main thread. The computation itself happens in another process (core.worker), so
+nothing it loads (torch, ONNX Runtime, a second GDAL) can crash QGIS.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import time
+from pathlib import Path
 from typing import Callable, Optional
 
 from qgis.core import QgsTask
 
-from .core.inference import Cancelled
-from .core.job import HeightJob, HeightJobResult, remove_outputs, run_height_job
+from .core.cancel import Cancelled
+from .core.job import HeightJob, HeightJobResult, remove_outputs, safe_name
+from .core.worker import call_worker
+from .environment import InstallPlan, ManagedEnvironment, PackageSet, SetupError
 
 log = logging.getLogger(__name__)
+worker_log = logging.getLogger(__name__.rsplit(".", 1)[0] + ".worker")
+
+
+def relay_worker_log(level: str, message: str) -> None:
+    """Worker log and stderr lines into the plugin's log panel."""
+    worker_log.log(logging.getLevelName(level) if isinstance(logging.getLevelName(level), int) else logging.INFO,
+                   "%s", message)
 
 
 class HeightTask(QgsTask):
-    """Predict height (and compare with a reference) for one job; cancellable."""
+    """Predict height (and compare with a reference) for one job, in the worker process; cancellable."""
 
-    def __init__(self, job: HeightJob, on_done: Optional[Callable[["HeightTask"], None]] = None) -> None:
+    def __init__(self, job: HeightJob, python: str,
+                 on_done: Optional[Callable[["HeightTask"], None]] = None) -> None:
         super().__init__(f"AlphaEarth Height: {job.name}", QgsTask.Flag.CanCancel)
         self.job = job
+        self.python = python
         self.on_done = on_done
         self.result: Optional[HeightJobResult] = None
         self.error: Optional[BaseException] = None
 
     def run(self) -> bool:
+        started = time.time()
         try:
-            result = run_height_job(self.job, progress=self.setProgress, cancel=self.isCanceled)
+            value = call_worker("height_job", self.job.to_dict(), python=self.python, progress=self.setProgress,
+                                cancel=self.isCanceled, on_log=relay_worker_log)
+            self.result = HeightJobResult.from_dict(value)
         except Cancelled:
+            self._clean_up(started)
             return False
-        except Exception as exc:  # noqa: BLE001 - reported to the user in finished()
-            log.error("Height job '%s' failed", self.job.name, exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - reported in finished(); raising here would abort QGIS
+            log.error("Height job '%s' failed: %s", self.job.name, exc)
             self.error = exc
+            self._clean_up(started)
             return False
         if self.isCanceled():
-            # Cancelled after the prediction was written: a cancelled run leaves nothing.
-            remove_outputs(result)
+            remove_outputs(self.result)  # cancelled after the worker finished: a cancelled run leaves nothing
+            self.result = None
             return False
-        self.result = result
         return True
+
+    def _clean_up(self, started: float) -> None:
+        """A worker killed hard (crash, SIGKILL, Windows) cannot clean up: remove what this run wrote."""
+        stem = safe_name(self.job.name)
+        folder = Path(self.job.out_dir)
+        for path in [*folder.glob(f"{stem}_*"), *folder.glob(f".{stem}*")]:
+            try:
+                if path.stat().st_mtime >= started - 1.0:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            except OSError as exc:
+                log.warning("Could not remove %s: %s", path, exc)
 
     @property
     def cancelled(self) -> bool:
@@ -56,3 +86,49 @@ class HeightTask(QgsTask):
             self.on_done(self)
         except Exception:  # noqa: BLE001 - an exception here would reach QGIS's event loop
             log.error("Handling the end of height job '%s' failed", self.job.name, exc_info=True)
+
+
+class EnvironmentTask(QgsTask):
+    """Plan, install or remove the managed environment; ``lines`` keeps pip's output for the log."""
+
+    def __init__(self, environment: ManagedEnvironment, action: str, package_set: PackageSet = "inference",
+                 on_done: Optional[Callable[["EnvironmentTask"], None]] = None) -> None:
+        title = {"plan": "checking what to download", "install": f"installing the {package_set} packages",
+                 "remove": "removing its Python environment"}[action]
+        super().__init__(f"AlphaEarth Height: {title}", QgsTask.Flag.CanCancel)
+        self.environment, self.action, self.package_set = environment, action, package_set
+        self.on_done = on_done
+        self.plan: Optional[InstallPlan] = None
+        self.error = ""
+        self.lines: list[str] = []
+        self._steps = 0
+
+    def run(self) -> bool:
+        try:
+            if self.action == "plan":
+                self.plan = self.environment.plan(self.package_set, self._line)
+            elif self.action == "install":
+                self.environment.install(self.package_set, self._line)
+            else:
+                self.environment.remove()
+        except (SetupError, OSError) as exc:
+            self.error = str(exc)
+            log.error("%s", self.error)
+            return False
+        return True
+
+    def _line(self, line: str) -> None:
+        if self.isCanceled():
+            raise SetupError("cancelled by the user")
+        self.lines.append(line)
+        log.info("%s", line)
+        if line.startswith(("Collecting", "Downloading", "Processing", "Installing", "Successfully")):
+            self._steps += 1  # pip gives no total: approach 95 % as steps accumulate
+            self.setProgress(95.0 * (1.0 - 0.85 ** self._steps))
+
+    def finished(self, ok: bool) -> None:
+        if self.on_done is not None:
+            try:
+                self.on_done(self)
+            except Exception:  # noqa: BLE001 - never into QGIS's event loop
+                log.error("Handling the end of the environment task failed", exc_info=True)

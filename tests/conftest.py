@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,9 @@ from affine import Affine
 from rasterio.windows import Window
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# The plugin's runs go to a worker process; in tests it is this venv's Python (which has
+# everything), not an environment the plugin would install into a QGIS profile.
+os.environ.setdefault("ALPHAEARTH_HEIGHT_PYTHON", sys.executable)
 
 from alphaearth_height.plugin.core import aef  # noqa: E402
 from alphaearth_height.plugin.core.compare import ReferenceOnGrid  # noqa: E402

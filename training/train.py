@@ -342,7 +342,7 @@ def _card(trainer: _Trainer, out: Path) -> dict:
 
 def _save_and_evaluate(model, card: dict, trainer: _Trainer, out: Path) -> dict:
     """Evaluate on the run's own split, then write the package (card last, with the metrics)."""
-    from ..plugin.core.models import ModelPackage
+    from ..plugin.core.models import CARD_FILE, ONNX_FILE, WEIGHTS_FILE, ModelPackage
     from .evaluate import evaluate_model
 
     c = trainer.config
@@ -355,8 +355,9 @@ def _save_and_evaluate(model, card: dict, trainer: _Trainer, out: Path) -> dict:
     shutil.rmtree(staging, ignore_errors=True)
     save_model(staging, model, card)
     _write_history(out / "history.csv", trainer.history)
-    for name in ("model.safetensors", "model.json"):
-        os.replace(staging / name, out / name)
+    for name in (WEIGHTS_FILE, ONNX_FILE, CARD_FILE):  # the card last: it names the others
+        if (staging / name).exists():
+            os.replace(staging / name, out / name)
     staging.rmdir()
     trainer.log(f"model written to {out}: test R² {metrics['test']['r2']:.3f}, RMSE {metrics['test']['rmse']:.2f} m")
     return metrics

@@ -48,6 +48,7 @@ class HeightJob:
     reference: Optional[str] = None
     name: str = "height"
     device: str = "auto"
+    backend: str = "auto"                 # core.device.BACKEND_CHOICES: ONNX Runtime on CPU, torch on GPUs
     tile: Optional[int] = None
     overlap: Optional[int] = None
     batch_size: int = 4
@@ -125,7 +126,7 @@ def run_height_job(job: HeightJob, progress: Optional[Progress] = None,
     was computed with ``context`` px around it. A failed or cancelled run removes
     whatever it wrote, fetched embeddings and margin files included.
     """
-    from .models import bundled_model_dir, load_model
+    from .models import bundled_model_dir, open_package
 
     report = progress or (lambda value: None)
     out = Path(job.out_dir)
@@ -137,7 +138,7 @@ def run_height_job(job: HeightJob, progress: Optional[Progress] = None,
     if job.context is not None and int(job.context) < 0:
         raise InputError(f"context {job.context}", "is negative", "Give 0 or more pixels (default 64)")
     stem = safe_name(job.name)
-    package = package or load_model(job.model or bundled_model_dir())
+    package = package or open_package(job.model or bundled_model_dir())  # torch loads only if the backend is torch
     started = time.time()
     result = HeightJobResult(out / f"{stem}_height.tif", Path(job.embeddings), fetched=job.aoi is not None)
     try:
@@ -206,7 +207,8 @@ def _predict(job: HeightJob, package: ModelPackage, embeddings: Path, predicted:
     from .terrain import predict_surface
 
     return predict_surface(embeddings, package, predicted, terrain=job.terrain, tile=job.tile,
-                           overlap=job.overlap, batch_size=job.batch_size, device=job.device, cancel=cancel,
+                           overlap=job.overlap, batch_size=job.batch_size, device=job.device,
+                           backend=job.backend, cancel=cancel,
                            progress=_scaled(report, FETCH_END, PREDICT_END))
 
 

@@ -122,6 +122,26 @@ class HeightAlgorithm(QgsProcessingAlgorithm):
     def enum_text(self, parameters: dict, name: str, context: QgsProcessingContext, choices: tuple) -> str:
         return choices[self.parameterAsEnum(parameters, name, context)]
 
+    def run_in_worker(self, action: str, params: dict, feedback: QgsProcessingFeedback) -> dict:
+        """Run a core action in the worker process (never torch in QGIS); errors as Processing errors."""
+        from ..core.cancel import Cancelled
+        from ..core.worker import WorkerError, call_worker
+        from ..environment import SetupError, require_worker_python
+
+        def relay(level: str, message: str) -> None:
+            (feedback.pushInfo if level in ("INFO", "DEBUG") else feedback.pushWarning)(message)
+
+        try:
+            return call_worker(action, params, python=require_worker_python(), progress=feedback.setProgress,
+                               cancel=feedback.isCanceled, on_log=relay)
+        except Cancelled:
+            raise QgsProcessingException(self.tr("Cancelled; no output was kept.")) from None
+        except (WorkerError, SetupError) as exc:
+            details = getattr(exc, "details", "")
+            if details:
+                feedback.reportError(details, False)
+            raise QgsProcessingException(str(exc)) from None
+
     def style_on_load(self, context: QgsProcessingContext, path: str, style: str) -> None:
         """Style an output as the dock does once Processing loads it ("height" or "difference")."""
         style_on_load(context, path, style)

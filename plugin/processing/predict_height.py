@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from qgis.core import (QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback,
-                       QgsProcessingParameterBoolean, QgsProcessingParameterFile,
+from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessingParameterBoolean,
+                       QgsProcessingParameterEnum, QgsProcessingParameterFile,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
 
-from ..core.device import DEVICE_CHOICES
-from .base import DEVICE_HELP, HeightAlgorithm, report_progress
+from ..core.device import BACKEND_CHOICES, DEVICE_CHOICES
+from .base import DEVICE_HELP, HeightAlgorithm
 from .compat import FOLDER
 
 
@@ -26,7 +26,10 @@ class PredictHeight(HeightAlgorithm):
             "the predicted relief plus this terrain, resampled onto the embeddings' grid.\n"
             "Tile size: 0 uses the model card's default. Overlap: empty uses the model card's default, "
             "0 means no overlap.\n"
-            "Device: " + DEVICE_HELP + "\n\n"
+            "Device: " + DEVICE_HELP + "\n"
+            "Backend: auto runs ONNX Runtime on the CPU when the model folder has model.onnx, PyTorch on a GPU.\n"
+            "The prediction runs in the plugin's own Python environment (a separate process), installed "
+            "from the AlphaEarth Height dock.\n\n"
             "Cancelling stops between tile batches and leaves no output file.")
 
     def initAlgorithm(self, config: dict | None = None) -> None:  # noqa: N802 - QGIS API
@@ -40,33 +43,29 @@ class PredictHeight(HeightAlgorithm):
                      advanced=True)
         self.add_int("BATCH_SIZE", "Tiles per batch", 4, 1, advanced=True)
         self.add_device()
+        self.add(QgsProcessingParameterEnum("BACKEND", self.tr("Backend"), options=list(BACKEND_CHOICES),
+                                            defaultValue=0), advanced=True)
         self.add(QgsProcessingParameterBoolean("AMP", self.tr("Mixed precision on CUDA GPUs"), defaultValue=True),
                  advanced=True)
         self.add(QgsProcessingParameterRasterDestination("OUTPUT", self.tr("Predicted height")))
 
     def execute(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
-        from ..core.inference import Cancelled
         from ..core.models import bundled_model_dir
-        from ..core.terrain import predict_surface
 
         embeddings = self.raster_path(parameters, "INPUT", context)
         out = self.raster_output(parameters, "OUTPUT", context)
-        model = self.parameterAsFile(parameters, "MODEL", context) or bundled_model_dir()
+        model = self.parameterAsFile(parameters, "MODEL", context) or str(bundled_model_dir())
         terrain = self.raster_path(parameters, "TERRAIN", context) if parameters.get("TERRAIN") else None
         feedback.pushInfo(f"model: {model}")
-        try:
-            result = predict_surface(
-                embeddings, model, out, terrain=terrain,
-                tile=self.parameterAsInt(parameters, "TILE", context) or None,
-                overlap=self.optional_int(parameters, "OVERLAP", context),
-                batch_size=self.parameterAsInt(parameters, "BATCH_SIZE", context),
-                device=self.enum_text(parameters, "DEVICE", context, DEVICE_CHOICES),
-                amp=self.parameterAsBoolean(parameters, "AMP", context),
-                progress=report_progress(feedback), cancel=feedback.isCanceled)
-        except Cancelled:
-            raise QgsProcessingException(self.tr("Prediction cancelled; no output was written.")) from None
+        result = self.run_in_worker("predict", {
+            "embeddings": embeddings, "model": model, "out": out, "terrain": terrain,
+            "tile": self.parameterAsInt(parameters, "TILE", context) or None,
+            "overlap": self.optional_int(parameters, "OVERLAP", context),
+            "batch_size": self.parameterAsInt(parameters, "BATCH_SIZE", context),
+            "device": self.enum_text(parameters, "DEVICE", context, DEVICE_CHOICES),
+            "backend": self.enum_text(parameters, "BACKEND", context, BACKEND_CHOICES),
+            "amp": self.parameterAsBoolean(parameters, "AMP", context)}, feedback)
         self.style_on_load(context, out, "height")
-        feedback.pushInfo(f"{result.grid.width} x {result.grid.height} px, {result.tiles} tiles in "
-                          f"{result.seconds:.1f} s on {result.device}")
+        feedback.pushInfo(f"{result['width']} x {result['height']} px, {result['tiles']} tiles in "
+                          f"{result['seconds']:.1f} s on {result['device']}")
         return {"OUTPUT": out}
-

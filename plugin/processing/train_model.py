@@ -75,20 +75,17 @@ class TrainModel(HeightAlgorithm):
         self.addOutput(QgsProcessingOutputNumber("TEST_RMSE", self.tr("Test RMSE (m)")))
 
     def execute(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
-        from ...training.train import train_model
-
         out = self.parameterAsFileOutput(parameters, "OUTPUT", context)
-        result = train_model(self._config(parameters, context, out), log=feedback.pushInfo)
-        test = result.metrics["test"]
-        return {"OUTPUT": str(result.model_dir), "TEST_R2": test["r2"], "TEST_RMSE": test["rmse"]}
+        result = self.run_in_worker("train", self._config(parameters, context, out), feedback)
+        test = result["metrics"]["test"]
+        return {"OUTPUT": result["model_dir"], "TEST_R2": test["r2"], "TEST_RMSE": test["rmse"]}
 
-    def _config(self, parameters: dict, context: QgsProcessingContext, out: str):
-        from ...training.train import TrainConfig
-
+    def _config(self, parameters: dict, context: QgsProcessingContext, out: str) -> dict:
+        """TrainConfig's fields, sent to the worker (training imports torch, which QGIS never does)."""
         def number(name: str) -> int:
             return self.parameterAsInt(parameters, name, context)
 
-        return TrainConfig(
+        return dict(
             embeddings=self.raster_path(parameters, "EMBEDDINGS", context),
             reference=self.raster_path(parameters, "REFERENCE", context), out=out,
             arch=self.enum_text(parameters, "ARCH", context, ARCH_CHOICES),

@@ -34,9 +34,10 @@ from ..core.models import read_card
 from ..core.models import bundled_model_dir
 from ..core.rasters import EmbeddingRaster
 from ..core.terrain import uses_terrain
-from ..dependencies import InstallTask, missing_dependencies
+from ..core.worker import WorkerError
+from ..environment import PYTHON_OVERRIDE, ManagedEnvironment, profile_environment, worker_python
 from ..layers import add_result_layers
-from ..tasks import HeightTask
+from ..tasks import EnvironmentTask, HeightTask, relay_worker_log
 from .aoi_tool import AoiMapTool, AoiRubberBand, canvas_aoi, layer_aoi, qgs_crs, rectangle_aoi
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ class HeightDock(QgsDockWidget):
     """Dock panel; ``runFinished(ok)`` fires after each run's outcome has been shown."""
 
     runFinished = pyqtSignal(bool)
+    environmentChanged = pyqtSignal(bool)  # after an install or removal: whether runs can start
 
     def __init__(self, iface, parent: Optional[QWidget] = None) -> None:
         super().__init__(TITLE, parent)
@@ -193,7 +195,9 @@ class HeightDock(QgsDockWidget):
         self.settings = QgsSettings()
         self.aoi: Optional[AreaOfInterest] = None
         self.task: Optional[HeightTask] = None  # referenced while QGIS runs it
-        self.install_task: Optional[InstallTask] = None
+        self.environment: ManagedEnvironment = profile_environment()
+        self.env_task: Optional[EnvironmentTask] = None
+        self._plan_text: Optional[str] = None
         self.probe_task: Optional[QgsTask] = None
         self.last_result: Optional[HeightJobResult] = None
         self.details_viewer: Optional[QgsMessageViewer] = None  # the last error's Details window
@@ -205,7 +209,7 @@ class HeightDock(QgsDockWidget):
         self.canvas.mapToolSet.connect(self._on_map_tool_set)
         self._build()
         self._restore_settings()
-        self.refresh_dependencies()
+        self.refresh_environment()
         self._filter_layer_pickers()
         QgsProject.instance().layersAdded.connect(self._filter_layer_pickers)
         QgsProject.instance().layersRemoved.connect(self._filter_layer_pickers)
@@ -215,7 +219,7 @@ class HeightDock(QgsDockWidget):
     def _build(self) -> None:
         body = QWidget()
         layout = QVBoxLayout(body)
-        for group in (self._dependencies_group(), self._aoi_group(), self._embeddings_group(), self._model_group(),
+        for group in (self._environment_group(), self._aoi_group(), self._embeddings_group(), self._model_group(),
                       self._reference_group(), self._output_group()):
             layout.addWidget(group)
         layout.addLayout(self._run_row())
@@ -228,17 +232,28 @@ class HeightDock(QgsDockWidget):
             widget.installEventFilter(self.wheel_guard)
         self.setWidget(scroll)
 
-    def _dependencies_group(self) -> QGroupBox:
-        self.deps_group = QGroupBox("Missing Python packages")
-        layout = QVBoxLayout(self.deps_group)
-        self.deps_label = QLabel()
-        self.deps_label.setWordWrap(True)
-        self.install_button = QPushButton("Install")
-        self.install_button.setToolTip("pip install the missing packages into the plugin's own folder")
-        self.install_button.clicked.connect(self.install_dependencies)
-        layout.addWidget(self.deps_label)
-        layout.addWidget(self.install_button, 0, Qt.AlignmentFlag.AlignLeft)
-        return self.deps_group
+    def _environment_group(self) -> QGroupBox:
+        self.env_group = QGroupBox("Python environment")
+        layout = QVBoxLayout(self.env_group)
+        self.env_label = QLabel()
+        self.env_label.setWordWrap(True)
+        self.env_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        buttons = QHBoxLayout()
+        self.env_install_button = QPushButton("Install")
+        self.env_install_button.clicked.connect(lambda: self.install_environment("inference"))
+        self.env_training_button = QPushButton("Add training (PyTorch)")
+        self.env_training_button.setToolTip("Training and GPU inference need PyTorch: ~0.8 GB (CPU build), "
+                                            "~5 GB with CUDA (chosen when an NVIDIA GPU is found)")
+        self.env_training_button.clicked.connect(lambda: self.install_environment("training"))
+        self.env_remove_button = QPushButton("Remove")
+        self.env_remove_button.setToolTip("Delete the plugin's Python environment (QGIS itself is not touched)")
+        self.env_remove_button.clicked.connect(self.remove_environment)
+        for button in (self.env_install_button, self.env_training_button, self.env_remove_button):
+            buttons.addWidget(button)
+        buttons.addStretch(1)
+        layout.addWidget(self.env_label)
+        layout.addLayout(buttons)
+        return self.env_group
 
     def _aoi_group(self) -> QGroupBox:
         group = QGroupBox("Area of interest")
@@ -559,11 +574,12 @@ class HeightDock(QgsDockWidget):
             self.detect_device()
 
     def detect_device(self) -> None:
-        """Ask PyTorch for the GPU in the background (importing torch takes seconds)."""
-        if self.probe_task is not None or missing_dependencies():
+        """Ask the worker environment what it runs on (torch is imported there, never in QGIS)."""
+        python = worker_python(self.environment)
+        if self.probe_task is not None or python is None:
             return
         self.device_label.setText("GPU: detecting…")
-        self.probe_task = QgsTask.fromFunction("AlphaEarth Height: detecting GPU", _probe_device,
+        self.probe_task = QgsTask.fromFunction("AlphaEarth Height: detecting GPU", _probe_device, python,
                                                on_finished=self._on_probe_done)
         QgsApplication.taskManager().addTask(self.probe_task)
 
@@ -611,14 +627,18 @@ class HeightDock(QgsDockWidget):
     def run(self) -> None:
         if self.is_running():
             return
+        python = worker_python(self.environment)
         try:
+            if python is None:
+                raise InputError("Python environment", "is not installed",
+                                 "Click Install in the dock's 'Python environment' group first")
             job = self.build_job()
         except InputError as exc:
             self.report_error(exc)
             return
         self.save_settings()
         self._show_metrics({})
-        self.task = HeightTask(job, self._on_task_done)
+        self.task = HeightTask(job, python, self._on_task_done)
         self.task.progressChanged.connect(self._on_progress)
         self._set_running(True)
         log.info("Starting height job %s (%s %d)", job.name, job.source, job.year)
@@ -635,7 +655,7 @@ class HeightDock(QgsDockWidget):
         self.progress.setValue(int(value))
 
     def _set_running(self, running: bool) -> None:
-        self.run_button.setEnabled(not running and not missing_dependencies())
+        self.run_button.setEnabled(not running and worker_python(self.environment) is not None)
         self.cancel_button.setEnabled(running)
         if running:
             self.progress.setValue(0)
@@ -651,7 +671,8 @@ class HeightDock(QgsDockWidget):
             self.iface.messageBar().pushMessage(TITLE, "Run cancelled; nothing was written",
                                                 Qgis.MessageLevel.Info, 5)
         else:
-            self.report_error(task.error or RuntimeError("the run failed"), logged=True)
+            self.report_error(task.error or RuntimeError("the run failed"), logged=True,
+                              details=getattr(task.error, "details", ""))
         self.runFinished.emit(ok)
 
     def _show_result(self, result: HeightJobResult, name: str) -> bool:
@@ -690,7 +711,8 @@ class HeightDock(QgsDockWidget):
         """The one-line reason, in full, on the message bar; its Details button shows ``details``
         (e.g. a log) or the traceback. The traceback also goes to the log panel."""
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-        text = reason if isinstance(exc, InputError) else f"{type(exc).__name__}: {reason or 'no message'}"
+        plain = isinstance(exc, (InputError, WorkerError))  # already worded for the user
+        text = reason if plain else f"{type(exc).__name__}: {reason or 'no message'}"
         if level == Qgis.MessageLevel.Warning:
             log.warning("%s", text)
         elif not logged:
@@ -729,39 +751,73 @@ class HeightDock(QgsDockWidget):
         self.details_viewer = viewer
         viewer.showMessage(False)
 
-    # ---- dependencies -----------------------------------------------------------------------
+    # ---- Python environment -----------------------------------------------------------------
 
-    def refresh_dependencies(self) -> None:
-        """Show what is missing and offer to install it; running needs everything."""
-        missing = missing_dependencies()
-        self.deps_group.setVisible(bool(missing))
-        self.deps_label.setText("The plugin needs: " + ", ".join(missing) +
-                                ". Install them into the plugin's own folder (restart QGIS afterwards).")
-        self.run_button.setEnabled(not missing and not self.is_running())
+    def refresh_environment(self) -> None:
+        """Say where runs happen and what installing would add; Run needs the environment."""
+        env, python = self.environment, worker_python(self.environment)
+        busy = self.env_task is not None
+        if python is not None and not env.is_ready():
+            text = f"Runs use the Python set by ${PYTHON_OVERRIDE}: {python}"
+        elif python is not None:
+            torch = "training" in env.installed_sets()
+            text = (f"Ready: {env.folder} ({env.size_bytes() / 1e6:,.0f} MB). " +
+                    ("Training and GPU inference available (PyTorch)." if torch else
+                     "CPU inference with ONNX Runtime. Training and GPU inference need PyTorch "
+                     "(~0.8 GB CPU build, ~5 GB with CUDA): 'Add training'."))
+        else:
+            text = ("Runs happen in a separate Python environment the plugin manages (ONNX Runtime, rasterio, "
+                    "numpy, matplotlib; what the system already has is reused), never in QGIS's own Python. "
+                    + (self._plan_text or "Checking what it needs to download…"))
+        self.env_label.setText(text)
+        self.env_install_button.setVisible(python is None)
+        self.env_install_button.setEnabled(not busy)
+        self.env_training_button.setVisible(env.is_ready() and "training" not in env.installed_sets())
+        self.env_training_button.setEnabled(not busy)
+        self.env_remove_button.setVisible(env.python.is_file())
+        self.env_remove_button.setEnabled(not busy)
+        self.run_button.setEnabled(python is not None and not self.is_running())
+        if python is None and self._plan_text is None and not busy:
+            self._start_env_task("plan", "inference")
 
-    def install_dependencies(self) -> None:
-        if self.install_task is not None:
+    def install_environment(self, package_set: str = "inference") -> None:
+        self._start_env_task("install", package_set)
+
+    def remove_environment(self) -> None:
+        self._start_env_task("remove", "inference")
+
+    def _start_env_task(self, action: str, package_set: str) -> None:
+        if self.env_task is not None:
             return
-        self.install_button.setEnabled(False)
-        self.install_task = InstallTask(missing_dependencies(), self._on_install_done)
-        self.install_task.progressChanged.connect(self._on_progress)
-        QgsApplication.taskManager().addTask(self.install_task)
+        self.env_task = EnvironmentTask(self.environment, action, package_set, self._on_env_task_done)
+        if action == "install":
+            self.env_task.progressChanged.connect(self._on_progress)
+        QgsApplication.taskManager().addTask(self.env_task)
+        self.refresh_environment()
+        if action == "install":
+            self.env_label.setText(f"Installing the {package_set} packages… (pip's output is in the log panel)")
 
-    def _on_install_done(self, task: InstallTask) -> None:
-        self.install_task = None
-        self.install_button.setEnabled(True)
-        self.refresh_dependencies()
-        if task.error:
-            self.report_error(RuntimeError(task.error.splitlines()[0]), logged=True)
-        elif not missing_dependencies():
-            self.iface.messageBar().pushMessage(TITLE, "Packages installed", Qgis.MessageLevel.Success, 5)
+    def _on_env_task_done(self, task: EnvironmentTask) -> None:
+        self.env_task = None
+        if task.action == "plan":
+            self._plan_text = ("Install will " + task.plan.describe() + "." if task.plan is not None
+                               else f"Could not check the download size ({task.error}).")
+        self.refresh_environment()
+        if task.action != "plan":
+            self.progress.setValue(0)
+            if task.error:
+                self.report_error(RuntimeError(task.error), details="\n".join(task.lines[-60:]))
+            else:
+                done = "installed" if task.action == "install" else "removed"
+                self.iface.messageBar().pushMessage(TITLE, f"Python environment {done}", Qgis.MessageLevel.Success, 5)
+            self.environmentChanged.emit(worker_python(self.environment) is not None)
 
     # ---- teardown -----------------------------------------------------------------------
 
     def shutdown(self) -> None:
         """Remember choices, stop background work, take our items off the canvas (unload)."""
         self.save_settings()
-        for task in (self.task, self.install_task):
+        for task in (self.task, self.env_task):
             if task is not None and task.on_done is not None:
                 task.on_done = None
                 task.cancel()
@@ -774,7 +830,11 @@ class HeightDock(QgsDockWidget):
         self.rubber_band.remove()
 
 
-def _probe_device(_task: QgsTask) -> str:
-    from ..core.device import describe_device, select_device
+def _probe_device(_task: QgsTask, python: str) -> str:
+    from ..core.worker import call_worker
 
-    return describe_device(select_device("auto"))
+    info = call_worker("environment", {}, python=python, on_log=relay_worker_log)
+    if info.get("gpu"):
+        return info["gpu"]
+    onnx = f"ONNX Runtime {info['onnxruntime']}" if info.get("onnxruntime") else "no ONNX Runtime"
+    return f"cpu ({onnx}; {'PyTorch' if info.get('torch_device') else 'no PyTorch, so no GPU'})"

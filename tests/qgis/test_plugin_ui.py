@@ -28,7 +28,7 @@ from qgis.PyQt.QtWidgets import (QAbstractButton, QAbstractSpinBox, QComboBox, Q
 from alphaearth_height.plugin.core.aoi import AreaOfInterest  # noqa: E402
 from alphaearth_height.plugin.core.errors import InputError  # noqa: E402
 from alphaearth_height.plugin.core.job import FETCH_END  # noqa: E402
-from alphaearth_height.plugin.dependencies import dependencies_dir, missing_dependencies, python_executable  # noqa: E402
+from alphaearth_height.plugin.environment import PYTHON_OVERRIDE  # noqa: E402
 from alphaearth_height.plugin.log import TAG  # noqa: E402
 from alphaearth_height.plugin.ui import dock as dock_module  # noqa: E402
 
@@ -192,7 +192,7 @@ def test_plugin_loads_and_unloads_cleanly(iface):
     plugin = start_plugin(iface)
     assert plugin.action in iface.toolbar.actions()
     assert plugin.action in iface.menus["&AlphaEarth Height"]
-    assert str(dependencies_dir()) in __import__("sys").path
+    assert not [p for p in __import__("sys").path if "alphaearth_height" in p and "dependencies" in p]
     assert plugin.dock is None, "the dock is built lazily"
     dock = open_dock(plugin)
     assert dock is not None and dock.isVisible() and plugin.action.isChecked()
@@ -235,9 +235,10 @@ def test_python_logging_reaches_log_panel(plugin):
     assert ours[-1][1] == Qgis.MessageLevel.Critical
 
 
-def test_dependencies_found_and_pip_interpreter():
-    assert missing_dependencies() == []
-    assert Path(python_executable()).name.startswith("python")
+def test_runs_use_the_worker_interpreter_never_qgis_python(dock, monkeypatch):
+    assert dock.run_button.isEnabled()
+    assert PYTHON_OVERRIDE in dock.env_label.text()
+    assert not dock.env_install_button.isVisibleTo(dock)
 
 
 # ---- dock -----------------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def test_dock_builds_with_expected_controls(dock, iface):
     assert (dock.year_spin.minimum(), dock.year_spin.maximum()) == (2017, 2025)
     assert [dock.device_combo.itemData(i) for i in range(3)] == ["auto", "cpu", "cuda"]
     assert dock.reference_combo.allowEmptyLayer() and dock.reference_combo.currentLayer() is None
-    assert not dock.deps_group.isVisibleTo(dock) and dock.run_button.isEnabled()
+    assert dock.env_group.isVisibleTo(dock) and dock.run_button.isEnabled()
 
 
 def test_aoi_estimate_shown_before_fetching(dock):
@@ -293,12 +294,22 @@ def test_settings_persist(dock, iface, tiny_model, tmp_path):
         again.deleteLater()
 
 
-def test_missing_torch_shows_install_offer(dock, monkeypatch):
-    monkeypatch.setattr(dock_module, "missing_dependencies", lambda: ["torch", "safetensors"])
-    dock.refresh_dependencies()
-    assert dock.deps_group.isVisibleTo(dock)
-    assert "torch, safetensors" in dock.deps_label.text()
-    assert dock.install_button.isEnabled() and not dock.run_button.isEnabled()
+def test_without_an_environment_the_dock_offers_to_install_one(dock, monkeypatch, tmp_path):
+    """No worker Python yet: Install is offered with the download size pip's dry run reports."""
+    from alphaearth_height.plugin.environment import ManagedEnvironment, InstallPlan
+
+    monkeypatch.delenv(PYTHON_OVERRIDE)
+    dock.environment = ManagedEnvironment(tmp_path / "env")
+    plans = []
+    monkeypatch.setattr(dock, "_start_env_task", lambda action, package_set: plans.append((action, package_set)))
+    dock.refresh_environment()
+    assert plans == [("plan", "inference")], "the download size is checked as soon as the dock shows"
+    assert dock.env_install_button.isVisibleTo(dock) and not dock.run_button.isEnabled()
+    dock._plan_text = "Install will " + InstallPlan([("onnxruntime", "1.32.0", 28_000_000)]).describe() + "."
+    dock.refresh_environment()
+    assert "download 28 MB: onnxruntime 1.32.0" in dock.env_label.text()
+    dock.run()
+    assert any("Python environment: is not installed" in text for text in dock.iface.messages())
 
 
 def test_model_card_shown(dock, tiny_model, tmp_path):
