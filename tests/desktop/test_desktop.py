@@ -54,6 +54,19 @@ def test_dock_installs_the_worker_environment(desktop_run, capsys):
         assert Path(worker).is_relative_to(desktop_run.env_dir), f"runs would use {worker}, not the environment"
 
 
+def test_environment_is_built_on_the_python_qgis_runs_on(desktop_run):
+    """A venv of QGIS's own interpreter reuses the system's numpy/GDAL/rasterio/matplotlib
+    (here ~110 MB); one of another interpreter (e.g. a pyenv python3 first on PATH, which
+    QGIS's embedded Python reports as sys.executable) pulls them all from PyPI (~320 MB)."""
+    env = desktop_run.result.get("env") or {}
+    cfg = env.get("pyvenv_cfg")
+    assert cfg, "no pyvenv.cfg in the environment" + _context(desktop_run)
+    assert cfg.get("include-system-site-packages") == "true", cfg
+    version = cfg.get("version") or cfg.get("version_info")
+    assert version == desktop_run.result["python"], \
+        f"environment made from Python {version} in {cfg.get('home')}, QGIS runs Python {desktop_run.result['python']}"
+
+
 def test_dock_run_adds_styled_height_and_difference_layers(desktop_run):
     result = desktop_run.result
     run = result.get("run")

@@ -4,10 +4,13 @@ profile (release zip installed and enabled there; QGIS_CUSTOM_CONFIG_PATH points
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import rasterio
 from rasterio.windows import Window
+
+from desktop_harness import clean_environment, make_profile, qgis_process_command
 
 ALGORITHMS = ("alphaearth_height:predictheight", "alphaearth_height:compareheights",
               "alphaearth_height:fetchembeddings", "alphaearth_height:trainmodel")
@@ -54,3 +57,18 @@ def test_qgis_process_predicts_height_on_the_input_grid(qgis_process, desktop_ru
         assert dst.count == 1
         heights = dst.read(1, masked=True)
         assert heights.count() > 0.9 * heights.size
+
+
+def test_qgis_process_without_the_environment_says_how_to_get_it(release_zip, small_embeddings, tmp_path):
+    """A profile where the plugin is installed but its environment is not: a clear error, no output."""
+    profiles = tmp_path / "profiles"
+    make_profile(profiles, release_zip)
+    out = tmp_path / "height.tif"
+    env = clean_environment(QT_QPA_PLATFORM="offscreen", QGIS_CUSTOM_CONFIG_PATH=str(profiles))
+    done = subprocess.run([*qgis_process_command(), "run", "alphaearth_height:predictheight", "--",
+                           f"INPUT={small_embeddings}", f"OUTPUT={out}"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    text = done.stdout + done.stderr
+    assert done.returncode != 0, text
+    assert "environment" in text and "Install" in text, text[-3000:]
+    assert not out.exists()
