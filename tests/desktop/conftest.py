@@ -16,10 +16,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from desktop_harness import (ROOT, build_zip, make_profile, missing_tools, qgis_process_command,  # noqa: E402
-                             run_qgis_desktop)
+from .desktop_harness import (ROOT, build_zip, clean_environment, make_profile, missing_tools,
+                              qgis_process_command, run_qgis_desktop)
 
 # Time limits for the start-up script (seconds): pip fetches ~100 MB for the environment.
 ENV_TIMEOUT_S = 480
@@ -96,8 +94,6 @@ def desktop_run(desktop_profiles, demo_scene, desktop_artifacts, tmp_path_factor
 @pytest.fixture(scope="session")
 def qgis_process(desktop_profiles):
     """Run qgis_process with the test profile (QGIS_CUSTOM_CONFIG_PATH) and the plugin enabled there."""
-    from desktop_harness import clean_environment
-
     command = qgis_process_command()
     env = clean_environment(QT_QPA_PLATFORM="offscreen", QGIS_CUSTOM_CONFIG_PATH=str(desktop_profiles))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from desktop_harness import describe_signal
+from .desktop_harness import describe_signal
 
 
 def _context(run) -> str:

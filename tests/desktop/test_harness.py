@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from desktop_harness import describe_signal, make_profile, run_qgis_desktop
+from .desktop_harness import describe_signal, make_profile, run_qgis_desktop
 
 
 def test_a_crashing_qgis_is_caught(release_zip, tmp_path):

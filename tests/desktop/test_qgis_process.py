@@ -10,7 +10,7 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
-from desktop_harness import clean_environment, make_profile, qgis_process_command
+from .desktop_harness import clean_environment, make_profile, qgis_process_command
 
 ALGORITHMS = ("alphaearth_height:predictheight", "alphaearth_height:compareheights",
               "alphaearth_height:fetchembeddings", "alphaearth_height:trainmodel")
