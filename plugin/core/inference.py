@@ -95,6 +95,9 @@ class OnnxRunner:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # warnings about unused initializers are noise here
+        # Spinning threads would keep the cores busy between batches, while this process
+        # reads, de-quantises and blends the next tiles on the same cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(package.onnx_path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         self.mean, self.std = package.target_mean, package.target_std
