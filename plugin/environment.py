@@ -189,10 +189,13 @@ def worker_python(environment: ManagedEnvironment) -> Optional[str]:
 def system_python() -> str:
     """A Python interpreter of the system QGIS runs on (``sys.executable`` is QGIS itself there)."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    prefix = Path(sys.exec_prefix)
-    candidates = [sys.executable, getattr(sys, "_base_executable", ""), str(prefix / "python.exe"),
-                  str(prefix / "python3.exe"), str(prefix / "bin" / f"python{version}"), str(prefix / "bin" / "python3"),
-                  shutil.which(f"python{version}") or "", shutil.which("python3") or ""]
+    prefix = Path(sys.base_exec_prefix)
+    # The interpreter of QGIS's own Python installation first: an embedded Python may report
+    # whichever python3 is first on PATH as sys.executable (a pyenv one, say), whose venv
+    # would not see the system's numpy, GDAL and rasterio and download them all again.
+    candidates = [str(prefix / "bin" / f"python{version}"), str(prefix / "bin" / "python3"),
+                  str(prefix / "python.exe"), str(prefix / "python3.exe"), getattr(sys, "_base_executable", ""),
+                  sys.executable, shutil.which(f"python{version}") or "", shutil.which("python3") or ""]
     for candidate in candidates:
         if candidate and Path(candidate).name.lower().startswith("python") and os.path.isfile(candidate):
             return candidate
