@@ -70,6 +70,21 @@ def test_size_under_the_plugin_repository_limit(release):
     assert release.stat().st_size < 25 * 1000 * 1000
 
 
+def test_bundled_model_runs_on_onnx_runtime_from_the_zip(release, tmp_path):
+    """The zip's model folder alone (graph + weights it points into) is enough for ONNX Runtime."""
+    import numpy as np
+    import onnxruntime as ort
+
+    folder = "alphaearth_height/resources/models/demo-unetplusplus/"
+    with zipfile.ZipFile(release) as archive:
+        members = [n for n in archive.namelist() if n.startswith(folder)]
+        assert folder + "model.onnx" in members and folder + "model.safetensors" in members
+        archive.extractall(tmp_path, members)
+    session = ort.InferenceSession(str(tmp_path / folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    heights = session.run(None, {"embeddings": np.zeros((1, 64, 64, 64), dtype=np.float32)})[0]
+    assert heights.shape == (1, 1, 64, 64) and np.isfinite(heights).all()
+
+
 def test_metadata_is_complete_and_matches_the_package_version(release):
     with zipfile.ZipFile(release) as archive:
         general = metadata(archive.read("alphaearth_height/metadata.txt").decode("utf-8"))
