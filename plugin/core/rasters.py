@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +198,59 @@ def check_output_path(path: str | os.PathLike, *inputs: str | os.PathLike) -> Pa
         if source and Path(source).resolve() == out:
             raise InputError(path, "is also an input and would be overwritten", "Choose another output path")
     return out
+
+
+def _existing_folder(path: str | os.PathLike) -> Path:
+    """``path`` itself if it is a folder, else its nearest existing parent folder."""
+    folder = Path(path).absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Bytes an unprivileged write can still use on the filesystem holding ``path``."""
+    return shutil.disk_usage(_existing_folder(path)).free
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e6:.1f} MB"
+
+
+def disk_full_error(path: str | os.PathLike) -> InputError:
+    """The one-line error for a write that ran out of space (ENOSPC, EFBIG or GDAL's write failures)."""
+    try:
+        free = _megabytes(free_bytes(path))
+    except OSError:
+        free = "unknown"
+    return InputError(path, f"cannot be written: the disk is full ({free} free)",
+                      "Free space or choose another folder")
+
+
+def ensure_free_space(path: str | os.PathLike, needed_bytes: float, what: str) -> None:
+    """Refuse, before any work, to write ``what`` (about ``needed_bytes``) where it cannot fit.
+
+    ``path`` is the output file or its folder (the nearest existing folder is measured).
+    Give a conservative estimate: a refusal here must mean the write could not succeed;
+    write errors during the write are caught by ``atomic_write`` in any case.
+    """
+    free = free_bytes(path)
+    if needed_bytes > free:
+        raise InputError(path, f"cannot be written: {what} needs about {_megabytes(needed_bytes)} "
+                               f"but only {_megabytes(free)} is free there",
+                         "Free space or choose another folder")
+
+
+def raster_bytes(width: int, height: int, count: int = 1, dtype: str = "float32",
+                 compressed: bool = True) -> int:
+    """A size estimate for a GeoTIFF: raw pixels, or a quarter of them when it is compressed.
+
+    A quarter is a floor rather than a forecast (DEFLATE with a predictor rarely does
+    better on heights or embeddings), so ``ensure_free_space`` refuses only writes that
+    cannot fit.
+    """
+    raw = int(width) * int(height) * int(count) * np.dtype(dtype).itemsize
+    return raw // 4 if compressed else raw
 
 
 def current_umask() -> int:
