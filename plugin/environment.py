@@ -208,27 +208,32 @@ def nvidia_gpu_present() -> bool:
 
 
 def _run(command: list[str], log: LineFn, quiet: bool = False) -> str:
-    """Run a set-up command, streaming its output lines to ``log``; its stdout is returned."""
+    """Run a set-up command; its output lines go to ``log`` (unless ``quiet``) and its stdout is returned.
+
+    ``log`` may raise to cancel: the command is then killed.
+    """
     log("$ " + " ".join(command))
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT if not quiet else subprocess.PIPE,
-                            text=True, env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")})
-    out_lines = []
-    try:
-        for line in proc.stdout:
-            out_lines.append(line)
-            if not quiet:
-                log(line.rstrip())  # may raise to cancel
-        err = proc.stderr.read() if quiet else ""
-        proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE if quiet else subprocess.STDOUT,
+                          text=True, env=env) as proc:
+        try:
+            if quiet:
+                out, err = proc.communicate()
+            else:
+                lines = []
+                for line in proc.stdout:
+                    lines.append(line)
+                    log(line.rstrip())
+                out, err = "".join(lines), ""
+                proc.wait()
+        except BaseException:
+            proc.kill()
+            raise
     if proc.returncode != 0:
-        text = (err or "".join(out_lines)).strip().splitlines()
+        text = (err or out).strip().splitlines()
         reason = next((line for line in reversed(text) if re.match(r"\s*(ERROR|error)", line)), text[-1] if text else "")
         raise SetupError(f"{Path(command[0]).name} {' '.join(command[1:3])} failed: {reason.strip()}")
-    return "".join(out_lines)
+    return out
 
 
 def _download_size(url: str) -> Optional[int]:

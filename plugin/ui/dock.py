@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import logging
 import os
-import tempfile
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -109,7 +108,8 @@ class BodyScrollArea(QScrollArea):
 
 
 def default_output_folder() -> str:
-    return str(Path(tempfile.gettempdir()) / "alphaearth_height")
+    """A folder that survives a reboot (a temp folder would not, and QGIS treats layers there as temporary)."""
+    return str(Path.home() / "AlphaEarth Height")
 
 
 def human_bytes(count: float) -> str:
