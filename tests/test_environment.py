@@ -50,28 +50,47 @@ def test_the_lean_install_is_small_and_ready(installed):
     assert any("onnxruntime" in line for line in lines)
 
 
-def test_the_lean_environment_runs_a_prediction_without_torch(installed, tmp_path):
-    """The worker, started as the plugin starts it, predicts with ONNX Runtime and never imports torch."""
-    env, _, _ = installed
+def _serve_in(env: ManagedEnvironment, tmp_path: Path, request: dict) -> tuple[int, list[dict], str]:
+    """The worker in the lean environment, with the plugin importable as the plugin folder makes it."""
     plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "alphaearth_height").symlink_to(REPO, target_is_directory=True)
-    embeddings = write_embeddings(tmp_path / "emb.tif", unit_embeddings(96, 96, seed=1))
-    out = tmp_path / "h.tif"
+    plugins.mkdir(exist_ok=True)
+    if not (plugins / "alphaearth_height").exists():
+        (plugins / "alphaearth_height").symlink_to(REPO, target_is_directory=True)
     boot = ("import sys, json; sys.path.insert(0, sys.argv[1]); "
             "from alphaearth_height.plugin.core.worker import serve; code = serve(); "
             "print(json.dumps({'torch_loaded': 'torch' in sys.modules})); sys.exit(code)")
-    request = {"action": "predict", "params": {"embeddings": str(embeddings), "model": str(bundled_model_dir()),
-                                               "out": str(out)}}
     proc = subprocess.run([str(env.python), "-c", boot, str(plugins)], input=json.dumps(request),
                           capture_output=True, text=True, timeout=300)
-    events = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert proc.returncode == 0, proc.stderr
+    return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
+
+
+def test_the_lean_environment_runs_a_prediction_without_torch(installed, tmp_path):
+    """The worker, started as the plugin starts it, predicts with ONNX Runtime and never imports torch."""
+    env, _, _ = installed
+    embeddings = write_embeddings(tmp_path / "emb.tif", unit_embeddings(96, 96, seed=1))
+    out = tmp_path / "h.tif"
+    request = {"action": "predict", "params": {"embeddings": str(embeddings), "model": str(bundled_model_dir()),
+                                               "out": str(out)}}
+    code, events, stderr = _serve_in(env, tmp_path, request)
+    assert code == 0, stderr
     result = next(e["value"] for e in events if e.get("event") == "result")
     assert "ONNX Runtime" in result["device"]
     assert events[-1] == {"torch_loaded": False}
     with rasterio.open(out) as src:
         assert src.width == 96 and src.crs.to_string() == "EPSG:32630"
+
+
+def test_asking_the_lean_environment_for_a_gpu_says_what_to_install(installed, tmp_path):
+    env, _, _ = installed
+    embeddings = write_embeddings(tmp_path / "emb.tif", unit_embeddings(32, 32, seed=1))
+    request = {"action": "predict", "params": {"embeddings": str(embeddings), "model": str(bundled_model_dir()),
+                                               "out": str(tmp_path / "h.tif"), "device": "cuda"}}
+    code, events, _ = _serve_in(env, tmp_path, request)
+    error = next(e for e in events if e.get("event") == "error")
+    assert code == 2 and error["kind"] == "input"
+    assert "device 'cuda'" in error["message"] and "needs PyTorch" in error["message"]
+    assert "Add training" in error["message"] and "\n" not in error["message"]
+    assert not (tmp_path / "h.tif").exists()
 
 
 def test_worker_python_needs_a_ready_environment_or_the_override(tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ from .errors import InputError
 from .models import ONNX_FILE, ModelPackage, open_package
 from .rasters import (OUTPUT_NODATA, EmbeddingRaster, Grid, atomic_write, check_output_path,
                       describe_band, float_profile, valid_mask)
+from .sizes import check_size, format_bytes
 
 DEFAULT_BAND_WIDTH = 4096
 
@@ -79,7 +80,7 @@ class TorchRunner:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
-        x = torch.from_numpy(np.nan_to_num(batch, nan=0.0)).to(self.device)
+        x = torch.from_numpy(np.nan_to_num(batch, nan=0.0, posinf=0.0, neginf=0.0)).to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
@@ -105,7 +106,7 @@ class OnnxRunner:
         self.description = f"cpu (ONNX Runtime {ort.__version__}, {threads} threads)"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(np.nan_to_num(batch, nan=0.0), dtype=np.float32)
+        x = np.ascontiguousarray(np.nan_to_num(batch, nan=0.0, posinf=0.0, neginf=0.0), dtype=np.float32)
         y = self.session.run(None, {self.input: x})[0][:, 0]
         return y * np.float32(self.std) + np.float32(self.mean)
 
@@ -135,10 +136,25 @@ def resolve_backend(package: ModelPackage, backend: str = "auto", device: str = 
                              "Use --backend torch for a GPU, or --device cpu")
         return "onnx"
     if backend == "torch" or package.onnx_path is None or not have_ort or device not in ("auto", "cpu"):
-        return "torch"
+        return _torch_available(package, backend, device)
     if device == "cpu" or importlib.util.find_spec("torch") is None:
         return "onnx"
     return "torch" if _torch_sees_gpu() else "onnx"
+
+
+def _torch_available(package: ModelPackage, backend: str, device: str) -> str:
+    """'torch', or a one-line error when this Python has no PyTorch (the plugin's lean environment)."""
+    if importlib.util.find_spec("torch") is not None:
+        return "torch"
+    if device not in ("auto", "cpu"):
+        reason = f"device '{device}'"
+    elif backend == "torch":
+        reason = "backend 'torch'"
+    else:
+        reason = f"{package.path} (no {ONNX_FILE} graph)"
+    raise InputError(reason, "needs PyTorch, which this Python environment does not have",
+                     "Install it (the dock's 'Add training (PyTorch)', or pip install torch), "
+                     "or use the CPU with a model folder that has model.onnx")
 
 
 def _torch_sees_gpu() -> bool:
@@ -172,11 +188,14 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
                    batch_size: int = 4, device: str = "auto", amp: bool = True,
                    channels_last: Optional[bool] = None, band_width: int = DEFAULT_BAND_WIDTH,
                    progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
-                   relative: bool = False, backend: str = "auto") -> PredictionResult:
+                   relative: bool = False, backend: str = "auto", max_mpx: Optional[float] = None,
+                   too_large_fix: str = "Clip the embeddings to a smaller area first") -> PredictionResult:
     """Predict surface height (m) for every pixel of an embeddings raster into a GeoTIFF.
 
     A model trained on height above a coarse terrain raster is refused unless ``relative``
-    (set by ``core.terrain``, which adds the terrain back).
+    (set by ``core.terrain``, which adds the terrain back). Rasters above ``max_mpx``
+    megapixels are refused before any work (``too_large_fix`` says how to allow them);
+    so is a raster with no valid pixel (tiles without one are never run through the model).
     """
     started = time.perf_counter()
     package = model if isinstance(model, ModelPackage) else open_package(model)
@@ -189,9 +208,13 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
     _check_tiling(tile, overlap, batch_size, package.multiple)
     out = check_output_path(out_path, embeddings)
     with EmbeddingRaster(embeddings) as source:
-        runner = make_runner(package, backend, device, amp, channels_last)
         grid = source.grid
         plan = TilePlan(grid, tile, overlap, package.multiple, max(band_width, tile))
+        check_size(embeddings, grid.width, grid.height, max_mpx, resolution_m=grid.resolution[0],
+                   details=f", about {plan.total_tiles:,} tiles and "
+                           f"{format_bytes(4 * grid.width * grid.height)} of heights to write",
+                   allow=too_large_fix)
+        runner = make_runner(package, backend, device, amp, channels_last)
         stats = _Stats()
         with atomic_write(out) as tmp:
             with rasterio.open(tmp, "w", **float_profile(grid)) as dst:
@@ -202,10 +225,20 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
                     for finished in _predict_band(source, runner, plan, c0, c1, batch_size, cancel):
                         window, values, n_tiles = finished
                         stats.add(values)
+                        if stats.non_finite:
+                            raise InputError(package.path, f"gave {stats.non_finite} non-finite height(s) for valid "
+                                             f"embeddings (in the window at column {window.col_off}, row "
+                                             f"{window.row_off})", "Run in full precision (--no-amp, or untick "
+                                             "'Mixed precision') or check the model's weights")
                         dst.write(values, 1, window=window)
                         done += n_tiles
                         if progress:
                             progress(done, plan.total_tiles)
+                if not stats.n:
+                    raise InputError(embeddings, f"has no valid pixel in its {grid.width} x {grid.height} px "
+                                     "(every pixel is nodata, NaN or infinite)",
+                                     "Give embeddings with data over the area (AEF marks missing pixels -128), "
+                                     "or fetch the area again")
                 dst.update_tags(1, **stats.tags())
     return PredictionResult(out, grid, plan.total_tiles, time.perf_counter() - started,
                             runner.description, stats.summary())
@@ -251,18 +284,24 @@ def _predict_band(source: EmbeddingRaster, runner: ModelRunner, plan: TilePlan, 
             if cancel and cancel():
                 raise Cancelled("prediction cancelled")
             chunk = cols[first:first + batch_size]
-            batch = np.stack([source.read(Window(c, r, plan.tw, plan.th)) for c in chunk])
-            heights = runner(batch)
-            for c, emb, h in zip(chunk, batch, heights):
-                sl = np.s_[:, c - left:c - left + plan.tw]
+            tiles = [source.read(Window(c, r, plan.tw, plan.th)) for c in chunk]
+            masks = [valid_mask(emb) for emb in tiles]
+            live = [i for i, mask in enumerate(masks) if mask.any()]  # all-nodata tiles: no model run
+            heights = runner(np.stack([tiles[i] for i in live])) if live else []
+            for i, h in zip(live, heights):
+                sl = np.s_[:, chunk[i] - left:chunk[i] - left + plan.tw]
                 num[sl] += h * plan.weights
                 den[sl] += plan.weights
-                valid[sl] |= valid_mask(emb)
+            for c, mask in zip(chunk, masks):
+                valid[:, c - left:c - left + plan.tw] |= mask
         next_r = plan.rows[k + 1] if k + 1 < len(plan.rows) else min(r + plan.th, plan.grid.height)
         n = next_r - r
         a, b = c0 - left, c1 - left
-        with np.errstate(invalid="ignore", divide="ignore"):
-            values = np.where(valid[:n, a:b], num[:n, a:b] / den[:n, a:b], OUTPUT_NODATA).astype(np.float32)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            ratio = (num[:n, a:b] / den[:n, a:b]).astype(np.float32)
+        # NaN marks a valid pixel whose height is not finite: _Stats counts it, the caller refuses
+        values = np.where(valid[:n, a:b], np.where(np.isfinite(ratio), ratio, np.float32(np.nan)), OUTPUT_NODATA)
+        values = values.astype(np.float32)
         yield Window(c0, r, c1 - c0, n), values, len(cols)
         for buf in (num, den, valid):
             _shift_up(buf, n)
@@ -281,9 +320,14 @@ class _Stats:
     def __init__(self) -> None:
         self.n, self.total, self.sq = 0, 0.0, 0.0
         self.lo, self.hi = np.inf, -np.inf
+        self.non_finite = 0
 
     def add(self, values: np.ndarray) -> None:
         v = values[values != OUTPUT_NODATA].astype(np.float64)
+        finite = np.isfinite(v)
+        if not finite.all():
+            self.non_finite += int((~finite).sum())
+            v = v[finite]
         if v.size:
             self.n += v.size
             self.total += v.sum()
