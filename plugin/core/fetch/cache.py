@@ -25,7 +25,7 @@ from ..rasters import honour_umask
 from .tiling import Tile
 
 CACHE_ENV = "ALPHAEARTH_HEIGHT_CACHE"
-CACHED_SOURCES = ("earthengine", "cog")  # the only folders clear_cache() deletes
+CACHED_SOURCES = ("earthengine", "cog", "copernicus")  # the only folders clear_cache() deletes
 
 
 def default_cache_dir() -> Path:
