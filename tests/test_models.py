@@ -38,13 +38,20 @@ def _copy(tiny_model, tmp_path):
     return target
 
 
-def test_card_that_does_not_match_the_weights_is_refused(tiny_model, tmp_path):
+@pytest.mark.parametrize("field, value, expected", [
+    # seen in the safetensors header, without torch (open_package)
+    ("decoder_channels", [64, 32, 16], r"card says decoder_channels \[64, 32, 16\] but the weights have \[32, 16, 8\]"),
+    ("architecture", "unetplusplus", "card says architecture unetplusplus but the weights are a unet"),
+    # seen only by building the network (on the meta device, before any memory is allocated)
+    ("encoder", "resnet34", r"does not match the architecture in model.json \(\d+ missing, 0 unexpected"),
+])
+def test_card_that_does_not_match_the_weights_is_refused(tiny_model, tmp_path, field, value, expected):
     broken = _copy(tiny_model, tmp_path)
     card = json.loads((broken / "model.json").read_text())
-    card["model"]["decoder_channels"] = [64, 32, 16]
+    card["model"][field] = value
     card.pop("weights")
     (broken / "model.json").write_text(json.dumps(card))
-    with pytest.raises(InputError, match="does not match the architecture in model.json"):
+    with pytest.raises(InputError, match=expected):
         load_model(broken)
 
 
@@ -110,3 +117,95 @@ def test_bundled_model_is_small_and_says_what_it_was_trained_on():
     assert "synthetic" in card["training"]["region"]
     assert card["training"]["crs"] == "EPSG:32630"
     assert card["metrics"]["test"]["r2"] > 0.5
+
+
+def test_a_card_that_does_not_fit_is_refused_before_the_network_is_allocated(tiny_model, tmp_path, monkeypatch):
+    from alphaearth_height.plugin.core import models
+
+    broken = _copy(tiny_model, tmp_path)
+    card = json.loads((broken / "model.json").read_text())
+    card["model"]["encoder"] = "resnet50"  # same stem and decoder names, other shapes: only a build can tell
+    (broken / "model.json").write_text(json.dumps(card))
+    built = []
+    real_build = models.build_model
+
+    def recording_build(config):
+        module = real_build(config)
+        params = list(module.parameters())
+        built.append((sum(p.numel() for p in params if p.device.type != "meta"), sum(p.numel() for p in params)))
+        return module
+
+    monkeypatch.setattr(models, "build_model", recording_build)
+    with pytest.raises(InputError, match="does not match the architecture in model.json"):
+        load_model(broken)
+    # only a skeleton was built: no memory but the 64-band stem smp re-creates on the CPU
+    stem = 64 * 64 * 7 * 7
+    assert len(built) == 1 and built[0][0] <= stem < built[0][1]
+    assert load_model(tiny_model).module is not None
+    assert len(built) == 3 and built[1][0] <= stem and built[2][0] == built[2][1]  # skeleton, then the network
+
+
+def test_an_unknown_architecture_is_named_as_such_not_blamed_on_the_encoder():
+    config = architecture_config("unet", "resnet18", encoder_depth=3)
+    with pytest.raises(InputError) as info:
+        build_model({**config, "architecture": "segformer"})
+    assert info.value.subject == "architecture 'segformer'" and "encoder" not in str(info.value)
+    with pytest.raises(InputError) as info:
+        build_model({**config, "encoder": "resnet999"})
+    assert info.value.subject == "encoder 'resnet999'"
+
+
+NO_TORCH = """
+import json, sys
+sys.modules["torch"] = None  # any import of torch now fails, as in the plugin's lean ONNX environment
+from alphaearth_height.plugin.core.errors import InputError
+from alphaearth_height.plugin.core.models import open_package
+for folder in sys.argv[1:]:
+    try:
+        open_package(folder)
+        print("accepted")
+    except InputError as exc:
+        print(exc)
+"""
+
+
+def test_open_package_checks_card_and_weights_without_torch(tiny_model, tmp_path):
+    """The ONNX path never imports torch: the card's types and ranges and its fit to the weights'
+    shapes (from the safetensors header) are checked all the same."""
+    import subprocess
+    import sys
+
+    def variant(name, edit=None, weights=None):
+        folder = tmp_path / name
+        shutil.copytree(tiny_model, folder)
+        card = json.loads((folder / "model.json").read_text())
+        if edit:
+            edit(card)
+        if weights:
+            card.pop("weights")
+            (folder / "model.safetensors").write_bytes(weights((folder / "model.safetensors").read_bytes()))
+        (folder / "model.json").write_text(json.dumps(card))
+        return folder
+
+    folders = [
+        variant("fine"),
+        variant("channels", lambda c: c["model"].update(decoder_channels=[64, 32, 16])),
+        variant("huge", lambda c: c["model"].update(decoder_channels=[100000, 16, 8])),
+        variant("depth", lambda c: c["model"].update(encoder_depth="four")),
+        variant("bands", lambda c: c["model"].update(in_channels=3)),
+        variant("mean", lambda c: c["target"]["normalisation"].pop("mean")),
+        variant("std", lambda c: c["target"]["normalisation"].update(std=float("nan"))),
+        variant("truncated", weights=lambda data: data[:len(data) // 3]),
+        variant("garbage", weights=lambda data: b"\xff" * len(data)),
+    ]
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, folders)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    expected = ["accepted", "decoder_channels [64, 32, 16] but the weights have [32, 16, 8]",
+                "model.decoder_channels = [100000, 16, 8]", 'model.encoder_depth = "four"',
+                "model.in_channels = 3", "lacks target.normalisation.mean", "target.normalisation.std = NaN",
+                "is truncated", "is not a safetensors file"]
+    assert len(lines) == len(expected), done.stdout
+    for line, needle in zip(lines, expected):
+        assert needle in line, (needle, line)
