@@ -4,6 +4,12 @@ It behaves like the public AEF mirror where it matters: byte ranges (206), HEAD,
 a 403 for Python's default urllib User-Agent, and, on request, a connection dropped
 mid-transfer once. It counts the requests and body bytes it served.
 
+``faults`` make it misbehave on chosen paths, the way real servers and proxies do: stay
+silent after accepting the request, trickle a byte every few seconds, answer an HTML
+page with status 200, or answer an HTTP status (503, 403) for the first N requests.
+Every such loop is bounded: it ends when the server stops or its ``lifetime`` is over,
+whichever comes first, and the server shuts itself down when its lifetime is over.
+
 The fixture COGs are written like the public ones: int8, 64 bands A00..A63, nodata
 -128, stored bottom-up (positive y pixel size), internally tiled with overviews. The
 core, Processing and dock tests all fetch from the same ``build_mirror``.
@@ -17,7 +23,7 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import rasterio
@@ -43,16 +49,63 @@ class ServerLog:
             self.bytes_served[path] = self.bytes_served.get(path, 0) + count
 
 
+@dataclass
+class Fault:
+    """Misbehave on requests whose path ends with ``suffix``.
+
+    kind: "silent" (read the request, never answer), "trickle" (200 and headers promising
+    1 MB, then one byte every ``interval`` s), "html" (200 with an HTML error page, as a
+    captive portal or a misconfigured proxy answers), "cut" (the file's headers and half
+    its body, then the connection closes), or "status" (answer ``status`` with an empty body). ``times``: how many requests get the fault (None: all of them).
+    """
+
+    suffix: str
+    kind: str
+    status: int = 503
+    interval: float = 5.0
+    times: Optional[int] = None
+    hits: int = 0
+
+
+HTML_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Service notice</title></head>\n"
+             b"<body><h1>Sign in to continue</h1><p>This network requires you to log in.</p></body></html>\n")
+
+
 class RangeServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, faults: Sequence[Fault] = (), lifetime: float = 300.0) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root = root
         self.log = ServerLog()
         self.drops_left = 0  # ranged GETs of .tiff files to cut off half-way
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.faults = list(faults)
+        self.lifetime = lifetime
+        self.stopping = threading.Event()  # set when the server stops: ends silent and trickling answers
+        self.thread = threading.Thread(target=self._serve_for_lifetime, daemon=True)
+
+    def _serve_for_lifetime(self) -> None:
+        timer = threading.Timer(self.lifetime, self._expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            self.serve_forever(poll_interval=0.2)
+        finally:
+            timer.cancel()
+
+    def _expire(self) -> None:
+        """End of lifetime: stop the slow answers and the serving loop (from the timer's thread)."""
+        self.stopping.set()
+        self.shutdown()
+
+    def fault_for(self, path: str) -> Optional[Fault]:
+        with self.log.lock:
+            for fault in self.faults:
+                if path.split("?")[0].endswith(fault.suffix) and (fault.times is None or fault.hits < fault.times):
+                    fault.hits += 1
+                    return fault
+        return None
 
     @property
     def url(self) -> str:
@@ -63,7 +116,9 @@ class RangeServer(ThreadingHTTPServer):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.shutdown()
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.shutdown()
         self.server_close()
 
 
@@ -88,6 +143,10 @@ class _Handler(BaseHTTPRequestHandler):
             log.requests.append((self.command, self.path, rng, agent))
         if agent.startswith("Python-urllib"):
             self._empty(403)
+            return
+        fault = self.server.fault_for(self.path)
+        if fault is not None:
+            self._misbehave(fault, body)
             return
         path = (self.server.root / self.path.split("?")[0].lstrip("/")).resolve()
         if not path.is_file() or self.server.root.resolve() not in path.parents:
@@ -125,6 +184,56 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.wfile.write(chunk)
         log.served(self.path, len(chunk))
+
+    def _misbehave(self, fault: Fault, body: bool) -> None:
+        stopping, lifetime = self.server.stopping, self.server.lifetime
+        if fault.kind == "silent":
+            stopping.wait(lifetime)  # the request was read; no answer until the server stops
+            self.close_connection = True
+        elif fault.kind == "trickle":
+            match = _RANGE.match((self.headers.get("Range") or "").strip())
+            if match:  # a ranged read: 206 for the range asked (of a 1 GB file)
+                start = int(match.group(1))
+                end = int(match.group(2)) if match.group(2) else start + (1 << 20) - 1
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{end}/{1 << 30}")
+                self.send_header("Content-Length", str(end - start + 1))
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", str(1 << 20))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            self.wfile.flush()
+            for _ in range(int(lifetime / fault.interval) + 1):  # one byte per interval, until the server stops
+                if not body or stopping.wait(fault.interval):
+                    break
+                try:
+                    self.wfile.write(b"W")
+                    self.wfile.flush()
+                except OSError:  # the client gave up
+                    break
+            self.close_connection = True
+        elif fault.kind == "html":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(HTML_PAGE)))
+            self.end_headers()
+            if body:
+                self.wfile.write(HTML_PAGE)
+        elif fault.kind == "cut":
+            data = (self.server.root / self.path.split("?")[0].lstrip("/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+            self.close_connection = True
+        elif fault.kind == "status":
+            self._empty(fault.status)
+        else:
+            raise ValueError(f"unknown fault {fault.kind!r}")
 
     def _take_drop(self) -> bool:
         log = self.server.log

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,9 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def workspace(tmp_path, small_scene, tiny_model) -> Workspace:
+def workspace(request, tmp_path, small_scene, tiny_model) -> Workspace:
     ws = Workspace(tmp_path, small_scene, tiny_model)
+    request.addfinalizer(ws.resources.close)  # servers a case started stop when it ends
     ws.inputs.mkdir()
     ws.out.mkdir()
     return ws
@@ -53,15 +55,24 @@ def test_cli(case: Case, workspace: Workspace):
     args = [str(a) for a in case.args(workspace)]
     before = snapshot(workspace.out)
     env = {**os.environ, **case.env}
+    started = time.monotonic()
     proc = subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=case.timeout_s,
                           cwd=workspace.root, env=env, preexec_fn=case.preexec)
+    seconds = time.monotonic() - started
     lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
     message = lines[-1] if lines else ""
     assert proc.returncode == case.exit_code, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    assert ONE_LINE.match(message), f"not one line naming input, problem and fix: {message!r}"
-    for needle in _mentions(case, workspace):
-        assert needle.lower() in message.lower(), f"{needle!r} not in {message!r}"
+    if case.deadline_s is not None:
+        assert seconds <= case.deadline_s, f"ended after {seconds:.1f} s, past its {case.deadline_s} s deadline"
+    if case.exit_code == 0:  # a fault to ride out: no error at all
+        assert "error:" not in proc.stderr, proc.stderr
+    else:
+        assert ONE_LINE.match(message), f"not one line naming input, problem and fix: {message!r}"
+        for needle in _mentions(case, workspace):
+            assert needle.lower() in message.lower(), f"{needle!r} not in {message!r}"
+    if case.check is not None:
+        case.check(workspace, proc.stdout, proc.stderr)
     assert _changes(before, snapshot(workspace.out), case.may_write) == []
 
 
@@ -69,7 +80,7 @@ PROCESSING_CASES = [c for c in CASES if c.processing is not None]
 
 
 @pytest.mark.parametrize("case", PROCESSING_CASES, ids=[c.id for c in PROCESSING_CASES])
-def test_processing(case: Case, workspace: Workspace, qgis_app):
+def test_processing(case: Case, workspace: Workspace, qgis_app, monkeypatch):
     import processing
     from qgis.core import QgsProcessingException
 
@@ -79,6 +90,8 @@ def test_processing(case: Case, workspace: Workspace, qgis_app):
     registry = QgsApplication.processingRegistry()
     if registry.providerById("alphaearth_height") is None:
         registry.addProvider(AlphaEarthHeightProvider())
+    for name, value in case.env.items():  # e.g. shorter network deadlines
+        monkeypatch.setenv(name, value)
     case.args(workspace)  # builds the same bad inputs
     algorithm, params = case.processing(workspace)
     before = snapshot(workspace.out)

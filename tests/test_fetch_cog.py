@@ -143,3 +143,70 @@ def test_year_and_coverage_errors(server, tmp_path):
         assert np.array_equal(ds.read(), expected_output(output_grid(aoi), [w]))
     with pytest.raises(InputError, match="HTTP 404"):
         fetch(aoi, 2021, "cog", tmp_path / "e.tif", cache_dir=tmp_path / "c3", base_url=base + "/nothing")
+
+
+def _cached_tiles(cache) -> list:
+    return sorted((cache / "cog").rglob("*x*.tif"))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "pixels changed", "no checksum", "truncated"])
+def test_damaged_cached_tile_is_fetched_again(server, tmp_path, damage):
+    """A cached tile that fails its check is deleted and fetched again, never written as nodata."""
+    srv, cogs, base = server
+    w = cogs["w"]
+    aoi = AreaOfInterest(w.left + 1000, w.bottom + 1000, w.left + 2000, w.bottom + 2000, "EPSG:32630")
+    first = fetch(aoi, 2020, "cog", tmp_path / "a.tif", cache_dir=tmp_path / "c", base_url=base)
+    tile = _cached_tiles(tmp_path / "c")[0]
+    if damage == "garbage":
+        tile.write_bytes(b"garbage\n" * 100)
+    elif damage == "truncated":
+        tile.write_bytes(tile.read_bytes()[: tile.stat().st_size // 2])
+    else:  # a readable GeoTIFF whose pixels are not what was fetched, or from before checksums
+        with rasterio.open(tile, "r+") as ds:
+            if damage == "pixels changed":
+                values = ds.read()
+                values[:, 10:20, 10:20] = 0
+                ds.write(values)
+            else:
+                ds.update_tags(AEH_SHA256="")
+    srv.log = ServerLog()
+    again = fetch(aoi, 2020, "cog", tmp_path / "b.tif", cache_dir=tmp_path / "c", base_url=base)
+    assert again.damaged == 1 and again.fetched == 1 and again.from_cache == first.tiles - 1
+    assert _tiff_requests(srv.log)  # really fetched again
+    assert filecmp.cmp(first.path, again.path, shallow=False)
+    third = fetch(aoi, 2020, "cog", tmp_path / "c.tif", cache_dir=tmp_path / "c", base_url=base)
+    assert third.damaged == 0 and third.fetched == 0  # stored again, intact
+
+
+def test_index_validation(tmp_path):
+    from alphaearth_height.plugin.core.fetch.cog_index import index_problem
+
+    header = "WKT,crs,year,utm_zone,utm_west,utm_south,utm_east,utm_north,wgs84_west,wgs84_south,wgs84_east," \
+             "wgs84_north,path\n"
+    row = '"POLYGON ((0 0, 1 0, 1 1, 0 0))",EPSG:32630,2020,30N,0,0,1,1,0,0,1,1,s3://x/v1/annual/a.tiff\n'
+    cases = {"good.csv": (header + row * 3, None), "html.csv": ("<html><body>hi</body></html>\n", "not an AEF"),
+             "cut.csv": (header + row * 2 + row[:40], "incomplete row"), "empty.csv": ("", "is empty"),
+             "header.csv": (header, "has no rows")}
+    for name, (text, problem) in cases.items():
+        (tmp_path / name).write_text(text)
+        found = index_problem(tmp_path / name)
+        assert (found is None) if problem is None else (problem in found), (name, found)
+
+
+@pytest.mark.parametrize("kind, said", [("cut", "was cut off"), ("status", "HTTP 503")])
+def test_index_download_cut_off_or_refused_once_is_retried(mirror, tmp_path, kind, said):
+    """A connection dropped mid-index (fewer bytes than its Content-Length) or a 503 is retried;
+    what was waited for and why it is retried is said."""
+    from range_server import Fault
+
+    root, cogs = mirror
+    with RangeServer(root, [Fault("aef_index.csv", kind, status=503, times=1)]) as srv:
+        w = cogs["w"]
+        aoi = AreaOfInterest(w.left + 1000, w.bottom + 1000, w.left + 1500, w.bottom + 1500, "EPSG:32630")
+        messages = []
+        result = fetch(aoi, 2020, "cog", tmp_path / "e.tif", cache_dir=tmp_path / "c", base_url=f"{srv.url}/{PREFIX}",
+                       retry_delay=0.05, status=messages.append)
+    assert result.valid_fraction == 1.0
+    assert messages[0].startswith("the COG tile index: waiting for 127.0.0.1")
+    assert any(said in m and "trying again" in m for m in messages), messages
+    assert srv.faults[0].hits == 1

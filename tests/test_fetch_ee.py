@@ -63,8 +63,12 @@ class FakeEarthEngine:
                 raise self.fail_next.pop(0)
         assert params["fileFormat"] == "NUMPY_NDARRAY"
         assert params["bandIds"] == list(aef.BAND_NAMES)
-        expression = json.dumps(ee.serializer.encode(params["expression"]))
+        encoded = ee.serializer.encode(params["expression"])
+        expression = json.dumps(encoded)
         assert "GOOGLE/SATELLITE_EMBEDDING/V1/ANNUAL" in expression and "2020-01-01" in expression
+        # the image asked for is cast to float32 last, so 4 bytes per band hold whatever EE stores
+        outer = encoded["values"][encoded["result"]]["functionInvocationValue"]
+        assert outer["functionName"] == "Image.toFloat", outer["functionName"]
         grid = params["grid"]
         assert grid["crsCode"] == self.crs_code
         a = grid["affineTransform"]
@@ -209,3 +213,51 @@ def test_missing_project_says_how_to_set_it(monkeypatch, tmp_path):
     assert "Cloud project" in err.value.problem and "--project" in err.value.fix
     with pytest.raises(InputError, match="outside what one Earth Engine request allows"):
         fetch(AOI, 2020, "earthengine", tmp_path / "e.tif", tile_size=512)
+
+
+REQUEST_SIZE = ("Total request size (56623104 bytes) must be less than or equal to 50331648 bytes.")
+
+
+@pytest.mark.parametrize("message, transient", [
+    ("Too Many Requests: quota exceeded (429)", True),
+    ("Service Unavailable (503)", True),
+    ("HTTP Error 502: Bad Gateway", True),
+    ("<HttpError 500 when requesting https://earthengine.googleapis.com/...>", True),
+    ("Computation timed out.", True),
+    (REQUEST_SIZE, False),                                   # holds "503" inside 50331648
+    ("Invalid argument: grid dimensions must be positive", False),
+    ("Request payload size exceeds the limit: 10485760 bytes.", False),
+    ("Image.select: Pattern 'A00' did not match any bands.", False),
+    ("Image.load: Image asset 'x' not found (does not exist or caller does not have access).", False),
+    ("Total request size (5030 bytes) is fine but code 4290 is not a status", False),
+])
+def test_transient_errors_are_whole_status_codes(message, transient):
+    assert earthengine.is_transient(ee.ee_exception.EEException(message)) is transient
+
+
+def test_request_size_error_is_permanent_and_says_so(fake_ee, tmp_path):
+    fake_ee.fail_next = [ee.ee_exception.EEException(REQUEST_SIZE)]
+    with pytest.raises(InputError) as err:
+        fetch(AOI, 2020, "earthengine", tmp_path / "e.tif", cache_dir=tmp_path / "c", project="p", workers=1,
+              retry_delay=0.01)
+    assert fake_ee.calls == 1  # not retried
+    assert "too large" in err.value.problem and "50331648" in err.value.problem and "tile size" in err.value.fix
+    assert not (tmp_path / "e.tif").exists()
+
+
+def test_transient_errors_stop_at_the_tile_deadline(fake_ee, tmp_path, monkeypatch):
+    """A server that keeps answering 503 is retried only while the tile deadline allows."""
+    monkeypatch.setenv("ALPHAEARTH_HEIGHT_TILE_DEADLINE", "1.5")
+    fake_ee.fail_next = [ee.ee_exception.EEException("Service Unavailable (503)")] * 1000
+    with pytest.raises(InputError) as err:
+        fetch(AOI, 2020, "earthengine", tmp_path / "e.tif", cache_dir=tmp_path / "c", project="p", workers=1,
+              retries=1000, retry_delay=0.2, tile_size=400)
+    assert "503" in err.value.problem and "1.5 s tile deadline" in err.value.problem
+    assert 2 <= fake_ee.calls < 20
+
+
+def test_earth_engine_gets_a_request_timeout(fake_ee, tmp_path, monkeypatch):
+    """Without one an Earth Engine request may wait forever: the tile deadline becomes its HTTP timeout."""
+    monkeypatch.setenv("ALPHAEARTH_HEIGHT_TILE_DEADLINE", "123")
+    fetch(AOI, 2020, "earthengine", tmp_path / "e.tif", cache_dir=tmp_path / "c", project="p", tile_size=400)
+    assert ee.data._get_state().deadline_ms == 123_000

@@ -53,11 +53,54 @@ class AreaOfInterest:
                    str(data["crs"]))
 
     def bounds_in(self, crs: CRS | str) -> tuple[float, float, float, float]:
-        from rasterio.crs import CRS
+        """The AOI's bounds in ``crs``; an unknown CRS or impossible coordinates are input errors."""
+        from rasterio.errors import CRSError
         from rasterio.warp import transform_bounds
 
-        return transform_bounds(CRS.from_user_input(self.crs), CRS.from_user_input(crs), *self.bounds,
-                                densify_pts=21)
+        source = self.source_crs()
+        target = parse_crs(crs, f"CRS {crs}")
+        try:
+            bounds = transform_bounds(source, target, *self.bounds, densify_pts=21)
+        except (CRSError, ValueError, RuntimeError) as exc:
+            bounds, reason = (math.nan,) * 4, " ".join(str(exc).split())
+        else:
+            reason = "the result is not finite"
+        if not all(math.isfinite(v) for v in bounds):
+            raise InputError(f"area of interest {self.bounds} ({self.crs})",
+                             f"cannot be expressed in {target.to_string()} ({reason})",
+                             "Check the coordinates and their CRS (--aoi-crs)")
+        return bounds
+
+    def source_crs(self) -> CRS:
+        """The AOI's CRS, checked: known to GDAL, and degrees within ±180/±90 if geographic."""
+        crs = parse_crs(self.crs, f"CRS {self.crs!r} of the area of interest")
+        if crs.is_geographic:
+            problems = [f"latitude {v:g} (outside -90..90)" for v in (self.ymin, self.ymax) if not -90.0 <= v <= 90.0]
+            problems += [f"longitude {v:g} (outside -180..180)" for v in (self.xmin, self.xmax)
+                         if not -180.0 <= v <= 180.0]
+            if problems:
+                raise InputError(f"area of interest {self.bounds} ({self.crs})", f"has {' and '.join(problems)}",
+                                 "Give XMIN YMIN XMAX YMAX as longitude then latitude in degrees, or give "
+                                 "the CRS the numbers are in (--aoi-crs)")
+        return crs
+
+
+def parse_crs(value: object, subject: str) -> CRS:
+    """A rasterio CRS from anything GDAL understands; otherwise a one-line input error."""
+    from rasterio.crs import CRS
+    from rasterio.errors import CRSError
+
+    if isinstance(value, CRS):
+        return value
+    import rasterio
+
+    try:
+        with rasterio.Env():  # GDAL's own complaint goes to the log, not to stderr
+            return CRS.from_user_input(value)
+    except (CRSError, ValueError, TypeError) as exc:
+        reason = " ".join(str(exc).split()).rstrip(".").replace(". ", "; ") or "unknown"
+        raise InputError(subject, f"is not a coordinate reference system GDAL knows ({reason})",
+                         "Give an EPSG code such as EPSG:4326 or EPSG:32630, or a WKT or PROJ string") from None
 
 
 def utm_crs(lon: float, lat: float) -> str:

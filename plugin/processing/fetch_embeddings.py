@@ -11,7 +11,7 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsProcessingContext, QgsPr
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
 
 from .base import HeightAlgorithm, report_progress
-from .compat import FOLDER
+from .compat import DOUBLE, FOLDER
 
 # (core.fetch source name, label); the order is the enum's, so scripts keep working when
 # sources are added at the end.
@@ -41,6 +41,11 @@ class FetchEmbeddings(HeightAlgorithm):
             "nearest-neighbour resampling. Downloaded tiles are cached (advanced: cache folder), so a "
             "repeated or cancelled fetch does not download them again.\n\n"
             "The extent may be in any CRS. Cancelling leaves no output file.\n\n"
+            "Size limit (advanced): a fetch that would download or write more than this many GB is "
+            "refused, with its size, before anything is fetched; empty means $ALPHAEARTH_HEIGHT_MAX_GB or "
+            "5 GB, 0 means no limit. Network waits have deadlines ($ALPHAEARTH_HEIGHT_STALL_TIMEOUT, "
+            "30 s without data; $ALPHAEARTH_HEIGHT_TILE_DEADLINE, 300 s per tile; "
+            "$ALPHAEARTH_HEIGHT_INDEX_DEADLINE, 1800 s for the COG tile index).\n\n"
             "Data: AlphaEarth Foundations Satellite Embedding dataset, produced by Google and "
             "Google DeepMind, CC-BY 4.0.")
 
@@ -57,10 +62,12 @@ class FetchEmbeddings(HeightAlgorithm):
                                               optional=True), advanced=True)
         self.add(QgsProcessingParameterFile("CACHE_DIR", self.tr("Tile cache folder (empty: default)"),
                                             behavior=FOLDER, optional=True), advanced=True)
+        self._add_number("MAX_GB", "Size limit in GB downloaded or written (empty: 5 or $ALPHAEARTH_HEIGHT_MAX_GB; "
+                         "0: no limit)", DOUBLE, None, 0.0, None, True, True)
         self.add(QgsProcessingParameterRasterDestination("OUTPUT", self.tr("Embeddings")))
 
     def execute(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
-        from ..core.fetch import estimate, fetch, format_estimate
+        from ..core.fetch import estimate, fetch, format_estimate, size_limit_gb
         from ..core.inference import Cancelled
 
         source = SOURCES[self.parameterAsEnum(parameters, "SOURCE", context)][0]
@@ -69,10 +76,19 @@ class FetchEmbeddings(HeightAlgorithm):
         aoi = self._aoi(parameters, context)
         year = self.parameterAsInt(parameters, "YEAR", context)
         cache_dir = self.parameterAsFile(parameters, "CACHE_DIR", context) or None
-        feedback.pushInfo(format_estimate(estimate(aoi, year, source, cache_dir=cache_dir, **options)))
+        limit = None
+        if parameters.get("MAX_GB") in (None, ""):
+            limit = size_limit_gb(None)
+        elif self.parameterAsDouble(parameters, "MAX_GB", context) > 0:
+            limit = size_limit_gb(self.parameterAsDouble(parameters, "MAX_GB", context))
         try:
+            info = estimate(aoi, year, source, cache_dir=cache_dir, limit_gb=limit, status=feedback.pushInfo,
+                            cancel=feedback.isCanceled,
+                            allow="Raise the size limit (advanced parameter MAX_GB; 0: no limit) to go ahead",
+                            **options)
+            feedback.pushInfo(format_estimate(info))
             result = fetch(aoi, year, source, out, cache_dir=cache_dir, progress=report_progress(feedback),
-                           cancel=feedback.isCanceled, **options)
+                           cancel=feedback.isCanceled, status=feedback.pushInfo, **options)
         except Cancelled:
             raise QgsProcessingException(self.tr("Fetch cancelled; no output was written "
                                                  "(tiles already downloaded stay cached).")) from None

@@ -9,6 +9,7 @@ run through ``processing.run`` and must fail there as a Processing error.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,9 @@ class Workspace:
     root: Path
     scene: object             # core.demo_scene.DemoScene: .embeddings, .reference, .grid (256 x 256 px)
     model: Path               # a tiny valid model folder (safetensors + card + ONNX graph)
+    # what a case starts (a server on 127.0.0.1) and must stop: closed by the runner when the case ends
+    resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    values: dict = field(default_factory=dict)  # set by args(ws) for processing(ws), e.g. a server's URL
 
     @property
     def inputs(self) -> Path:
@@ -32,6 +36,10 @@ class Workspace:
     @property
     def out(self) -> Path:
         return self.root / "out"
+
+    def start(self, resource):
+        """Enter a context manager (a server) until the case ends; returns what it gives."""
+        return self.resources.enter_context(resource)
 
     def copy_model(self, name: str = "model") -> Path:
         target = self.inputs / name
@@ -55,8 +63,11 @@ class Case:
     may_write: tuple[str, ...] = ()                # globs under ws.out allowed to appear (e.g. a tile cache)
     processing: Optional[Callable[[Workspace], tuple[str, dict]]] = None  # (algorithm id, parameters)
     timeout_s: float = 180.0
-    env: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)        # for the CLI child, and set during the Processing run
     preexec: Optional[Callable[[], None]] = None   # e.g. resource limits for the child
+    # exit_code 0: a fault the command must ride out (no error line; may_write holds its output)
+    deadline_s: Optional[float] = None             # documented deadline (+ start-up): the CLI ends by then
+    check: Optional[Callable[["Workspace", str, str], None]] = None  # more checks on (ws, stdout, stderr)
 
 
 def all_cases() -> list[Case]:

@@ -4,6 +4,11 @@
 source/year/attribution tags) on one north-up grid: the AOI's UTM zone at 10 m, or the
 caller's grid. ``estimate`` says what that costs before anything is fetched. Remote
 tiles are cached on disk, so repeated and interrupted fetches do not fetch twice.
+
+Guards: ``fetch`` refuses to start when the output (and the tiles it caches) cannot fit
+on the disk; the front ends refuse, or ask, before a fetch larger than the size limit
+(``check_size``: $ALPHAEARTH_HEIGHT_MAX_GB, default 5 GB downloaded or written).
+Network operations have deadlines and stall timeouts (core.fetch.network).
 """
 
 from __future__ import annotations
@@ -11,23 +16,27 @@ from __future__ import annotations
 import datetime
 import math
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 from ..aoi import AreaOfInterest
 from ..errors import InputError
 from ..inference import CancelFn, ProgressFn
-from ..rasters import Grid, check_output_path, grow_grid
+from ..rasters import Grid, check_output_path, ensure_free_space, grow_grid, raster_bytes
 from . import engine
 from .base import EmbeddingSource
 from .cache import TileCache, cache_size, clear_cache, default_cache_dir, resolve_cache_dir
 from .engine import FetchResult
+from .network import StatusFn
 from .tiling import plan_tiles
 
 SOURCES = ("earthengine", "cog", "local")
 FIRST_YEAR = 2017
+MAX_GB_ENV = "ALPHAEARTH_HEIGHT_MAX_GB"
+DEFAULT_MAX_GB = 5.0
 
 __all__ = ["SOURCES", "FetchResult", "fetch", "context_grids", "estimate", "format_estimate", "make_source",
-           "cache_size", "clear_cache", "default_cache_dir"]
+           "cache_size", "clear_cache", "default_cache_dir", "check_size", "size_limit_gb", "DEFAULT_MAX_GB"]
 
 
 def check_year(year: Any) -> int:
@@ -63,23 +72,108 @@ def make_source(source: str, cache_root: Optional[os.PathLike] = None, **options
 def fetch(aoi: AreaOfInterest, year: int, source: str, out_path: str | os.PathLike, *,
           grid: Optional[Grid] = None, cache_dir: Optional[str | os.PathLike] = None,
           progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
-          **source_options: Any) -> FetchResult:
+          status: Optional[StatusFn] = None, **source_options: Any) -> FetchResult:
     """Fetch the AOI's embeddings for ``year`` from ``source`` into ``out_path``.
 
     progress(done, total) counts tiles; cancel() returning True stops the fetch with
     core.inference.Cancelled, leaving no output but keeping finished tiles cached.
+    status(message) hears what the fetch is waiting for (index download, retries);
+    without it those lines go to the log. Refuses to start, in one line, when the
+    output and the tiles still to cache cannot fit on their disks.
     """
     year = check_year(year)
     cache_root = resolve_cache_dir(cache_dir)
     src = make_source(source, cache_root, **source_options)
+    src.status_sink = status
     try:
         check_output_path(out_path, *src.inputs())
         out_grid = src.grid_for(aoi, grid)
         cache = (TileCache(cache_root, src.name, year, out_grid.crs, out_grid.resolution)
                  if src.cacheable else None)
+        _check_space(out_path, out_grid, src, cache)
         return engine.run(src, aoi, out_grid, year, out_path, cache, progress, cancel)
     finally:
         src.close()
+
+
+def _device(path: Path) -> int:
+    folder = path.absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    return os.stat(folder).st_dev
+
+
+def _check_space(out_path: str | os.PathLike, grid: Grid, src: EmbeddingSource, cache: Optional[TileCache]) -> None:
+    """Refuse before any work when the output, and the tiles still to be cached, cannot fit.
+
+    Sizes are core.rasters.raster_bytes' floor for compressed int8 (a quarter of the raw
+    64 bytes per pixel), so a refusal means the fetch could not have succeeded.
+    """
+    output = raster_bytes(grid.width, grid.height, 64, "int8")
+    if cache is None:
+        ensure_free_space(out_path, output, f"the {grid.width} x {grid.height} px embeddings")
+        return
+    tiles = plan_tiles(grid, src.tile_size)
+    missing = [t for t in tiles if not cache.has(t)]
+    tiles_bytes = sum(raster_bytes(t.grid.width, t.grid.height, 64, "int8") for t in missing)
+    if _device(Path(out_path)) == _device(cache.folder):
+        ensure_free_space(out_path, output + tiles_bytes,
+                          f"the {grid.width} x {grid.height} px embeddings with their {len(missing)} cached tiles")
+        return
+    ensure_free_space(out_path, output, f"the {grid.width} x {grid.height} px embeddings")
+    ensure_free_space(cache.folder, tiles_bytes, f"the tile cache ({len(missing)} tiles to fetch)")
+
+
+def size_limit_gb(value: Optional[float] = None) -> float:
+    """The size limit in GB: ``value``, else $ALPHAEARTH_HEIGHT_MAX_GB, else 5."""
+    if value is None:
+        text = os.environ.get(MAX_GB_ENV, "").strip()
+        if not text:
+            return DEFAULT_MAX_GB
+        try:
+            value = float(text)
+        except ValueError:
+            raise InputError(f"{MAX_GB_ENV}={text!r}", "is not a number of gigabytes",
+                             f"Give a number such as {DEFAULT_MAX_GB:g}, or unset it") from None
+        subject = f"{MAX_GB_ENV}={text!r}"
+    else:
+        subject = f"size limit {value!r} GB"
+    if not value > 0 or math.isinf(value):
+        raise InputError(subject, "is not a positive number of gigabytes", f"Give a number such as {DEFAULT_MAX_GB:g}")
+    return float(value)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e12:,.1f} TB" if n >= 1e12 else f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def fetch_bytes(info: dict) -> int:
+    """The larger of what a fetch downloads and what it writes (the number the limit is about)."""
+    return max(int(info.get("download_bytes", 0)), int(info["output_bytes"]))
+
+
+def describe_size(info: dict) -> str:
+    """'download ~2.7 TB and write ~677.4 GB in 76,140 requests over 1,109,809 km²'."""
+    parts = []
+    if info.get("download_bytes"):
+        parts.append(f"download ~{_gb(info['download_bytes'])}")
+    parts.append(f"write ~{_gb(info['output_bytes'])}")
+    text = " and ".join(parts)
+    if info.get("requests"):
+        text += f" in {info['requests']:,} requests"
+    return text + f" over {info['area_km2']:,.0f} km²"
+
+
+def check_size(info: dict, limit_gb: Optional[float] = None, allow: str = "Give --yes to go ahead") -> None:
+    """Refuse a fetch whose download or output exceeds the limit (``size_limit_gb``).
+
+    ``allow`` says how the user goes ahead anyway (a CLI flag, a Processing parameter).
+    """
+    limit = size_limit_gb(limit_gb)
+    if fetch_bytes(info) > limit * 1e9:
+        raise InputError(f"fetch from {info['source']} ({info['year']}, {info['width']:,} x {info['height']:,} px)",
+                         f"would {describe_size(info)}, over the {limit:g} GB limit",
+                         f"{allow}, or choose a smaller area")
 
 
 def context_grids(aoi: AreaOfInterest, source: str, context: int,
@@ -98,11 +192,19 @@ def context_grids(aoi: AreaOfInterest, source: str, context: int,
 
 
 def estimate(aoi: AreaOfInterest, year: int, source: str, *, grid: Optional[Grid] = None,
-             cache_dir: Optional[str | os.PathLike] = None, **source_options: Any) -> dict:
-    """Pixels, bytes, tiles and requests a fetch would take, and what the cache already holds."""
+             cache_dir: Optional[str | os.PathLike] = None, limit_gb: Optional[float] = None,
+             allow: str = "Give --yes to go ahead", online: bool = True, status: Optional[StatusFn] = None,
+             cancel: Optional[CancelFn] = None, **source_options: Any) -> dict:
+    """Pixels, bytes, tiles and requests a fetch would take, and what the cache already holds.
+
+    With ``limit_gb`` (GB; None: no limit), a fetch over that size is refused
+    (``check_size``) before anything online is asked. ``online`` adds what needs the network (the COG files under the
+    area, which downloads the tile index once).
+    """
     year = check_year(year)
     cache_root = resolve_cache_dir(cache_dir)
     src = make_source(source, cache_root, **source_options)
+    src.status_sink = status
     try:
         out_grid = src.grid_for(aoi, grid)
         tiles = plan_tiles(out_grid, src.tile_size)
@@ -118,6 +220,10 @@ def estimate(aoi: AreaOfInterest, year: int, source: str, *, grid: Optional[Grid
             share = 1 - cached / len(tiles)
             info["requests"] = len(tiles) - cached
             info["download_bytes"] = math.ceil(info["download_bytes"] * share)
+        if limit_gb is not None:
+            check_size(info, limit_gb, allow)
+        if online:
+            info.update(src.coverage(out_grid, year, cancel))
         return info
     finally:
         src.close()

@@ -9,6 +9,7 @@ import numpy as np
 from ..aoi import AreaOfInterest
 from ..inference import CancelFn
 from ..rasters import Grid
+from .network import StatusFn, log_status
 from .tiling import output_grid
 
 
@@ -23,6 +24,11 @@ class EmbeddingSource:
     tile_size = 512
     workers = 1
     cacheable = True
+    status_sink: Optional[StatusFn] = None  # what the source is waiting for; None: the log
+
+    def status(self, message: str) -> None:
+        """Tell the user what is happening (index download, retries, waits)."""
+        (self.status_sink or log_status)(message)
 
     def inputs(self) -> tuple[str, ...]:
         """Local files the output must not overwrite."""
@@ -46,7 +52,11 @@ class EmbeddingSource:
         return self.name
 
     def estimate(self, aoi: AreaOfInterest, grid: Grid, year: int, tiles: int) -> dict:
-        """Source-specific parts of the size estimate (requests, bytes downloaded)."""
+        """Source-specific parts of the size estimate (requests, bytes downloaded); offline."""
+        return {}
+
+    def coverage(self, grid: Grid, year: int, cancel: Optional[CancelFn] = None) -> dict:
+        """Parts of the estimate that need the network (the COG files under the area)."""
         return {}
 
     def close(self) -> None:

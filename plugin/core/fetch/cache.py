@@ -3,6 +3,11 @@
 Layout: ``<cache>/<source>/<year>/<crs>/<res>m/<x0>_<y0>_<w>x<h>.tif`` (AEF int8). Each
 tile is written under a temporary name and renamed into place, so a tile file that
 exists is always complete: a fetch killed half-way resumes from the tiles it finished.
+
+Each tile carries the SHA-256 of its pixel values (tag ``AEH_SHA256``), checked on every
+read: a tile that does not open, has the wrong shape, or whose pixels do not match
+their checksum (disk damage, a file overwritten by hand, a tile from an older version
+without one) is deleted and fetched again, never used.
 """
 
 from __future__ import annotations
@@ -18,13 +23,13 @@ from typing import Optional
 import numpy as np
 import rasterio
 from rasterio.crs import CRS
-from rasterio.errors import RasterioIOError
 
 from .. import aef
 from ..rasters import honour_umask
 from .tiling import Tile
 
 CACHE_ENV = "ALPHAEARTH_HEIGHT_CACHE"
+CHECKSUM_TAG = "AEH_SHA256"
 CACHED_SOURCES = ("earthengine", "cog", "copernicus")  # the only folders clear_cache() deletes
 
 
@@ -47,6 +52,11 @@ def _number(value: float) -> str:
     return f"{value:.3f}".rstrip("0").rstrip(".")
 
 
+def checksum(values: np.ndarray) -> str:
+    """SHA-256 of int8 tile values (band, row, column order)."""
+    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.int8).tobytes()).hexdigest()
+
+
 def tile_profile(width: int, height: int, crs: CRS, transform: object) -> dict:
     """AEF int8 GeoTIFF profile shared by cached tiles and fetch outputs."""
     return {"driver": "GTiff", "dtype": "int8", "count": aef.N_BANDS, "nodata": aef.NODATA_INT8,
@@ -61,6 +71,7 @@ class TileCache:
     def __init__(self, root: Path, source: str, year: int, crs: CRS, resolution: tuple[float, float]) -> None:
         res = _number(resolution[0]) if resolution[0] == resolution[1] else "x".join(map(_number, resolution))
         self.folder = root / source / str(year) / crs_slug(crs) / f"{res}m"
+        self.discarded = 0  # damaged tiles found (and deleted) by load()
 
     def path(self, tile: Tile) -> Path:
         t = tile.grid.transform
@@ -70,17 +81,21 @@ class TileCache:
         return self.path(tile).is_file()
 
     def load(self, tile: Tile) -> Optional[np.ndarray]:
-        """The tile's int8 values, or None when absent or unreadable (then it is dropped)."""
+        """The tile's int8 values, or None when absent or not intact (then it is deleted)."""
         path = self.path(tile)
         if not path.is_file():
             return None
         try:
             with rasterio.open(path) as src:
                 values = src.read()
-        except RasterioIOError:
-            path.unlink(missing_ok=True)
-            return None
-        if values.shape != (aef.N_BANDS, tile.grid.height, tile.grid.width) or values.dtype != np.int8:
+                recorded = src.tags().get(CHECKSUM_TAG)
+        except Exception:  # noqa: BLE001 - whatever GDAL makes of a damaged file, it is not a tile
+            recorded, values = None, None
+        intact = (values is not None and recorded is not None and values.dtype == np.int8
+                  and values.shape == (aef.N_BANDS, tile.grid.height, tile.grid.width)
+                  and checksum(values) == recorded)
+        if not intact:
+            self.discarded += 1
             path.unlink(missing_ok=True)
             return None
         return values
@@ -96,6 +111,7 @@ class TileCache:
             profile = tile_profile(tile.grid.width, tile.grid.height, tile.grid.crs, tile.grid.transform)
             with rasterio.open(tmp, "w", **profile) as dst:
                 dst.write(values)
+                dst.update_tags(**{CHECKSUM_TAG: checksum(values)})
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

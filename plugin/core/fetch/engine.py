@@ -34,10 +34,11 @@ class FetchResult:
     source: str
     year: int
     tiles: int
-    fetched: int       # tiles requested from the source in this run
-    from_cache: int    # tiles found in the cache
+    fetched: int       # tiles requested from the source in this run (damaged cached tiles included)
+    from_cache: int    # tiles taken from the cache (intact ones only)
     valid_fraction: float
     seconds: float
+    damaged: int = 0   # cached tiles that failed their check, were deleted and fetched again
 
 
 def _check_cancel(cancel: Optional[CancelFn]) -> None:
@@ -84,31 +85,61 @@ def run(source: EmbeddingSource, aoi: AreaOfInterest, grid: Grid, year: int, out
     """Fetch (or take from the cache) every tile of ``grid`` and write the output GeoTIFF.
 
     The source is prepared (log-in, index) only when some tile is missing, so a fully
-    cached area is written again without network or credentials.
+    cached area is written again without network or credentials. A cached tile that
+    fails its check when it is read (core.fetch.cache) is deleted and fetched again,
+    preparing the source then if it was not yet.
     """
     start = time.monotonic()
     tiles = plan_tiles(grid, source.tile_size)
     total = len(tiles)
     missing = [t for t in tiles if not cache.has(t)] if cache is not None else tiles
     cached = total - len(missing)
+    prepared = False
+
+    def prepare() -> None:
+        nonlocal prepared
+        if not prepared:
+            source.prepare(aoi, grid, year, cancel)
+            prepared = True
+
     if progress is not None:
         progress(cached, total)
     if missing:
-        source.prepare(aoi, grid, year, cancel)
+        prepare()
     if cache is not None:
         _fetch_missing(source, cache, missing, cached, total, progress, cancel)
-    valid = 0
-    with atomic_write(out_path) as tmp:
+    valid = damaged = 0
+
+    def produce(tile: Tile) -> tuple[np.ndarray, bool]:
+        """A tile's int8 values: from the cache, or (uncached source, damaged cached tile) read now.
+
+        Runs in the reader thread: what GDAL signals while reading is not the output's error,
+        and the next tile is read while this one is written.
+        """
+        values = cache.load(tile) if cache is not None else None
+        if values is not None:
+            return values, False
+        if cache is not None:
+            source.status(f"cached tile {cache.path(tile)} was damaged (it failed its checksum or could not be "
+                          "read): deleted, fetching it again")
+        prepare()
+        values = aef.quantise(source.read(tile.grid, cancel))
+        if cache is not None:
+            cache.store(tile, values)
+        return values, cache is not None
+
+    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="aef-tiles") as reader, \
+            atomic_write(out_path) as tmp:
         with rasterio.open(tmp, "w", **tile_profile(grid.width, grid.height, grid.crs, grid.transform)) as dst:
+            pending = reader.submit(produce, tiles[0])
             for i, tile in enumerate(tiles, start=1):
                 _check_cancel(cancel)
-                values = cache.load(tile) if cache is not None else None
-                if values is None:  # uncached source, or a cached tile that was unreadable
-                    values = aef.quantise(source.read(tile.grid, cancel))
-                    if cache is not None:
-                        cache.store(tile, values)
-                    elif progress is not None:
-                        progress(i, total)
+                values, refetched = pending.result()
+                if i < total:
+                    pending = reader.submit(produce, tiles[i])
+                damaged += refetched
+                if cache is None and progress is not None:
+                    progress(i, total)
                 dst.write(values, window=tile.window)
                 valid += int(np.count_nonzero(values[0] != aef.NODATA_INT8))
             if valid == 0:
@@ -119,5 +150,5 @@ def run(source: EmbeddingSource, aoi: AreaOfInterest, grid: Grid, year: int, out
             dst.update_tags(ATTRIBUTION=aef.ATTRIBUTION, SOURCE=source.describe(), YEAR=str(year),
                             SOFTWARE="AlphaEarth Height",
                             QUANTISATION="AEF int8: value = sign(q) * (|q| / 127.5)^2, nodata -128")
-    return FetchResult(Path(out_path), grid, source.name, year, total, total - cached, cached,
-                       valid / (grid.width * grid.height), time.monotonic() - start)
+    return FetchResult(Path(out_path), grid, source.name, year, total, total - cached + damaged, cached - damaged,
+                       valid / (grid.width * grid.height), time.monotonic() - start, damaged)

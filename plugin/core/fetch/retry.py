@@ -1,4 +1,5 @@
-"""Retrying remote calls with exponential backoff, interruptible by the caller's cancel()."""
+"""Retrying remote calls with exponential backoff, interruptible by the caller's cancel()
+and bounded by the operation's deadline (core.fetch.network.Deadline)."""
 
 from __future__ import annotations
 
@@ -23,14 +24,28 @@ def sleep_unless_cancelled(seconds: float, cancel: Optional[CancelFn]) -> None:
         time.sleep(min(left, 0.2))
 
 
+class GaveUp(Exception):
+    """The deadline passed with the call still failing; ``last`` is its last error."""
+
+    def __init__(self, last: BaseException, attempts: int, seconds: float) -> None:
+        super().__init__(f"{last} ({attempts} attempt(s) in {seconds:.0f} s)")
+        self.last, self.attempts, self.seconds = last, attempts, seconds
+
+
 def with_retries(call: Callable[[], T], *, transient: Callable[[BaseException], bool], attempts: int,
-                 base_delay: float, cancel: Optional[CancelFn] = None, max_delay: float = 60.0) -> T:
+                 base_delay: float, cancel: Optional[CancelFn] = None, max_delay: float = 60.0,
+                 deadline: Optional[object] = None, min_attempt: float = 0.0,
+                 on_retry: Optional[Callable[[BaseException, float, int], None]] = None) -> T:
     """Run ``call``; on a transient error wait base_delay * 2**n (with jitter) and try again.
 
     Jitter keeps parallel workers that were throttled together from retrying in step.
-    The last error, or any non-transient one, propagates unchanged.
+    The last error, or any non-transient one, propagates unchanged, except when the
+    ``deadline`` (anything with ``left()``) leaves no time for the wait and
+    ``min_attempt`` seconds of the next attempt: then GaveUp(last error) is raised at once. ``on_retry(error, delay, attempt)``
+    is told before each wait (to say what is happening).
     """
     attempt = 0
+    start = time.monotonic()
     while True:
         if cancel is not None and cancel():
             raise Cancelled()
@@ -43,4 +58,8 @@ def with_retries(call: Callable[[], T], *, transient: Callable[[BaseException], 
             if attempt >= attempts or not transient(exc):
                 raise
             delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            if deadline is not None and deadline.left() <= delay + min_attempt:
+                raise GaveUp(exc, attempt, time.monotonic() - start) from exc
+            if on_retry is not None:
+                on_retry(exc, delay, attempt)
             sleep_unless_cancelled(delay, cancel)
