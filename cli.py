@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence
 
 from .plugin.core.device import BACKEND_CHOICES, DEVICE_CHOICES
 from .plugin.core.errors import InputError
+from .plugin.core.sizes import DEFAULT_MAX_MPX, MAX_MPX_ENV, default_max_mpx
 
 PROG = "alphaearth-height"
 
@@ -71,8 +72,14 @@ def _predict(args: argparse.Namespace) -> None:
     from .plugin.core.terrain import predict_surface
     from .plugin.core.uncertainty import predict_uncertainty
 
+    if args.max_mpx is not None and not args.max_mpx > 0:
+        raise InputError(f"--max-mpx {args.max_mpx:g}", "must be a positive number of megapixels",
+                         "Give e.g. --max-mpx 500, or --yes for no limit")
+    max_mpx = None if args.yes else args.max_mpx if args.max_mpx is not None else default_max_mpx()
     options = dict(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, device=args.device,
-                   amp=not args.no_amp)
+                   amp=not args.no_amp, max_mpx=max_mpx,
+                   too_large_fix="Add --yes to run it anyway (or raise --max-mpx), or clip the embeddings "
+                                 "to a smaller area first")
     if args.uncertainty:
         check_output_path(args.uncertainty, args.embeddings, args.out)
     package = open_package(args.model or bundled_model_dir())
@@ -111,7 +118,8 @@ def _compare(args: argparse.Namespace) -> None:
 
     if not args.out and not args.metrics:
         raise InputError("compare", "has nothing to write", "Give --out for the difference raster and/or --metrics")
-    metrics = compare_heights(args.predicted, args.reference, args.out, args.metrics)
+    metrics = compare_heights(args.predicted, args.reference, args.out, args.metrics,
+                              reference_band=args.reference_band)
     print(format_metrics_table({"overall": metrics["overall"]}))
     print(format_metrics_table({f"{b['bin_min']:.0f}-{b['bin_max']:.0f} m": b for b in metrics["bins"]}))
     if args.metrics:
@@ -278,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertainty", metavar="U_TIF", help="also write the test-time augmentation spread (m) here")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="auto: ONNX Runtime on the CPU when the model has an ONNX graph, PyTorch on a GPU")
+    p.add_argument("--max-mpx", type=float,
+                   help=f"refuse embeddings larger than this many megapixels (default ${MAX_MPX_ENV} or "
+                        f"{DEFAULT_MAX_MPX:g}, 100 km x 100 km at 10 m)")
+    p.add_argument("--yes", action="store_true", help="run whatever the size (no --max-mpx limit)")
     _add_device(p)
     p.set_defaults(run=_predict)
 
@@ -294,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output difference GeoTIFF (predicted - reference)")
     p.add_argument("--metrics", help="output metrics JSON")
     p.add_argument("--json", action="store_true", help="also print the overall metrics as one JSON line")
+    p.add_argument("--reference-band", type=int, metavar="N",
+                   help="band of the reference holding heights (1-based); required when it has several")
     p.set_defaults(run=_compare)
 
     p = sub.add_parser("train", help="train a U-Net / U-Net++ height model (a run folder, resumable)")

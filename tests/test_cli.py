@@ -31,6 +31,20 @@ def test_predict_and_compare_from_the_command_line(tiny_model, small_scene, tmp_
     assert (tmp_path / "d.tif").exists() and (tmp_path / "m.json").exists() and "rmse" in result.stdout
 
 
+def test_predict_size_limit_from_the_environment_and_the_options(tiny_model, small_scene, tmp_path, monkeypatch):
+    """256 x 256 px = 0.066 Mpx: refused under a lower limit ($ALPHAEARTH_HEIGHT_MAX_MPX or --max-mpx),
+    run with --yes or a higher --max-mpx."""
+    monkeypatch.setenv("ALPHAEARTH_HEIGHT_MAX_MPX", "0.05")
+    base = ["predict", "--embeddings", small_scene.embeddings, "--model", tiny_model, "--device", "cpu"]
+    refused = run(*base, "--out", tmp_path / "a.tif")
+    assert refused.returncode == 2 and "above the limit of 0.05 Mpx" in refused.stderr and "--yes" in refused.stderr
+    assert run(*base, "--out", tmp_path / "a.tif", "--max-mpx", "0.07").returncode == 0
+    monkeypatch.delenv("ALPHAEARTH_HEIGHT_MAX_MPX")
+    assert run(*base, "--out", tmp_path / "b.tif", "--max-mpx", "0.06").returncode == 2
+    assert run(*base, "--out", tmp_path / "b.tif", "--max-mpx", "0.06", "--yes").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "b.tif"]
+
+
 def test_bad_input_exits_nonzero_with_one_line_and_no_output(tiny_model, tmp_path):
     bad = write_embeddings(tmp_path / "three.tif", unit_embeddings(16, 16)[:3], quantised=False)
     out = tmp_path / "h.tif"

@@ -147,3 +147,25 @@ def test_outputs_honour_the_umask(tmp_path):
         os.umask(old)
     for name in ("diff.tif", "metrics.json"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o640, name
+
+
+def test_a_reference_with_several_bands_needs_the_band_named(tmp_path):
+    """Band 1 of a multi-band raster is not taken silently; --reference-band picks the heights."""
+    predicted = write_predicted(tmp_path / "pred.tif")
+    single = write_reference(tmp_path / "ref.tif")
+    with rasterio.open(single) as src:
+        profile, heights = src.profile, src.read(1)
+    heights[40:60, 40:60] = profile["nodata"]  # a hole in the heights band only, inside the predicted area
+    with rasterio.open(single, "w", **profile) as dst:
+        dst.write(heights, 1)
+    profile.update(count=3)
+    with rasterio.open(tmp_path / "stack.tif", "w", **profile) as dst:
+        dst.write(np.stack([np.full_like(heights, 5000.0), heights, -heights]))
+    with pytest.raises(InputError, match="has 3 bands but a height raster has one"):
+        compare_heights(predicted, tmp_path / "stack.tif", tmp_path / "diff.tif")
+    with pytest.raises(InputError, match="reference band 4: is not a band of .* which has 3"):
+        compare_heights(predicted, tmp_path / "stack.tif", tmp_path / "diff.tif", reference_band=4)
+    assert not (tmp_path / "diff.tif").exists()
+    chosen = compare_heights(predicted, tmp_path / "stack.tif", reference_band=2)["overall"]
+    assert chosen == compare_heights(predicted, single)["overall"]
+    assert abs(chosen["median_diff"]) < 1.0

@@ -153,3 +153,74 @@ def test_bad_inputs_leave_no_output_file(scene, tiny_model, tmp_path, case):
     with pytest.raises(InputError):
         predict_height(embeddings, model, tmp_path / "h.tif", device="cpu")
     assert set(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_infinite_embeddings_are_nodata_and_spread_nothing(tiny_model, tmp_path, backend):
+    """+-Inf in float embeddings is nodata like NaN: those pixels are marked so, and no other pixel
+    gets a NaN (as +-3.4e38 fed to the network, it once spread NaN through the convolutions)."""
+    values = unit_embeddings(96, 128, seed=9)
+    holes = np.zeros((96, 128), dtype=bool)
+    holes[10:14, 20:26] = holes[60, 100] = holes[80:90, 5] = True
+    infinite, nan = values.copy(), values.copy()
+    infinite[3][holes], infinite[40][holes] = np.inf, -np.inf
+    nan[3][holes] = nan[40][holes] = np.nan
+    options = dict(tile=64, overlap=16, device="cpu", backend=backend)
+    predict_height(write_embeddings(tmp_path / "inf.tif", infinite, quantised=False), tiny_model,
+                   tmp_path / "inf_h.tif", **options)
+    predict_height(write_embeddings(tmp_path / "nan.tif", nan, quantised=False), tiny_model,
+                   tmp_path / "nan_h.tif", **options)
+    heights, profile, _, band_tags, _ = _read(tmp_path / "inf_h.tif")
+    assert (heights[holes] == profile["nodata"]).all()
+    valid = heights[~holes]
+    assert np.isfinite(valid).all() and (valid != profile["nodata"]).all()
+    assert int(band_tags["VALID_PIXELS"]) == (~holes).sum()
+    np.testing.assert_array_equal(heights, _read(tmp_path / "nan_h.tif")[0])  # exactly as if NaN
+
+
+def test_float_embeddings_far_outside_the_unit_range_are_refused(tiny_model, tmp_path):
+    values = unit_embeddings(64, 64, seed=2)
+    values[7, 30, 30] = 1.2  # rounding or resampling slack: accepted
+    path = write_embeddings(tmp_path / "slack.tif", values, quantised=False)
+    predict_height(path, tiny_model, tmp_path / "ok.tif", device="cpu")
+    values[7, 30, 30] = 40.0  # scaled embeddings, or not embeddings at all
+    path = write_embeddings(tmp_path / "scaled.tif", values, quantised=False)
+    with pytest.raises(InputError, match=r"scaled.tif: has embedding values up to 40 .* lie in \[-1, 1\]"):
+        predict_height(path, tiny_model, tmp_path / "h.tif", device="cpu")
+    assert not (tmp_path / "h.tif").exists()
+
+
+def test_tiles_without_a_valid_pixel_never_reach_the_model(tiny_model, tmp_path, monkeypatch):
+    from alphaearth_height.plugin.core import inference
+
+    values = unit_embeddings(64, 256, seed=4)
+    values[:, :, :150] = np.nan  # the first two of four 64 px tiles (no overlap) have no data
+    path = write_embeddings(tmp_path / "half.tif", values)
+    seen = []
+    real_call = inference.OnnxRunner.__call__
+
+    def counting_call(self, batch):
+        seen.append(len(batch))
+        return real_call(self, batch)
+
+    monkeypatch.setattr(inference.OnnxRunner, "__call__", counting_call)
+    predict_height(path, tiny_model, tmp_path / "h.tif", tile=64, overlap=0, batch_size=4, backend="onnx")
+    assert seen == [2]
+    heights = _read(tmp_path / "h.tif")[0]
+    assert (heights[:, :150] == OUTPUT_NODATA).all() and (heights[:, 150:] != OUTPUT_NODATA).all()
+
+
+def test_embeddings_without_a_valid_pixel_are_refused(tiny_model, tmp_path):
+    path = write_embeddings(tmp_path / "empty.tif", np.full((64, 80, 72), np.nan, dtype=np.float32))
+    with pytest.raises(InputError, match="empty.tif: has no valid pixel in its 72 x 80 px"):
+        predict_height(path, tiny_model, tmp_path / "h.tif", device="cpu")
+    assert not (tmp_path / "h.tif").exists()
+
+
+def test_size_limit(scene, tiny_model, tmp_path):
+    path, _ = scene  # 232 x 200 px = 0.0464 Mpx
+    with pytest.raises(InputError, match=r"is 232 x 200 px \(0.046 Mpx.*above the limit of 0.04 Mpx.*Use --yes"):
+        predict_height(path, tiny_model, tmp_path / "h.tif", device="cpu", max_mpx=0.04, too_large_fix="Use --yes")
+    assert list(tmp_path.iterdir()) == []
+    predict_height(path, tiny_model, tmp_path / "h.tif", device="cpu", max_mpx=0.05)
+    predict_height(path, tiny_model, tmp_path / "h2.tif", device="cpu", max_mpx=None)

@@ -19,7 +19,7 @@ from .errors import InputError
 from .metrics import binned_metrics, height_metrics, json_safe
 from .plots import render_accuracy_plots
 from .rasters import (OUTPUT_NODATA, Grid, atomic_write, check_output_path, describe_band, float_profile,
-                      iter_windows, open_raster)
+                      iter_windows, open_raster, read_or_fail)
 
 BLOCK = 1024
 MAX_SAMPLES = 10_000_000
@@ -42,11 +42,20 @@ def reference_resampling(reference: rasterio.DatasetReader, grid: Grid) -> Resam
 
 
 class ReferenceOnGrid:
-    """A reference DSM seen through a warp onto a target grid, read by windows (NaN = no data)."""
+    """A reference DSM seen through a warp onto a target grid, read by windows (NaN = no data).
 
-    def __init__(self, path: str | os.PathLike, grid: Grid) -> None:
+    A raster of several bands needs ``band`` (1-based): silently taking band 1 of, say,
+    the 64-band embeddings would compare heights with an embedding component.
+    """
+
+    def __init__(self, path: str | os.PathLike, grid: Grid, band: Optional[int] = None) -> None:
         self.path = str(path)
         self._src = open_raster(path)
+        try:
+            self.band = _height_band(path, self._src.count, band)
+        except InputError:
+            self._src.close()
+            raise
         if self._src.crs is None:
             self._src.close()
             raise InputError(path, "has no coordinate reference system",
@@ -61,10 +70,13 @@ class ReferenceOnGrid:
         nodata = self._src.nodata
         self._vrt = WarpedVRT(self._src, crs=grid.crs, transform=grid.transform, width=grid.width,
                               height=grid.height, resampling=self.resampling, dtype="float32",
-                              src_nodata=nodata, nodata=np.nan)
+                              src_nodata=nodata, nodata=np.nan,
+                              # each band's own nodata: by default GDAL takes a pixel as nodata only where
+                              # every band is, so band 2's holes would be averaged in beside band 1's data
+                              UNIFIED_SRC_NODATA="NO")
 
     def read(self, window: Window) -> np.ndarray:
-        values = self._vrt.read(1, window=window, masked=True)
+        values = read_or_fail(self._vrt, self.path, self.band, window=window, masked=True)
         return values.filled(np.nan).astype(np.float32, copy=False)
 
     def close(self) -> None:
@@ -78,6 +90,21 @@ class ReferenceOnGrid:
         self.close()
 
 
+def _height_band(path: object, count: int, band: Optional[int]) -> int:
+    """The 1-based band holding heights: the only one, or the one chosen among several."""
+    if band is None:
+        if count != 1:
+            raise InputError(path, f"has {count} bands but a height raster has one (band 1 would be taken "
+                             "without being asked for)", "Choose the band that holds heights "
+                             "(compare --reference-band N, 'Reference band' in Processing) or extract it: "
+                             "gdal_translate -b N IN OUT")
+        return 1
+    if not 1 <= int(band) <= count:
+        raise InputError(f"reference band {band}", f"is not a band of {path}, which has {count}",
+                         f"Choose a band from 1 to {count}")
+    return int(band)
+
+
 def _fmt(bounds: tuple) -> str:
     return "[" + ", ".join(f"{v:.0f}" for v in bounds) + "]"
 
@@ -89,6 +116,10 @@ def read_height_grid(path: str | os.PathLike) -> tuple[rasterio.DatasetReader, G
         src.close()
         raise InputError(path, "is not a north-up georeferenced raster",
                          "Give the output of 'alphaearth-height predict'")
+    if src.count != 1:
+        src.close()
+        raise InputError(path, f"has {src.count} bands but a predicted height raster has one",
+                         "Give the output of 'alphaearth-height predict'")
     return src, Grid(src.crs, src.transform, src.width, src.height)
 
 
@@ -96,18 +127,20 @@ def compare_heights(predicted: str | os.PathLike, reference: str | os.PathLike,
                     out_path: Optional[str | os.PathLike] = None,
                     metrics_path: Optional[str | os.PathLike] = None,
                     regions: Optional[dict[str, Window]] = None,
-                    bin_edges: Optional[list[float]] = None, plots_prefix: Optional[str] = None) -> dict:
+                    bin_edges: Optional[list[float]] = None, plots_prefix: Optional[str] = None,
+                    reference_band: Optional[int] = None) -> dict:
     """Difference raster and metrics (overall, per height bin, per named region window);
     with ``plots_prefix``, also PNG plots ``<prefix>_scatter.png`` and ``<prefix>_histogram.png``.
 
     Beyond MAX_SAMPLES valid pixels the figures come from a fixed-seed random sample,
-    recorded in the result as ``sampled``.
+    recorded in the result as ``sampled``. ``reference_band`` (1-based) picks the height
+    band of a reference with several; one with several and none chosen is refused.
     """
     outputs = [p for p in (out_path, metrics_path) if p]
     for p in outputs:
         check_output_path(p, predicted, reference)
     src, grid = read_height_grid(predicted)
-    with src, ReferenceOnGrid(reference, grid) as ref:
+    with src, ReferenceOnGrid(reference, grid, reference_band) as ref:
         keep = min(1.0, MAX_SAMPLES / max(grid.width * grid.height, 1))
         rng = np.random.default_rng(0)
         pairs = _Pairs(regions or {})
@@ -143,7 +176,7 @@ def _no_pairs(predicted: object, reference: object) -> InputError:
 
 def _scan(src, ref: ReferenceOnGrid, grid: Grid, keep: float, rng, pairs: "_Pairs", dst) -> None:
     for window in iter_windows(grid.width, grid.height, BLOCK):
-        pred = src.read(1, window=window, masked=True).filled(np.nan).astype(np.float32)
+        pred = read_or_fail(src, src.name, 1, window=window, masked=True).filled(np.nan).astype(np.float32)
         reference = ref.read(window)
         diff = pred - reference
         ok = np.isfinite(diff)

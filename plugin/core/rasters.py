@@ -18,13 +18,23 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.errors import RasterioIOError
+from rasterio.errors import RasterioError, RasterioIOError
+
+try:  # GDAL errors rasterio passes on unwrapped (the class is private, but in every 1.x release)
+    from rasterio._err import CPLE_BaseError
+except ImportError:  # pragma: no cover
+    CPLE_BaseError = RasterioError
+# RasterioIOError is no RasterioError in rasterio 1.3 (an OSError only)
+GDAL_ERRORS = (RasterioError, RasterioIOError, CPLE_BaseError)
 from rasterio.windows import Window
 
 from . import aef
 from .errors import InputError
 
 OUTPUT_NODATA = -9999.0
+# Float embeddings are unit-length vectors (components in [-1, 1]); a little slack for
+# rounding and resampling, far below anything a scaled or foreign raster would hold.
+EMBEDDING_LIMIT = 1.5
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,21 @@ def open_raster(path: str | os.PathLike) -> rasterio.DatasetReader:
                          "Give a GeoTIFF or another raster GDAL can open") from None
 
 
+def unreadable(path: object, exc: BaseException) -> InputError:
+    """The one-line error for a raster whose header opened but whose pixels cannot be read."""
+    reason = " ".join(str(exc).split()).replace("Read or write failed. ", "").replace(f"{path}, ", "")
+    return InputError(path, f"cannot be read: GDAL failed on its pixel data ({reason or type(exc).__name__})",
+                      "The file is truncated or corrupt: copy or fetch it again")
+
+
+def read_or_fail(ds: rasterio.DatasetReader, path: object, *args, **kwargs) -> np.ndarray:
+    """``ds.read(*args, **kwargs)``, turning GDAL's read failure (truncated or corrupt data) into one line."""
+    try:
+        return ds.read(*args, **kwargs)
+    except GDAL_ERRORS as exc:
+        raise unreadable(path, exc) from None
+
+
 class EmbeddingRaster:
     """A 64-band embeddings raster (AEF int8 or float), read by north-up windows."""
 
@@ -135,10 +160,11 @@ class EmbeddingRaster:
         if self.bottom_up:
             file_window = Window(inner.col_off, self.height - inner.row_off - inner.height,
                                  inner.width, inner.height)
-        raw = self._ds.read(window=file_window)
+        raw = read_or_fail(self._ds, self.path, window=file_window)
         if self.bottom_up:
             raw = raw[:, ::-1, :]
         values = self._to_float(raw)
+        self._check_range(values, inner)
         r0, c0 = inner.row_off - window.row_off, inner.col_off - window.col_off
         out[:, r0:r0 + inner.height, c0:c0 + inner.width] = values
         return out
@@ -154,7 +180,21 @@ class EmbeddingRaster:
         nodata = self._ds.nodata
         if nodata is not None and np.isfinite(nodata):
             values = np.where(raw == nodata, np.float32(np.nan), values)
-        return values
+        # +-Inf is no embedding: nodata like NaN (the model must never see it; it would
+        # spread through the convolutions as NaN into the neighbouring pixels)
+        return np.where(np.isfinite(values), values, np.float32(np.nan))
+
+    def _check_range(self, values: np.ndarray, window: Window) -> None:
+        """Refuse float embeddings far outside [-1, 1] (scaled, or not embeddings at all)."""
+        if self.quantised:
+            return  # int8 de-quantises into [-1, 1] by construction
+        flat = values.ravel()
+        peak = max(float(np.fmax.reduce(flat, initial=-np.inf)), -float(np.fmin.reduce(flat, initial=np.inf)))
+        if peak > EMBEDDING_LIMIT:  # NaN-only windows give -inf
+            raise InputError(self.path, f"has embedding values up to {peak:.4g} (in the window at column "
+                             f"{window.col_off}, row {window.row_off}) but AlphaEarth embeddings lie in [-1, 1]",
+                             "Give the embeddings as exported (unit-length, not scaled), or AEF int8 tiles; "
+                             "mark missing pixels as NaN or with the raster's nodata value")
 
     def close(self) -> None:
         self._ds.close()

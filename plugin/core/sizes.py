@@ -8,6 +8,7 @@ line giving its size before any work starts.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from .errors import InputError
@@ -15,6 +16,22 @@ from .errors import InputError
 # 100 Mpx = 100 km x 100 km at 10 m: more than one whole AEF COG tile (8192^2 = 67 Mpx),
 # minutes on a CPU; anything above is hours and hundreds of MB of output.
 DEFAULT_MAX_MPX = 100.0
+MAX_MPX_ENV = "ALPHAEARTH_HEIGHT_MAX_MPX"  # another default for every front end (CLI, Processing)
+
+
+def default_max_mpx() -> float:
+    """The limit a run gets unless told otherwise: $ALPHAEARTH_HEIGHT_MAX_MPX, else DEFAULT_MAX_MPX."""
+    value = os.environ.get(MAX_MPX_ENV, "").strip()
+    if not value:
+        return DEFAULT_MAX_MPX
+    try:
+        limit = float(value)
+    except ValueError:
+        limit = float("nan")
+    if not limit > 0:
+        raise InputError(f"{MAX_MPX_ENV}={value}", "is not a positive number of megapixels",
+                         f"Set it to e.g. {DEFAULT_MAX_MPX:g}, or unset it")
+    return limit
 
 
 def megapixels(width: int, height: int) -> float:
@@ -36,9 +53,13 @@ def check_size(subject: object, width: int, height: int, max_mpx: Optional[float
         return
     area = ""
     if resolution_m:
-        area = f", {mpx * resolution_m * resolution_m:,.0f} km²"  # 1 Mpx of 1 m² = 1 km²
-    raise InputError(subject, f"is {int(width):,} x {int(height):,} px ({mpx:,.0f} Mpx{area}){details}, above "
+        area = f", {_amount(mpx * resolution_m * resolution_m)} km²"  # 1 Mpx of 1 m² = 1 km²
+    raise InputError(subject, f"is {int(width):,} x {int(height):,} px ({_amount(mpx)} Mpx{area}){details}, above "
                               f"the limit of {max_mpx:,g} Mpx for one run", allow)
+
+
+def _amount(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 else f"{value:.2g}"
 
 
 def format_bytes(n: float) -> str:

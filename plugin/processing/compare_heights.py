@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessingOutputNumber,
-                       QgsProcessingParameterFileDestination, QgsProcessingParameterRasterDestination,
-                       QgsProcessingParameterRasterLayer)
+                       QgsProcessingParameterBand, QgsProcessingParameterFileDestination,
+                       QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
 
 from .base import HeightAlgorithm
 
@@ -26,13 +26,16 @@ class CompareHeights(HeightAlgorithm):
     HELP = ("Resamples a reference DSM (any CRS and resolution) onto the grid of a predicted height "
             "raster (averaging when the reference is finer, as for a 5 m DSM on the 10 m grid), writes "
             "the difference raster (predicted − reference, m) and the accuracy figures as JSON: overall, "
-            "and per reference-height bin to show height-dependent bias.\n\n"
+            "and per reference-height bin to show height-dependent bias.\n"
+            "Reference band: needed only when the reference has several bands (say which holds heights).\n\n"
             "The overall R², RMSE, MAE, mean and median difference and NMAD are also returned as "
             "numeric outputs for models and scripts.")
 
     def initAlgorithm(self, config: dict | None = None) -> None:  # noqa: N802 - QGIS API
         self.add(QgsProcessingParameterRasterLayer("PREDICTED", self.tr("Predicted height")))
         self.add(QgsProcessingParameterRasterLayer("REFERENCE", self.tr("Reference DSM")))
+        self.add(QgsProcessingParameterBand("REFERENCE_BAND", self.tr("Reference band (for a reference with several)"),
+                                            parentLayerParameterName="REFERENCE", optional=True))
         self.add(QgsProcessingParameterRasterDestination("OUTPUT", self.tr("Difference (predicted − reference)")))
         self.add(QgsProcessingParameterFileDestination("METRICS", self.tr("Accuracy metrics"),
                                                        fileFilter=self.tr("JSON files (*.json)")))
@@ -47,7 +50,8 @@ class CompareHeights(HeightAlgorithm):
         reference = self.raster_path(parameters, "REFERENCE", context)
         out = self.raster_output(parameters, "OUTPUT", context)
         metrics_path = self.parameterAsFileOutput(parameters, "METRICS", context)
-        result = compare_heights(predicted, reference, out, metrics_path)
+        band = self.parameterAsInt(parameters, "REFERENCE_BAND", context) or None
+        result = compare_heights(predicted, reference, out, metrics_path, reference_band=band)
         self.style_on_load(context, out, "difference")
         overall = result["overall"]
         feedback.pushInfo(f"reference resampled onto the prediction grid with {result['reference_resampling']}")

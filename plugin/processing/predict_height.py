@@ -7,6 +7,7 @@ from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessin
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
 
 from ..core.device import BACKEND_CHOICES, DEVICE_CHOICES
+from ..core.sizes import DEFAULT_MAX_MPX, MAX_MPX_ENV
 from .base import DEVICE_HELP, HeightAlgorithm
 from .compat import FOLDER
 
@@ -30,6 +31,8 @@ class PredictHeight(HeightAlgorithm):
             "Backend: auto runs ONNX Runtime on the CPU when the model folder has model.onnx, PyTorch on a GPU.\n"
             "The prediction runs in the plugin's own Python environment (a separate process), installed "
             "from the AlphaEarth Height dock.\n\n"
+            f"Allow large areas: embeddings above {DEFAULT_MAX_MPX:g} megapixels (100 km x 100 km at 10 m; "
+            f"a larger area takes hours) are refused unless this is ticked (${MAX_MPX_ENV} sets another limit).\n"
             "Cancelling stops between tile batches and leaves no output file.")
 
     def initAlgorithm(self, config: dict | None = None) -> None:  # noqa: N802 - QGIS API
@@ -47,10 +50,15 @@ class PredictHeight(HeightAlgorithm):
                                             defaultValue=0), advanced=True)
         self.add(QgsProcessingParameterBoolean("AMP", self.tr("Mixed precision on CUDA GPUs"), defaultValue=True),
                  advanced=True)
+        self.add(QgsProcessingParameterBoolean(
+            "ALLOW_LARGE", self.tr("Allow large areas (above the size limit, 100 megapixels by default)"),
+            defaultValue=False),
+            advanced=True)
         self.add(QgsProcessingParameterRasterDestination("OUTPUT", self.tr("Predicted height")))
 
     def execute(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
         from ..core.models import bundled_model_dir
+        from ..core.sizes import default_max_mpx
 
         embeddings = self.raster_path(parameters, "INPUT", context)
         out = self.raster_output(parameters, "OUTPUT", context)
@@ -64,7 +72,10 @@ class PredictHeight(HeightAlgorithm):
             "batch_size": self.parameterAsInt(parameters, "BATCH_SIZE", context),
             "device": self.enum_text(parameters, "DEVICE", context, DEVICE_CHOICES),
             "backend": self.enum_text(parameters, "BACKEND", context, BACKEND_CHOICES),
-            "amp": self.parameterAsBoolean(parameters, "AMP", context)}, feedback)
+            "amp": self.parameterAsBoolean(parameters, "AMP", context),
+            "max_mpx": None if self.parameterAsBoolean(parameters, "ALLOW_LARGE", context) else default_max_mpx(),
+            "too_large_fix": "Tick 'Allow large areas' (advanced parameters) to run it anyway, or clip the "
+                             "embeddings to a smaller area first"}, feedback)
         self.style_on_load(context, out, "height")
         feedback.pushInfo(f"{result['width']} x {result['height']} px, {result['tiles']} tiles in "
                           f"{result['seconds']:.1f} s on {result['device']}")

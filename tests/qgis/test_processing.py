@@ -194,6 +194,37 @@ def test_compare_outputs_match_the_metrics_file(run, predicted, small_scene, tmp
     assert result["RMSE"] > 0
 
 
+def test_predict_above_the_size_limit_needs_allow_large_areas(run, small_scene, tiny_model, tmp_path, monkeypatch):
+    from alphaearth_height.plugin.core.sizes import MAX_MPX_ENV
+
+    monkeypatch.setenv(MAX_MPX_ENV, "0.01")  # the 256 x 256 px scene is 0.066 Mpx
+    out = tmp_path / "height.tif"
+    params = {"INPUT": str(small_scene.embeddings), "MODEL": str(tiny_model), "DEVICE": 1, "OUTPUT": str(out)}
+    with pytest.raises(QgsProcessingException, match=r"is 256 x 256 px .* above the limit of 0.01 Mpx.*"
+                                                     r"Tick 'Allow large areas'"):
+        run("predictheight", params)
+    assert list(tmp_path.iterdir()) == []
+    run("predictheight", {**params, "ALLOW_LARGE": True})
+    assert out.exists()
+
+
+def test_compare_takes_the_reference_band_it_is_given(run, predicted, small_scene, tmp_path):
+    with rasterio.open(small_scene.reference) as src:
+        profile, heights = src.profile, src.read(1)
+    profile.update(count=2)
+    stack = tmp_path / "stack.tif"
+    with rasterio.open(stack, "w", **profile) as dst:
+        dst.write(np.stack([heights + 1000, heights]))
+    params = {"PREDICTED": str(predicted), "OUTPUT": str(tmp_path / "diff.tif"),
+              "METRICS": str(tmp_path / "metrics.json")}
+    with pytest.raises(QgsProcessingException, match="has 2 bands .*'Reference band'"):
+        run("compareheights", {**params, "REFERENCE": str(stack)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stack.tif"]
+    chosen = run("compareheights", {**params, "REFERENCE": str(stack), "REFERENCE_BAND": 2})
+    single = run("compareheights", {**params, "REFERENCE": str(small_scene.reference)})
+    assert chosen["RMSE"] == single["RMSE"] and chosen["MEDIAN_DIFF"] == single["MEDIAN_DIFF"]
+
+
 def loaded_layer(path: Path) -> QgsRasterLayer:
     return next(layer for layer in QgsProject.instance().mapLayers().values() if Path(layer.source()) == path)
 
