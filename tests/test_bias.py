@@ -78,3 +78,39 @@ def test_bad_points_file_is_one_line_and_writes_nothing(shifted, tmp_path):
     with pytest.raises(InputError, match="x,y,height"):
         correct_bias(shifted, tmp_path / "c.tif", points=str(bad))
     assert not (tmp_path / "c.tif").exists()
+
+
+def _points_on(grid, truth, n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    rows, cols = rng.integers(20, 230, n), rng.integers(20, 230, n)
+    xs, ys = grid.transform * (cols + 0.5, rows + 0.5)
+    return [f"{x},{y},{truth[r, c]}" for x, y, r, c in zip(xs, ys, rows, cols) if np.isfinite(truth[r, c])]
+
+
+def test_a_csv_with_a_byte_order_mark_reads_like_one_without(shifted, small_scene, tmp_path):
+    """Spreadsheets save UTF-8 CSVs with a BOM; the header must still read x,y,height."""
+    grid = small_scene.grid
+    with ReferenceOnGrid(small_scene.reference, grid) as ref:
+        truth = ref.read(Window(0, 0, grid.width, grid.height))
+    text = "\n".join(["X,Y,Height"] + _points_on(grid, truth)) + "\n"
+    plain, bom = tmp_path / "plain.csv", tmp_path / "bom.csv"
+    plain.write_text(text)
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    a = correct_bias(shifted, tmp_path / "a.tif", points=str(plain), method="offset")
+    b = correct_bias(shifted, tmp_path / "b.tif", points=str(bom), method="offset")
+    assert b.samples == a.samples > 0
+    assert b.correction.params == a.correction.params
+
+
+def test_points_outside_the_prediction_are_left_out_unless_none_is_inside(shifted, small_scene, tmp_path):
+    grid = small_scene.grid
+    with ReferenceOnGrid(small_scene.reference, grid) as ref:
+        truth = ref.read(Window(0, 0, grid.width, grid.height))
+    inside = _points_on(grid, truth)
+    points = tmp_path / "points.csv"
+    points.write_text("\n".join(["x,y,height", *inside, "0,0,10", "1e12,5,3"]) + "\n")
+    assert correct_bias(shifted, tmp_path / "c.tif", points=str(points), method="offset").samples == len(inside)
+    points.write_text("x,y,height\n0,0,10\n1e12,5,3\n")
+    with pytest.raises(InputError, match="none of its 2 point"):
+        correct_bias(shifted, tmp_path / "d.tif", points=str(points))
+    assert not (tmp_path / "d.tif").exists()

@@ -17,6 +17,8 @@ from typing import Optional
 
 import numpy as np
 import rasterio
+from rasterio.crs import CRS
+from rasterio.errors import CRSError
 from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 
@@ -24,7 +26,7 @@ from ..plugin.core.compare import BLOCK, ReferenceOnGrid, compare_heights, read_
 from ..plugin.core.errors import InputError
 from ..plugin.core.metrics import format_metrics_table, height_metrics
 from ..plugin.core.rasters import (OUTPUT_NODATA, Grid, atomic_write, check_output_path, describe_band,
-                                   float_profile, iter_windows)
+                                   GDAL_ERRORS, float_profile, iter_windows, read_or_fail)
 
 METHODS = ("offset", "linear", "quantile")
 MIN_SAMPLES = {"offset": 1, "linear": 5, "quantile": 20}
@@ -128,25 +130,85 @@ def _rounded(params: dict) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else f"{len(v)} quantiles") for k, v in params.items()}
 
 
+CSV_FIX = "Give a CSV with a header line x,y,height and one point per line below"
+POINTS_CRS_FIX = ("Give the CSV's own CRS with --points-crs (e.g. EPSG:4326 for longitude/latitude; "
+                  "default the prediction's), or points inside the predicted area")
+
+
+def read_csv_points(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x, y and height columns of a CSV (header names in any case; a UTF-8 byte-order mark is fine)."""
+    try:
+        # utf-8-sig: spreadsheet programs start UTF-8 CSVs with a byte-order mark, which would
+        # otherwise become part of the first column's name ("\ufeffx")
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            lines = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except FileNotFoundError:
+        raise InputError(path, "does not exist", "Check the path") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(path, f"cannot be read as a CSV ({type(exc).__name__}: {exc})", CSV_FIX) from None
+    if header is None:
+        raise InputError(path, "is empty", CSV_FIX)
+    names = [name.strip().lower() for name in header]
+    missing = [c for c in ("x", "y", "height") if c not in names]
+    if missing:
+        raise InputError(path, f"has no column {', '.join(missing)} (its header is {','.join(header)!r})", CSV_FIX)
+    if not lines:
+        raise InputError(path, "has a header but no points", CSV_FIX)
+    index = [names.index(c) for c in ("x", "y", "height")]
+    values = np.empty((len(lines), 3), dtype=np.float64)
+    for k, (line, row) in enumerate(lines):
+        if len(row) <= max(index):
+            short = ", ".join(c for c, i in zip(("x", "y", "height"), index) if i >= len(row))
+            raise InputError(path, f"line {line} has {len(row)} field(s) and lacks {short} (the header has "
+                             f"{len(names)})", CSV_FIX)
+        try:
+            values[k] = [float(row[i]) for i in index]
+        except ValueError:
+            raise InputError(path, f"line {line} has a value that is not a number "
+                             f"({', '.join(row[i].strip() for i in index)!r})", CSV_FIX) from None
+    return values[:, 0], values[:, 1], values[:, 2]
+
+
 def read_points(path: str | os.PathLike, grid: Grid, crs: Optional[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, cols) on ``grid`` and heights of a CSV with columns x, y, height."""
-    try:
-        with open(path, newline="") as fh:
-            rows = [{k.strip().lower(): v for k, v in r.items() if k} for r in csv.DictReader(fh)]
-        xs, ys, hs = (np.array([float(r[c]) for r in rows]) for c in ("x", "y", "height"))
-    except (OSError, KeyError, ValueError) as exc:
-        raise InputError(path, f"cannot be read as a CSV of x,y,height ({exc})",
-                         "Give a CSV with a header line x,y,height and numbers below") from None
+    xs, ys, hs = read_csv_points(path)
     if crs:
-        xs, ys = (np.asarray(v) for v in transform_points(crs, grid.crs, xs, ys))
+        try:
+            source = CRS.from_user_input(crs)
+        except CRSError as exc:
+            raise InputError(f"--points-crs {crs}", f"is not a CRS GDAL knows ({exc})",
+                             "Give the CRS of the CSV's x,y as EPSG:code, e.g. EPSG:2154 or EPSG:4326") from None
+        try:
+            xs, ys = (np.asarray(v) for v in transform_points(source, grid.crs, xs, ys))
+        except (CRSError, ValueError, *GDAL_ERRORS) as exc:
+            raise InputError(path, f"has x,y that are not coordinates in --points-crs {crs} (GDAL: {exc})",
+                             POINTS_CRS_FIX) from None
     cols, rows_ = ~grid.transform * (xs, ys)
-    return np.floor(rows_).astype(int), np.floor(cols).astype(int), hs
+    ok = np.isfinite(cols) & np.isfinite(rows_)
+    rows_i = np.where(ok, np.floor(np.where(ok, rows_, -1)), -1).astype(np.int64)
+    cols_i = np.where(ok, np.floor(np.where(ok, cols, -1)), -1).astype(np.int64)
+    inside = (rows_i >= 0) & (rows_i < grid.height) & (cols_i >= 0) & (cols_i < grid.width)
+    if not inside.any():
+        where = f"x {np.nanmin(xs):.10g}..{np.nanmax(xs):.10g}, y {np.nanmin(ys):.10g}..{np.nanmax(ys):.10g}" \
+            if ok.any() else "no finite position"
+        crs_text = f"--points-crs {crs}" if crs else f"the prediction's CRS ({grid.crs.to_string()}), the default"
+        raise InputError(path, f"has none of its {len(xs)} point(s) inside the prediction (points at {where} "
+                         f"in {grid.crs.to_string()}, read as {crs_text}; the prediction covers "
+                         f"{_bounds_text(grid)})", POINTS_CRS_FIX)
+    return rows_i, cols_i, hs
+
+
+def _bounds_text(grid: Grid) -> str:
+    left, bottom, right, top = grid.bounds
+    return f"x {left:.10g}..{right:.10g}, y {bottom:.10g}..{top:.10g}"
 
 
 def _samples(predicted: str | os.PathLike, points, points_crs, reference, window) -> tuple[np.ndarray, np.ndarray]:
     src, grid = read_height_grid(predicted)
     with src:
-        pred = src.read(1, masked=True).filled(np.nan).astype(np.float32)
+        pred = read_or_fail(src, predicted, 1, masked=True).filled(np.nan).astype(np.float32)
     if points:
         rows, cols, heights = read_points(points, grid, points_crs)
         inside = (rows >= 0) & (rows < grid.height) & (cols >= 0) & (cols < grid.width)
@@ -190,6 +252,6 @@ def _write_corrected(predicted, out: Path, correction: Correction, samples: int,
                           BIAS_CORRECTION=json.dumps({"method": correction.method, **correction.params}),
                           BIAS_SAMPLES=str(samples), BIAS_SOURCE=str(source))
             for w in iter_windows(grid.width, grid.height, BLOCK):
-                values = src.read(1, window=w, masked=True).filled(np.nan).astype(np.float64)
+                values = read_or_fail(src, predicted, 1, window=w, masked=True).filled(np.nan).astype(np.float64)
                 fixed = correction.apply(values)
                 dst.write(np.where(np.isfinite(fixed), fixed, OUTPUT_NODATA).astype(np.float32), 1, window=w)
