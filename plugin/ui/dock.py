@@ -633,8 +633,13 @@ class HeightDock(QgsDockWidget):
                 raise InputError("Python environment", "is not installed",
                                  "Click Install in the dock's 'Python environment' group first")
             job = self.build_job()
+            question = self.fetch_size_question(job)
         except InputError as exc:
             self.report_error(exc)
+            return
+        if question is not None and not self.confirm_large_fetch(question):
+            self.iface.messageBar().pushMessage(TITLE, f"Run not started: it would {question}",
+                                                Qgis.MessageLevel.Info, 8)
             return
         self.save_settings()
         self._show_metrics({})
@@ -643,6 +648,50 @@ class HeightDock(QgsDockWidget):
         self._set_running(True)
         log.info("Starting height job %s (%s %d)", job.name, job.source, job.year)
         QgsApplication.taskManager().addTask(self.task)
+
+    def fetch_size_question(self, job: HeightJob) -> Optional[str]:
+        """What the run's fetch would cost when that is over the size limit; None when it is not.
+
+        Offline and instant: the AOI at 10 m with the context around it, 64 bytes per pixel
+        written, downloaded as int8 (COGs) or float32 (Earth Engine). The limit is the
+        setting ``alphaearth_height/max_fetch_gb``, else $ALPHAEARTH_HEIGHT_MAX_GB, else 5 GB.
+        """
+        if job.aoi is None:
+            return None
+        from ..core.fetch import check_size, size_limit_gb
+        from ..core.job import DEFAULT_CONTEXT
+
+        raw = str(self.settings.value(SETTINGS + "max_fetch_gb", "") or "").strip()
+        try:
+            value = float(raw) if raw else None
+        except ValueError:
+            raise InputError(f"setting {SETTINGS}max_fetch_gb={raw!r}", "is not a number of gigabytes",
+                             "Give a number such as 5 in the QGIS settings, or remove it") from None
+        limit = size_limit_gb(value)
+        est = size_estimate(job.aoi)
+        margin = 2 * (DEFAULT_CONTEXT if job.context is None else int(job.context))
+        width, height = est["width"] + margin, est["height"] + margin
+        pixels = width * height
+        tile = {"earthengine": 384, "cog": 512}.get(job.source)
+        info = {"source": job.source, "year": job.year, "width": width, "height": height,
+                "area_km2": pixels / 1e4, "output_bytes": pixels * EMBEDDING_BANDS,
+                "download_bytes": pixels * {"earthengine": 4 * EMBEDDING_BANDS, "cog": EMBEDDING_BANDS}.get(
+                    job.source, 0),
+                "requests": -(-width // tile) * -(-height // tile) if tile else 0}
+        try:
+            check_size(info, limit, "")
+        except InputError as exc:
+            return exc.problem
+        return None
+
+    def confirm_large_fetch(self, question: str) -> bool:
+        """Ask before starting a run whose fetch is over the size limit (tests replace this)."""
+        from qgis.PyQt.QtWidgets import QMessageBox
+
+        answer = QMessageBox.question(self, TITLE, f"This run would {question}.\n\nStart it anyway?",
+                                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                      QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
 
     def is_running(self) -> bool:
         return self.task is not None and self.task.on_done is not None

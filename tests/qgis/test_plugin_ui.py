@@ -343,6 +343,34 @@ def test_terrain_picker_only_for_terrain_models(dock, iface, small_scene, tiny_m
     assert not dock.terrain_row.isVisibleTo(dock)
 
 
+def test_large_fetch_asks_before_starting(dock, iface, small_scene, tiny_model, tmp_path, monkeypatch):
+    """Over the size limit (here lowered to 0.1 MB) the dock asks; No starts nothing, Yes runs."""
+    configure(dock, small_scene, tiny_model, tmp_path / "out")
+    QgsSettings().setValue("alphaearth_height/max_fetch_gb", 0.0001)
+    asked = []
+    monkeypatch.setattr(dock, "confirm_large_fetch", lambda question: asked.append(question) or False)
+    assert run_and_wait(dock) is None and dock.task is None
+    assert len(asked) == 1 and "write ~" in asked[0] and "over the 0.0001 GB limit" in asked[0]
+    assert "Run not started" in iface.messages()[-1]
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    monkeypatch.setattr(dock, "confirm_large_fetch", lambda question: asked.append(question) or True)
+    assert run_and_wait(dock) is True and len(asked) == 2
+    QgsSettings().setValue("alphaearth_height/max_fetch_gb", 5)
+
+    def never(question):
+        raise AssertionError(f"asked under the limit: {question}")
+
+    monkeypatch.setattr(dock, "confirm_large_fetch", never)
+    assert dock.fetch_size_question(dock.build_job()) is None
+    dock.source_combo.setCurrentIndex(dock.source_combo.findData("earthengine"))
+    dock.set_aoi(AreaOfInterest(-5, 42, 8, 51, "EPSG:4326"))  # France
+    question = dock.fetch_size_question(dock.build_job())
+    assert "TB" in question and "requests" in question and "over the 5 GB limit" in question
+    QgsSettings().setValue("alphaearth_height/max_fetch_gb", "lots")
+    with pytest.raises(InputError, match="max_fetch_gb"):
+        dock.fetch_size_question(dock.build_job())
+
+
 def test_device_detection_runs_in_background(dock):
     assert "not checked" in dock.device_label.text(), "no torch import while building the dock"
     dock.detect_button.click()

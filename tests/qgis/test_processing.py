@@ -320,3 +320,19 @@ def test_cancel_offered_where_core_can_cancel(provider):
     cancellable = {alg.name(): bool(alg.flags() & CAN_CANCEL) for alg in provider.algorithms()}
     assert cancellable == {"compareheights": False, "fetchembeddings": True, "predictheight": True,
                            "trainmodel": False}
+
+
+def test_fetch_over_the_size_limit_is_refused_unless_raised(run, small_scene, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALPHAEARTH_HEIGHT_MAX_GB", "0.0001")  # 100 kB; the clip below is 100 x 80 px, 0.5 MB
+    left, top = small_scene.grid.transform.c, small_scene.grid.transform.f
+    out = tmp_path / "clip.tif"
+    params = {"INPUT": str(small_scene.embeddings), "OUTPUT": str(out),
+              "EXTENT": f"{left + 500},{left + 1500},{top - 1300},{top - 500} [{UTM}]"}
+    with pytest.raises(QgsProcessingException, match=r"would write ~0.5 MB .* over the 0.0001 GB limit.*MAX_GB"):
+        run("fetchembeddings", params)
+    assert list(tmp_path.iterdir()) == []
+    run("fetchembeddings", {**params, "MAX_GB": 0})  # 0: no limit
+    assert out.exists()
+    out.unlink()
+    run("fetchembeddings", {**params, "MAX_GB": 1})
+    assert out.exists()
