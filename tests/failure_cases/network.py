@@ -196,6 +196,31 @@ def _wrote_embeddings(ws, stdout: str, stderr: str) -> None:
         assert ds.count == 64 and ds.width == 190
 
 
+def _huge_local(ws):
+    """A 200,000 x 200,000 px embeddings raster (sparse: 2 MB on disk); fetching it all would write
+    2.6 TB (a floor of 640 GB compressed), more than any test disk has free."""
+    from affine import Affine
+
+    path = ws.inputs / "huge.tif"
+    profile = {"driver": "GTiff", "width": 200_000, "height": 200_000, "count": 64, "dtype": "int8",
+               "nodata": -128, "crs": "EPSG:32630", "transform": Affine(10, 0, 500_000, 0, -10, 5_000_000),
+               "tiled": True, "blockxsize": 512, "blockysize": 512, "sparse_ok": True, "BIGTIFF": "YES",
+               "compress": "deflate"}
+    with rasterio.open(path, "w", **profile):
+        pass
+    if shutil.disk_usage(ws.out).free > 640e9:
+        import pytest
+
+        pytest.skip("this disk has 640 GB free: the fetch would not be refused")
+    return ["fetch", "--source", "local", "--local-raster", path, "--aoi", "500000", "3000000", "2500000",
+            "5000000", "--aoi-crs", "EPSG:32630", "--year", "2020", "--out", ws.out / "e.tif", "--yes"]
+
+
+def _huge_local_processing(ws):
+    return ("fetchembeddings", {"SOURCE": 0, "INPUT": str(ws.inputs / "huge.tif"), "MAX_GB": 0,
+                                "EXTENT": "500000,2500000,3000000,5000000 [EPSG:32630]", "OUTPUT": str(ws.out / "e.tif")})
+
+
 # ---- bad areas and settings ---------------------------------------------------------------------------
 
 
@@ -245,6 +270,9 @@ CASES = [
          may_write=("e.tif",), env=TINY_LIMIT, check=_wrote_embeddings),
     Case("fetch: over a lowered limit with --max-gb 1", lambda ws: _local_scene(ws, "--max-gb", "1"), exit_code=0,
          may_write=("e.tif",), env=TINY_LIMIT, check=_wrote_embeddings),
+    Case("fetch: local 2.6 TB write with --yes, on a disk without room", _huge_local,
+         lambda ws: [str(ws.out / "e.tif"), "cannot be written", "200000 x 200000 px embeddings", "free there"],
+         deadline_s=STARTUP, processing=_huge_local_processing),
     Case("fetch: --max-gb not positive", lambda ws: _local_scene(ws, "--max-gb", "-1"),
          ("size limit -1.0 GB", "not a positive number")),
     Case("fetch: ALPHAEARTH_HEIGHT_MAX_GB not a number", lambda ws: _local_scene(ws),
