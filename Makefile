@@ -30,6 +30,7 @@ $(PIP_STAMP): $(APT_STAMP) pyproject.toml scripts/install_python.sh
 	@touch $@
 
 demo: setup
+	rm -rf demo_output
 	$(VENV)/bin/alphaearth-height demo --out demo_output
 
 # AEH_REQUIRE_DESKTOP=1: the desktop tests fail (rather than skip) without their tools.
@@ -51,6 +52,7 @@ clean-venv:
 # Re-trains the bundled model on the synthetic demo scene (about 20 min on 2 CPU cores).
 BUNDLED := resources/models/demo-unetplusplus
 bundled-model: setup
+	rm -rf build/demo-scene
 	$(VENV)/bin/alphaearth-height demo --scene-only --out build/demo-scene
 	rm -rf $(BUNDLED)
 	$(VENV)/bin/alphaearth-height train --embeddings build/demo-scene/embeddings.tif \

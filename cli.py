@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -39,6 +40,13 @@ class _Bar:
             self.bar.close()
 
 
+def _check_outputs(files: Optional[dict] = None, inputs: Optional[dict] = None, folders: Optional[dict] = None) -> None:
+    """Every command's outputs against each other and its inputs, before any work (labels are the options)."""
+    from .plugin.core.rasters import check_outputs
+
+    check_outputs(files or {}, inputs=inputs or {}, folders=folders or {})
+
+
 def _fetch(args: argparse.Namespace) -> None:
     from .plugin.core.aoi import AreaOfInterest
     from .plugin.core.fetch import estimate, fetch, format_estimate
@@ -47,6 +55,8 @@ def _fetch(args: argparse.Namespace) -> None:
         raise InputError("--local-raster", "is required with --source local", "Give the embeddings raster to clip")
     if not args.out and not args.estimate_only:
         raise InputError("fetch", "has nowhere to write", "Give --out, or --estimate-only for the size alone")
+    if args.out:
+        _check_outputs({"--out": args.out}, {"--local-raster": args.local_raster})
     aoi = AreaOfInterest(*args.aoi, crs=args.aoi_crs)
     options = {"raster": args.local_raster} if args.source == "local" else {}
     if args.source == "earthengine" and args.project:
@@ -68,7 +78,6 @@ def _fetch(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from .plugin.core.models import bundled_model_dir, open_package
-    from .plugin.core.rasters import check_output_path
     from .plugin.core.terrain import predict_surface
     from .plugin.core.uncertainty import predict_uncertainty
 
@@ -80,8 +89,8 @@ def _predict(args: argparse.Namespace) -> None:
                    amp=not args.no_amp, max_mpx=max_mpx,
                    too_large_fix="Add --yes to run it anyway (or raise --max-mpx), or clip the embeddings "
                                  "to a smaller area first")
-    if args.uncertainty:
-        check_output_path(args.uncertainty, args.embeddings, args.out)
+    _check_outputs({"--out": args.out, "--uncertainty": args.uncertainty},
+                   {"--embeddings": args.embeddings, "--terrain": args.terrain})
     package = open_package(args.model or bundled_model_dir())
     bar = _Bar("predicting")
     try:
@@ -118,6 +127,8 @@ def _compare(args: argparse.Namespace) -> None:
 
     if not args.out and not args.metrics:
         raise InputError("compare", "has nothing to write", "Give --out for the difference raster and/or --metrics")
+    _check_outputs({"--out": args.out, "--metrics": args.metrics},
+                   {"--predicted": args.predicted, "--reference": args.reference})
     metrics = compare_heights(args.predicted, args.reference, args.out, args.metrics,
                               reference_band=args.reference_band)
     print(format_metrics_table({"overall": metrics["overall"]}))
@@ -139,6 +150,12 @@ def _train(args: argparse.Namespace) -> None:
         missing = [f"--{n}" for n in ("embeddings", "reference", "out") if not getattr(args, n)]
         if missing:
             raise InputError("train", f"needs {', '.join(missing)}", "Give them, or --resume RUN_DIR")
+        _check_outputs(folders={"--out": args.out},
+                       inputs={"--embeddings": args.embeddings, "--reference": args.reference,
+                               "--terrain": args.terrain, "--validation-embeddings": args.validation_embeddings,
+                               "--validation-reference": args.validation_reference,
+                               **{f"--pair {i + 1} {side}": path for i, pair in enumerate(args.pair or [])
+                                  for side, path in zip(("embeddings", "reference"), pair)}})
         channels = [int(c) for c in args.decoder_channels.split(",")] if args.decoder_channels else None
         config = TrainConfig(
             embeddings=args.embeddings, reference=args.reference, out=args.out, arch=args.arch,
@@ -176,6 +193,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .training.evaluate import evaluate_model, split_from_card
     from .training.splits import SplitSpec
 
+    _check_outputs(folders={"--out": args.out}, inputs={"--embeddings": args.embeddings,
+                                                        "--reference": args.reference, "--terrain": args.terrain})
     package = load_model(args.model or bundled_model_dir())
     base = split_from_card(package.card).as_dict()
     base["split"] = base.pop("kind")
@@ -194,6 +213,8 @@ def _correct(args: argparse.Namespace) -> None:
     if bool(args.points) == bool(args.reference):
         raise InputError("correct", "needs exactly one source of reference heights",
                          "Give --points CSV or --reference RASTER (with --window)")
+    _check_outputs({"--out": args.out}, {"--predicted": args.predicted, "--points": args.points,
+                                         "--reference": args.reference, "--check-reference": args.check_reference})
     result = correct_bias(args.predicted, args.out, points=args.points, points_crs=args.points_crs,
                           reference=args.reference, window=args.window, method=args.method,
                           check_reference=args.check_reference)
@@ -203,6 +224,7 @@ def _correct(args: argparse.Namespace) -> None:
 def _experiment(args: argparse.Namespace) -> None:
     from .training.experiment import ExperimentBudget, run_experiment
 
+    _check_outputs(folders={"--out": args.out})
     budget = ExperimentBudget(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, scene_size=args.scene_size)
     result = run_experiment(args.out, budget, device=args.device)
     print(Path(args.out, "comparison.md").read_text())
@@ -212,9 +234,14 @@ def _experiment(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .training.demo import run_demo
 
+    _check_outputs(folders={"--out": args.out})
     if args.scene_only:
         from .plugin.core.demo_scene import generate_demo_scene
+        from .plugin.core.rasters import check_new_folder, ensure_free_space, raster_bytes
 
+        check_new_folder(args.out, "the demo scene")
+        ensure_free_space(args.out, raster_bytes(1024, 1024, 64, "int8") + raster_bytes(2048, 2048),
+                          "the demo scene")
         scene = generate_demo_scene(args.out)
         print(f"wrote {scene.embeddings} and {scene.reference}")
         return
@@ -386,18 +413,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``), taking the same clean-up path as Ctrl-C."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    import signal
+
+    signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise _Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.run
+    if args.run is not _worker:  # the worker has its own SIGTERM handling (cancel at the next check)
+        with contextlib.suppress(ValueError):  # not the main thread (main() called from a thread)
+            signal.signal(signal.SIGTERM, _terminate)
     try:
         run(args)
     except InputError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print(f"{PROG}: terminated; no partial output was kept", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no partial output was kept", file=sys.stderr)
         return 130
+    except OSError as exc:  # a write that failed outside the checked writers (history.csv, a plot)
+        line = _os_error_line(exc)
+        if line is None:
+            raise
+        print(f"{PROG}: error: {line}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _os_error_line(exc: OSError) -> Optional[InputError]:
+    """A full disk or a read-only folder as one line; None for anything else (a bug: keep the traceback)."""
+    import errno
+
+    from .plugin.core.rasters import DISK_FULL_ERRNOS, disk_full_error
+
+    where = exc.filename or "output"
+    if exc.errno in DISK_FULL_ERRNOS:
+        return disk_full_error(where, too_large=exc.errno == errno.EFBIG)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return InputError(where, f"cannot be written ({exc.strerror})", "Choose another folder or change its permissions")
+    return None
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def test_bad_embeddings_name_the_file_problem_and_fix(tmp_path, case, expected):
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "out.tif"
+    target = tmp_path / "out.txt"  # a .tif is checked as a raster before the rename (tested below)
     with pytest.raises(RuntimeError):
         with atomic_write(target) as tmp:
             with open(tmp, "w") as fh:

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
+from ..plugin.core import aef
 from ..plugin.core.compare import compare_heights
 from ..plugin.core.demo_scene import generate_demo_scene
 from ..plugin.core.inference import predict_height
 from ..plugin.core.metrics import format_metrics_table, height_metrics, json_safe
 from ..plugin.core.models import bundled_model_dir, load_model
 from ..plugin.core.plots import render_maps
+from ..plugin.core.rasters import check_new_folder, ensure_free_space, make_partial_dir, raster_bytes
 from .baseline import RidgeBaseline, pixels
 from .data import load_pair
+
+
+DEMO_SIZE = 1024  # generate_demo_scene's default side in pixels
 
 
 @dataclass
@@ -34,14 +40,52 @@ def _inside(mask: np.ndarray, window) -> np.ndarray:
     return kept
 
 
+def demo_bytes(size: int = DEMO_SIZE) -> int:
+    """Disk space the demo's outputs take at least: the 64-band int8 scene, the 5 m reference, two height rasters."""
+    return (raster_bytes(size, size, aef.N_BANDS, "int8") + raster_bytes(2 * size, 2 * size)
+            + 2 * raster_bytes(size, size))
+
+
 def run_demo(out_dir: str | os.PathLike = "demo_output", model: Optional[str | os.PathLike] = None,
              device: str = "auto", log: Callable[[str], None] = print,
              progress: Optional[Callable[[int, int], None]] = None) -> DemoResult:
+    """Write the demo into ``out_dir``, a new or empty folder; it appears there only once complete.
+
+    The model is loaded and the free space checked before anything is written.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_new_folder(out, "the demo")
+    package = load_model(model or bundled_model_dir())
+    ensure_free_space(out, demo_bytes(), "the demo")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_partial_dir(out)
+    try:
+        result = _run_demo(staging, out, package, device, log, progress)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return DemoResult(out, _moved(result.metrics, staging, out), result.table)
+
+
+def _moved(value, staging: Path, out: Path):
+    """Paths recorded while writing into the staging folder, as they are after the rename."""
+    if isinstance(value, dict):
+        return {k: _moved(v, staging, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_moved(v, staging, out) for v in value]
+    if isinstance(value, str) and value.startswith(str(staging)):
+        return str(out) + value[len(str(staging)):]
+    return value
+
+
+def _run_demo(out: Path, final: Path, package, device: str, log: Callable[[str], None],
+              progress: Optional[Callable[[int, int], None]]) -> DemoResult:
+    """The demo written into ``out`` (the staging folder), recording ``final`` where paths are written."""
     log("generating the synthetic demo scene (AEF int8 embeddings, EPSG:32630; reference DSM, EPSG:2154 at 5 m)")
     scene = generate_demo_scene(out)
-    package = load_model(model or bundled_model_dir())
     log(f"predicting with {package.name}")
     predicted = out / "predicted_height.tif"
     result = predict_height(scene.embeddings, package, predicted, device=device, progress=progress)
@@ -59,7 +103,8 @@ def run_demo(out_dir: str | os.PathLike = "demo_output", model: Optional[str | o
     metrics["baseline_ridge"] = baseline
     metrics["model"] = {"name": package.name, "path": str(package.path), "device": result.device,
                         "seconds": result.seconds}
-    (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
+    metrics_file = out / "metrics.json"
+    metrics_file.write_text(json.dumps(json_safe(_moved(metrics, out, final)), indent=2) + "\n")
 
     render_maps(out / "height_maps.png", predicted, difference, reference_on_grid=pair.reference,
                 split_fraction=scene.test_start_col / scene.grid.width,

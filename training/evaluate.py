@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,7 +22,7 @@ from ..plugin.core.errors import InputError
 from ..plugin.core.metrics import binned_metrics, format_markdown_table, height_metrics, json_safe, nice_bin_edges
 from ..plugin.core.models import ModelPackage, load_model
 from ..plugin.core.plots import render_accuracy_plots, render_error_by_bin, render_maps
-from ..plugin.core.rasters import honour_umask
+from ..plugin.core.rasters import check_new_folder, make_partial_dir
 from ..plugin.core.terrain import predict_surface
 from ..plugin.core.uncertainty import predict_uncertainty
 from .baseline import fit_on_area, predict_map
@@ -51,14 +50,12 @@ def evaluate_model(model: str | os.PathLike | ModelPackage, embeddings: str | os
     package = model if isinstance(model, ModelPackage) else load_model(model)
     spec = spec or split_from_card(package.card)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise InputError(out, "already exists and is not empty", "Choose a new folder for the report")
+    check_new_folder(out, "the report")
     pair = load_pair(embeddings, reference)
     areas = make_areas(spec, pair.grid.height, pair.grid.width)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    staging = make_partial_dir(out)
     try:
-        honour_umask(staging, directory=True)
         report = _write_report(package, pair, areas, spec, staging, terrain, device, uncertainty, log)
         if not keep_rasters:
             for name in ("prediction.tif", "difference.tif"):

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,6 +23,7 @@ import numpy as np
 from ..plugin.core.device import describe_device, select_device
 from ..plugin.core.errors import InputError
 from ..plugin.core.models import architecture_config, build_model, make_card, save_model, size_multiple
+from ..plugin.core.rasters import check_new_folder, check_outputs
 from .checkpoint import FOLDER as CHECKPOINT_FOLDER
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import load_pair
@@ -75,6 +76,31 @@ class TrainConfig:
     year: Optional[int] = None
     tile: int = 256
     overlap: int = 64
+
+    def with_absolute_paths(self, base: Optional[Path] = None) -> "TrainConfig":
+        """A copy with every file path absolute (relative ones taken from ``base``, default the cwd).
+
+        config.json stores these, so ``--resume`` works from any working directory.
+        """
+        base = Path.cwd() if base is None else Path(base)
+
+        def absolute(path):
+            return None if path in (None, "") else str((base / Path(path).expanduser()).absolute())
+
+        return replace(self, embeddings=absolute(self.embeddings), reference=absolute(self.reference),
+                       out=absolute(self.out), terrain=absolute(self.terrain),
+                       validation_embeddings=absolute(self.validation_embeddings),
+                       validation_reference=absolute(self.validation_reference),
+                       extra_pairs=[[absolute(p) for p in pair] for pair in self.extra_pairs])
+
+    def input_paths(self) -> dict[str, str]:
+        """Every input file by the option that names it."""
+        paths = {"embeddings": self.embeddings, "reference": self.reference, "terrain": self.terrain,
+                 "validation embeddings": self.validation_embeddings,
+                 "validation reference": self.validation_reference}
+        for i, (emb, ref) in enumerate(self.extra_pairs, start=1):
+            paths[f"pair {i} embeddings"], paths[f"pair {i} reference"] = emb, ref
+        return {k: v for k, v in paths.items() if v}
 
     def split_spec(self) -> SplitSpec:
         return SplitSpec(self.split, self.test_fraction, self.validation_fraction, self.direction,
@@ -277,9 +303,10 @@ class _Trainer:
 def train_model(config: TrainConfig, log: Log = print, progress: Optional[Progress] = None) -> TrainResult:
     """Train from scratch into a new run folder; Ctrl-C leaves a checkpoint to resume from."""
     started = time.perf_counter()
+    config = config.with_absolute_paths()  # config.json must not depend on the working directory
     out = Path(config.out)
-    if out.exists() and any(out.iterdir()):
-        raise InputError(out, "already exists and is not empty", "Choose a new output folder for the model")
+    check_new_folder(out, "the model")
+    check_outputs(folders={"the model folder": out}, inputs=config.input_paths())
     trainer = _Trainer(config, log, progress)  # reads and checks every input before writing anything
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
@@ -296,11 +323,27 @@ def resume_training(run_dir: str | os.PathLike, log: Log = print, progress: Opti
         raise InputError(out, "is not a training run folder (no config.json)", "Give the --out folder of a train run")
     if (out / "model.json").is_file():
         raise InputError(out, "holds a finished run", "Train a new model into a new folder instead")
-    config = TrainConfig(**json.loads((out / "config.json").read_text()))
+    config = _stored_config(out)
     trainer = _Trainer(config, log, progress)
     trainer.restore(out)
     log(f"resuming {out} after epoch {len(trainer.history)} of {config.epochs}")
     return _finish(trainer, out, started)
+
+
+def _stored_config(out: Path) -> TrainConfig:
+    """The run's config.json; paths written relative by older versions must still be found from here."""
+    path = out / "config.json"
+    try:
+        config = TrainConfig(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise InputError(path, f"is damaged or not a training configuration ({exc})",
+                         "Start a new run; the checkpoint cannot be used without it") from None
+    for name, value in config.input_paths().items():
+        if not Path(value).is_absolute() and not Path(value).exists():
+            raise InputError(value, f"({name} in {path}) is a relative path that does not exist from "
+                             f"{Path.cwd()}", "Resume from the folder the run was started in, or write the "
+                             "absolute path into config.json")
+    return replace(config.with_absolute_paths(), out=str(out.absolute()))
 
 
 def _finish(trainer: _Trainer, out: Path, started: float) -> TrainResult:

@@ -18,7 +18,7 @@ from rasterio.windows import Window
 from .errors import InputError
 from .metrics import binned_metrics, height_metrics, json_safe
 from .plots import render_accuracy_plots
-from .rasters import (OUTPUT_NODATA, Grid, atomic_write, check_output_path, describe_band, float_profile,
+from .rasters import (OUTPUT_NODATA, Grid, atomic_write, check_outputs, describe_band, float_profile,
                       iter_windows, open_raster, read_or_fail)
 
 BLOCK = 1024
@@ -136,9 +136,7 @@ def compare_heights(predicted: str | os.PathLike, reference: str | os.PathLike,
     recorded in the result as ``sampled``. ``reference_band`` (1-based) picks the height
     band of a reference with several; one with several and none chosen is refused.
     """
-    outputs = [p for p in (out_path, metrics_path) if p]
-    for p in outputs:
-        check_output_path(p, predicted, reference)
+    check_outputs({"the difference raster": out_path, "the metrics": metrics_path}, inputs=[predicted, reference])
     src, grid = read_height_grid(predicted)
     with src, ReferenceOnGrid(reference, grid, reference_band) as ref:
         keep = min(1.0, MAX_SAMPLES / max(grid.width * grid.height, 1))

@@ -24,7 +24,7 @@ from .device import BACKEND_CHOICES, describe_device, select_device
 from .errors import InputError
 from .models import ONNX_FILE, ModelPackage, open_package
 from .rasters import (OUTPUT_NODATA, EmbeddingRaster, Grid, atomic_write, check_output_path,
-                      describe_band, float_profile, valid_mask)
+                      describe_band, ensure_free_space, float_profile, raster_bytes, valid_mask)
 from .sizes import check_size, format_bytes
 
 DEFAULT_BAND_WIDTH = 4096
@@ -189,7 +189,8 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
                    channels_last: Optional[bool] = None, band_width: int = DEFAULT_BAND_WIDTH,
                    progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
                    relative: bool = False, backend: str = "auto", max_mpx: Optional[float] = None,
-                   too_large_fix: str = "Clip the embeddings to a smaller area first") -> PredictionResult:
+                   too_large_fix: str = "Clip the embeddings to a smaller area first",
+                   description: str = "predicted surface height", band_tags: Optional[dict] = None) -> PredictionResult:
     """Predict surface height (m) for every pixel of an embeddings raster into a GeoTIFF.
 
     A model trained on height above a coarse terrain raster is refused unless ``relative``
@@ -214,11 +215,12 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
                    details=f", about {plan.total_tiles:,} tiles and "
                            f"{format_bytes(4 * grid.width * grid.height)} of heights to write",
                    allow=too_large_fix)
+        ensure_free_space(out, raster_bytes(grid.width, grid.height), "the prediction")
         runner = make_runner(package, backend, device, amp, channels_last)
         stats = _Stats()
         with atomic_write(out) as tmp:
             with rasterio.open(tmp, "w", **float_profile(grid)) as dst:
-                describe_band(dst, "predicted surface height", "m", MODEL=package.name,
+                describe_band(dst, description, "m", MODEL=package.name,
                               SOURCE_EMBEDDINGS=Path(embeddings).name, TILE=str(tile), OVERLAP=str(overlap))
                 done = 0
                 for c0, c1 in plan.bands():
@@ -239,7 +241,7 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
                                      "(every pixel is nodata, NaN or infinite)",
                                      "Give embeddings with data over the area (AEF marks missing pixels -128), "
                                      "or fetch the area again")
-                dst.update_tags(1, **stats.tags())
+                dst.update_tags(1, **stats.tags(), **(band_tags or {}))
     return PredictionResult(out, grid, plan.total_tiles, time.perf_counter() - started,
                             runner.description, stats.summary())
 

@@ -20,7 +20,6 @@ import dataclasses
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,11 +177,11 @@ def _fetch_and_predict(job: HeightJob, package: ModelPackage, result: HeightJobR
                        cancel: Optional[CancelFn]) -> PredictionResult:
     """Fetch the AOI grown by the context (clipped at a local raster's edge), predict, crop to the AOI."""
     from .fetch import context_grids, fetch
-    from .rasters import crop_to_grid
+    from .rasters import crop_to_grid, make_partial_dir
 
     options = _source_options(job)
     aoi_grid, grown = context_grids(job.aoi, job.source, result.context, **options)
-    scratch = tempfile.mkdtemp(dir=result.predicted.parent, prefix=f".{result.predicted.stem}-context-")
+    scratch = make_partial_dir(result.predicted.with_name(result.predicted.stem + "-context"))
     try:
         margin = grown != aoi_grid
         # the final names, so tags naming a file (SOURCE_EMBEDDINGS) hold after the crop

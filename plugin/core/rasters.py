@@ -7,12 +7,19 @@ AEF COGs are stored) are flipped on read, so callers never meet the difference.
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import rasterio
@@ -229,15 +236,82 @@ def float_profile(grid: Grid, count: int = 1) -> dict:
 
 
 def check_output_path(path: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
-    """Refuse outputs that would overwrite an input or land in a missing folder."""
-    out = Path(path).resolve()
-    if not out.parent.is_dir():
-        raise InputError(path, f"cannot be written: folder {out.parent} does not exist",
-                         "Create the folder or choose another output path")
-    for source in inputs:
-        if source and Path(source).resolve() == out:
-            raise InputError(path, "is also an input and would be overwritten", "Choose another output path")
-    return out
+    """Refuse an output that would overwrite an input, is a folder, or lands in a missing or read-only folder."""
+    check_outputs({"output": path}, inputs=list(inputs))
+    return Path(path).resolve()
+
+
+OutputSpec = Union[Mapping[str, Any], Sequence[tuple[str, Any]]]
+
+
+def _labelled(items: Optional[OutputSpec]) -> list[tuple[str, Path]]:
+    """(label, path) pairs from a mapping or pairs; empty paths are dropped."""
+    pairs = list(items.items()) if isinstance(items, Mapping) else list(items or ())
+    return [(label, Path(path)) for label, path in pairs if path not in (None, "")]
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_writable_folder(path: Path, folder: Path) -> None:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(path, f"cannot be written: folder {folder} is read-only or not writable by you",
+                         "Choose another folder or change its permissions")
+
+
+def check_outputs(files: Optional[OutputSpec] = None, *, inputs: Optional[Iterable[Any] | OutputSpec] = None,
+                  folders: Optional[OutputSpec] = None) -> None:
+    """Check every output of one run against the others and against the inputs, before any work.
+
+    ``files`` and ``folders`` map a label (``--out``, ``OUTPUT``, "the difference raster")
+    to a path; ``inputs`` are paths (or labelled paths) the run reads. Refused with one
+    line: an output that is also an input, two outputs at the same path (the second would
+    replace the first), a file output that is an existing folder (or a folder output that
+    is an existing file), a missing or read-only folder, an output inside a folder output.
+    Folder outputs may be new (their nearest existing parent must be writable); whether an
+    existing folder must be empty is the caller's rule.
+    """
+    file_outputs, folder_outputs = _labelled(files), _labelled(folders)
+    if inputs is None:
+        sources: list[tuple[str, Path]] = []
+    elif isinstance(inputs, Mapping):
+        sources = _labelled(inputs)
+    else:
+        sources = [("input", Path(p)) for p in inputs if p not in (None, "")]
+    outputs = file_outputs + folder_outputs
+    for label, path in file_outputs:
+        for folder_label, folder in folder_outputs:
+            if folder.resolve() in path.resolve().parents:
+                raise InputError(path, f"is inside {folder_label} ({folder}), which this run writes as a whole",
+                                 "Give it a path outside that folder")
+    for i, (label, path) in enumerate(outputs):
+        for source_label, source in sources:
+            if _same_path(path, source):
+                also = "an input" if source_label == "input" else f"the input {source_label}"
+                raise InputError(path, f"is also {also} and would be overwritten", "Choose another output path")
+        for other_label, other in outputs[i + 1:]:
+            if _same_path(path, other):
+                raise InputError(path, f"is given for both {label} and {other_label}; one would replace the other",
+                                 "Give each output its own path")
+    for label, path in file_outputs:
+        if path.is_dir():
+            raise InputError(path, f"is a directory but {label} is a file", "Give a file name, e.g. "
+                             f"{path / ('output' + (path.suffix or '.tif'))}")
+        parent = path.resolve().parent
+        if not parent.is_dir():
+            raise InputError(path, f"cannot be written: folder {parent} does not exist",
+                             "Create the folder or choose another output path")
+        _check_writable_folder(path, parent)
+    for label, path in folder_outputs:
+        if path.exists() and not path.is_dir():
+            raise InputError(path, f"is an existing file but {label} is a folder", "Give a new folder name")
+        _check_writable_folder(path, path if path.is_dir() else _existing_folder(path.parent))
 
 
 def _existing_folder(path: str | os.PathLike) -> Path:
@@ -254,15 +328,21 @@ def free_bytes(path: str | os.PathLike) -> int:
 
 
 def _megabytes(n: float) -> str:
-    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e6:.1f} MB"
+    if n >= 10e6:
+        return f"{n / 1e6:,.0f} MB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
 
 
-def disk_full_error(path: str | os.PathLike) -> InputError:
-    """The one-line error for a write that ran out of space (ENOSPC, EFBIG or GDAL's write failures)."""
+def disk_full_error(path: str | os.PathLike, too_large: bool = False) -> InputError:
+    """The one-line error for a write that ran out of space (ENOSPC, EDQUOT) or past a size limit (EFBIG)."""
     try:
         free = _megabytes(free_bytes(path))
     except OSError:
         free = "unknown"
+    if too_large:
+        return InputError(path, f"cannot be written: the file grew past the largest size this filesystem or "
+                                f"process allows ({free} free)",
+                          "Write to another filesystem, or raise the file size limit (ulimit -f)")
     return InputError(path, f"cannot be written: the disk is full ({free} free)",
                       "Free space or choose another folder")
 
@@ -316,26 +396,293 @@ def honour_umask(path: str | os.PathLike, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; rename it into place only on success.
+def check_new_folder(path: str | os.PathLike, what: str) -> Path:
+    """Refuse a folder output that is an existing file or a folder with something in it.
 
-    A crash, cancellation or error leaves neither a partial file nor a stale
-    temporary one, and an existing output is kept until the new one is complete.
+    Runs that write a whole folder (train, evaluate, demo) never mix their files with
+    what is already there, nor replace any of it.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, f"is an existing file but {what} is written as a folder", "Give a new folder name")
+    if out.is_dir() and any(out.iterdir()):
+        raise InputError(out, "already exists and is not empty", f"Choose a new folder for {what}")
+    _check_writable_folder(out, out if out.is_dir() else _existing_folder(out.parent))
+    return out
+
+
+# ---- temporary files renamed into place -------------------------------------------------------
+#
+# A temporary file or folder is named ``.<name>.<random>.partial-<host>-<pid><suffix>`` so a later
+# run can tell whose it is: the partials of a process that is gone (killed by SIGKILL, a power
+# cut) are removed by the next run writing into that folder (``remove_stale_partials``).
+
+_PARTIAL = re.compile(r"^\..+\.partial-(?P<host>[A-Za-z0-9_-]+?)-(?P<pid>\d+)(?:\.|$)")
+_LEGACY_PARTIAL = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.partial(?:\.[A-Za-z0-9]+)*$")  # before pids were named
+OTHER_HOST_PARTIAL_AGE_S = 7 * 24 * 3600  # partials of another machine (a shared folder): only when this old
+LEGACY_PARTIAL_AGE_S = 3600
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DISK_FULL_WORDS = ("no space left", "disk full", "quota exceeded")
+_TOO_LARGE_WORDS = ("file too large",)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:32] or "host"
+
+
+def partial_tag() -> str:
+    """The ``.partial-<host>-<pid>`` part of this process's temporary names."""
+    return f".partial-{_host()}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    except OSError:
+        return True  # cannot tell (e.g. Windows quirks): keep the file
+    return True
+
+
+def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders that dead runs left in ``folder``; return them.
+
+    A partial of this machine is stale when its process is gone; one of another machine
+    (a shared folder) only when it is older than a week; an unnamed one of earlier
+    versions when it is older than an hour. Live runs' partials are never touched.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now, host = time.time(), _host()
+    for entry in entries:
+        match = _PARTIAL.match(entry.name)
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if match:
+            pid = int(match.group("pid"))
+            if match.group("host") == host:
+                stale = pid != os.getpid() and not _pid_alive(pid)
+            else:
+                stale = age > OTHER_HOST_PARTIAL_AGE_S
+        else:
+            stale = bool(_LEGACY_PARTIAL.match(entry.name)) and age > LEGACY_PARTIAL_AGE_S
+        if not stale:
+            continue
+        path = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+        except OSError:
+            pass  # another run removed it first, or it is not ours to remove
+    return removed
+
+
+def _refuse_unwritable(path: Path, exc: OSError) -> InputError:
+    if exc.errno in DISK_FULL_ERRNOS:
+        return disk_full_error(path, too_large=exc.errno == errno.EFBIG)
+    if exc.errno == errno.ENOENT:
+        return InputError(path, f"cannot be written: folder {path.parent} does not exist",
+                          "Create the folder or choose another output path")
+    return InputError(path, f"cannot be written: folder {path.parent} is read-only or not writable by you "
+                            f"({exc.strerror or exc})", "Choose another folder or change its permissions")
+
+
+def make_partial_dir(out: str | os.PathLike) -> Path:
+    """A temporary folder beside ``out`` (for outputs that are folders, or scratch files), named as partials are.
+
+    The caller renames it into place or removes it; a run killed outright leaves it to
+    the next run's ``remove_stale_partials``.
+    """
+    out = Path(out)
+    remove_stale_partials(out.parent)
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=partial_tag(), dir=out.parent))
+    except OSError as exc:
+        raise _refuse_unwritable(out, exc) from None
+    honour_umask(folder, directory=True)
+    return folder
+
+
+class _GdalErrors(logging.Handler):
+    """Collects the errors GDAL signals in this thread while an output is written.
+
+    rasterio routes GDAL's errors to the ``rasterio._env`` logger (rasterio 1.3 logs
+    CE_Failure at INFO, "GDAL signalled an error"); GDAL's own write failures (a full
+    disk while a TIFF directory is written at close) are never raised, only signalled.
+    """
+
+    LOGGER = "rasterio._env"
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.thread:
+            return
+        text = record.getMessage()
+        if record.levelno >= logging.ERROR or "signalled an error" in text:
+            self.messages.append(text)
+
+    def __enter__(self) -> "_GdalErrors":
+        self.logger = logging.getLogger(self.LOGGER)
+        self.level = self.logger.level
+        if self.logger.getEffectiveLevel() > logging.INFO:
+            self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
+
+
+def _gdal_message(text: str) -> str:
+    match = re.search(r"msg=['\"](.*)['\"]\s*$", text)
+    text = match.group(1) if match else text
+    return " ".join(text.split()).rstrip(".")
+
+
+def _write_failed(out: Path, messages: list[str], reason: str = "") -> Exception:
+    """The one-line error for an output GDAL could not write (a full disk, most often)."""
+    texts = [_gdal_message(m) for m in messages] + ([reason] if reason else [])
+    for text in texts:
+        if _space_problem(text) is not None:
+            return _DiskFull(_space_problem(text))
+    detail = texts[0] if texts else "unknown error"
+    return InputError(out, f"could not be written completely (GDAL: {detail[:200]})",
+                      "Check that the folder has free space and is writable, then run again")
+
+
+def _from_gdal(exc: BaseException) -> bool:
+    """An error rasterio raised for GDAL (its classes move between modules across versions)."""
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] == "rasterio"
+
+
+def _space_problem(what: BaseException | str) -> Optional[str]:
+    """"too large" (EFBIG), "full" (ENOSPC, EDQUOT) or None, from an exception or a GDAL message."""
+    if isinstance(what, OSError) and what.errno in DISK_FULL_ERRNOS:
+        return "too large" if what.errno == errno.EFBIG else "full"
+    if isinstance(what, BaseException) and not _from_gdal(what):
+        return None
+    text = str(what).lower()
+    if any(word in text for word in _TOO_LARGE_WORDS):
+        return "too large"
+    return "full" if any(word in text for word in _DISK_FULL_WORDS) else None
+
+
+def verify_output(path: str | os.PathLike, kind: str) -> None:
+    """Reopen a just-written file and read it all; raise ``ValueError`` if it is not whole.
+
+    ``kind`` is "raster" (every block of every band is read back), "json" (parsed) or
+    "file" (nothing to check beyond the write itself).
+    """
+    if kind == "json":
+        json.loads(Path(path).read_text(encoding="utf-8"))
+    elif kind == "raster":
+        with rasterio.open(path) as ds:
+            for _, window in ds.block_windows(1):
+                ds.read(window=window)
+
+
+def _output_kind(out: Path) -> str:
+    suffix = out.suffix.lower()
+    if suffix in (".tif", ".tiff", ".vrt", ".img"):
+        return "raster"
+    return "json" if suffix == ".json" else "file"
+
+
+def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
+    """Push a file (or a folder's entries) to the disk; delayed write errors (ENOSPC on NFS) surface here."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:
+            return  # folders cannot be opened on some systems (Windows): nothing to sync
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if not directory or exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, kind: Optional[str] = None) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; rename it into place only once it is whole.
+
+    Before the rename the temporary file must have been written without any GDAL error,
+    be synced to disk, and reopen and read back completely (``verify_output``; ``kind``
+    defaults from the suffix: rasters, JSON, other files). Otherwise nothing is renamed,
+    the earlier file at ``path`` is untouched, the temporary file is removed and the
+    error is one line (a full disk says so, with the space left). A crash, cancellation,
+    Ctrl-C or SIGTERM (the CLI turns it into KeyboardInterrupt) leaves nothing; a run
+    killed outright leaves a partial that the next run in the folder removes.
     The output gets the usual mode for the umask (not mkstemp's 0600).
     """
     out = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".partial" + out.suffix, dir=out.parent)
+    remove_stale_partials(out.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=partial_tag() + out.suffix, dir=out.parent)
+    except OSError as exc:
+        raise _refuse_unwritable(out, exc) from None
     os.close(fd)
     try:
         honour_umask(tmp)
-        yield tmp
+        with rasterio.Env(), _GdalErrors() as gdal_errors:
+            try:
+                yield tmp
+            except Exception as exc:  # noqa: BLE001 - classified, then raised again
+                if _space_problem(exc):
+                    raise _DiskFull(_space_problem(exc)) from None
+                if gdal_errors.messages and _from_gdal(exc):
+                    raise _write_failed(out, gdal_errors.messages, str(exc)) from None
+                raise
+            if gdal_errors.messages:
+                raise _write_failed(out, gdal_errors.messages)
+            try:
+                _fsync(tmp)
+                verify_output(tmp, kind or _output_kind(out))
+            except Exception as exc:  # noqa: BLE001 - whatever reading it back raised, it is not whole
+                if _space_problem(exc):
+                    raise _DiskFull(_space_problem(exc)) from None
+                raise _write_failed(out, gdal_errors.messages, f"{type(exc).__name__}: {exc}") from None
+            if gdal_errors.messages:  # reading it back signalled errors: blocks are missing
+                raise _write_failed(out, gdal_errors.messages)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         for leftover in (tmp, tmp + ".aux.xml"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(leftover)
+        if isinstance(exc, _DiskFull):  # the free space is measured now that the partial is gone
+            raise disk_full_error(out, too_large=exc.kind == "too large") from None
         raise
+    with contextlib.suppress(OSError):  # the rename itself is durable once the folder is synced
+        _fsync(out.parent, directory=True)
+
+
+class _DiskFull(Exception):
+    """Raised inside ``atomic_write`` so the free space is reported after the partial is removed."""
+
+    def __init__(self, kind: str = "full") -> None:
+        super().__init__(kind)
+        self.kind = kind
 
 
 def describe_band(dst: rasterio.io.DatasetWriter, description: str, units: str, **tags: str) -> None:

@@ -8,7 +8,7 @@ terrain block by block; the output appears only once complete.
 from __future__ import annotations
 
 import os
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +19,8 @@ from .compare import BLOCK, ReferenceOnGrid, read_height_grid
 from .errors import InputError
 from .inference import PredictionResult, predict_height
 from .models import ModelPackage, open_package
-from .rasters import OUTPUT_NODATA, atomic_write, check_output_path, describe_band, float_profile, iter_windows
+from .rasters import (OUTPUT_NODATA, atomic_write, check_output_path, describe_band, float_profile, iter_windows,
+                      make_partial_dir)
 
 
 def uses_terrain(card: dict) -> bool:
@@ -40,10 +41,13 @@ def predict_surface(embeddings: str | os.PathLike, model: str | os.PathLike | Mo
     if not terrain:
         return predict_height(embeddings, package, out_path, **options)  # refuses, naming the missing input
     out = check_output_path(out_path, embeddings, terrain)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".relief-") as scratch:
-        relief = Path(scratch) / "relief.tif"
+    scratch = make_partial_dir(out)
+    try:
+        relief = scratch / "relief.tif"
         result = predict_height(embeddings, package, relief, relative=True, **options)
         _add_terrain(relief, terrain, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     result.path = out
     return result
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import rasterio
-
 from .inference import PredictionResult, predict_height
 from .models import ModelPackage, load_model
 
@@ -49,8 +47,8 @@ def predict_uncertainty(embeddings: str | os.PathLike, model: str | os.PathLike 
                                        "normalisation": {"mean": 0.0, "std": package.target_std}}}
     wrapped = ModelPackage(_augmented(package.torch_module()), card, package.path)
     options["backend"] = "torch"  # the augmentations are a torch wrapper, not part of the ONNX graph
-    result = predict_height(embeddings, wrapped, out_path, relative=True, **options)
-    with rasterio.open(result.path, "r+") as dst:
-        dst.set_band_description(1, "height uncertainty: std over flips and rotations (test-time augmentation)")
-        dst.update_tags(1, METHOD="test-time augmentation, 8 dihedral transforms (4 on non-square tiles)")
-    return result
+    # described as it is written: changing the finished file in place could break it on a full disk
+    return predict_height(embeddings, wrapped, out_path, relative=True,
+                          description="height uncertainty: std over flips and rotations (test-time augmentation)",
+                          band_tags={"METHOD": "test-time augmentation, 8 dihedral transforms (4 on non-square "
+                                               "tiles)"}, **options)
