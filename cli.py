@@ -76,7 +76,58 @@ def _fetch(args: argparse.Namespace) -> None:
           f"{result.seconds:.1f} s)")
 
 
+def _dem_base_url(args: argparse.Namespace) -> None:
+    """--dem-base-url: the Copernicus DEM mirror for this run (and the worker processes it starts)."""
+    import os
+
+    from .plugin.core.dem import is_product, product
+
+    url = getattr(args, "dem_base_url", None)
+    if url and is_product(getattr(args, "terrain", None)):
+        os.environ[product(args.terrain).url_env] = url
+
+
+def _fetch_terrain(args: argparse.Namespace) -> None:
+    from .plugin.core.aoi import AreaOfInterest
+    from .plugin.core.dem import ATTRIBUTION, product
+    from .plugin.core.fetch.copernicus import aoi_grid, fetch_terrain
+    from .plugin.core.rasters import EmbeddingRaster, grow_grid, open_raster
+
+    if bool(args.aoi) == bool(args.like):
+        raise InputError("fetch-terrain", "needs exactly one of --aoi and --like",
+                         "Give --aoi XMIN YMIN XMAX YMAX, or --like RASTER for that raster's grid")
+    _check_outputs({"--out": args.out}, {"--like": args.like})
+    dem = product(args.product)
+    if args.aoi:
+        grid = aoi_grid(AreaOfInterest(*args.aoi, crs=args.aoi_crs), args.resolution, args.margin)
+    else:
+        with open_raster(args.like) as src:
+            bands = src.count
+        if bands == 64:
+            with EmbeddingRaster(args.like) as raster:  # north-up even when stored bottom-up
+                grid = raster.grid
+        else:
+            from .plugin.core.compare import read_height_grid
+
+            src, grid = read_height_grid(args.like)
+            src.close()
+        grid = grow_grid(grid, max(0, round(args.margin / grid.resolution[0])))
+    print(f"Copernicus DEM {dem.name} from {dem.base_url(args.base_url)} onto {grid.width}x{grid.height} px "
+          f"({grid.resolution[0]:g} m) in {grid.crs.to_string()}")
+    bar = _Bar("DEM tiles", unit="tile")
+    try:
+        result = fetch_terrain(grid, args.out, dem, base_url=args.base_url, cache_dir=args.cache_dir,
+                               progress=bar, status=lambda message: print(f"{PROG}: {message}", file=sys.stderr))
+    finally:
+        bar.close()
+    print(result.summary())
+    if result.absent:
+        print(f"open sea (no DEM tile, height 0 m): {', '.join(result.absent)}")
+    print(f"Copernicus DEM attribution (kept in the file's metadata): {ATTRIBUTION}")
+
+
 def _predict(args: argparse.Namespace) -> None:
+    _dem_base_url(args)
     from .plugin.core.models import bundled_model_dir, open_package
     from .plugin.core.terrain import predict_surface
     from .plugin.core.uncertainty import predict_uncertainty
@@ -140,6 +191,7 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    _dem_base_url(args)
     from .training.train import TrainConfig, resume_training, train_model
 
     bar = _Bar("training", unit="step")
@@ -188,6 +240,7 @@ def _split_options(args: argparse.Namespace, base: dict) -> dict:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    _dem_base_url(args)
     from .plugin.core.metrics import format_metrics_table
     from .plugin.core.models import bundled_model_dir, load_model
     from .training.evaluate import evaluate_model, split_from_card
@@ -280,6 +333,16 @@ def _add_split(p: argparse.ArgumentParser, train: bool) -> None:
                    help="validation area as a pixel window (instead of the validation strip or blocks)")
 
 
+TERRAIN_HELP_PREDICT = ("coarse terrain, for models trained with --terrain: copernicus-30 / copernicus-90 (the "
+                        "Copernicus DEM fetched for the embeddings from its public COGs, cached) or a raster file")
+
+
+def _add_dem_base_url(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dem-base-url", metavar="URL",
+                   help="Copernicus DEM mirror for --terrain copernicus-30/90 (default: the public AWS bucket, or "
+                        "$ALPHAEARTH_HEIGHT_COPERNICUS_30_URL / _90_URL)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Surface height at 10 m from AlphaEarth embeddings.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -301,6 +364,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimate-only", action="store_true", help="print the size estimate and stop")
     p.set_defaults(run=_fetch)
 
+    p = sub.add_parser("fetch-terrain", help="the Copernicus DEM (GLO-30/GLO-90, public COGs) for an area, "
+                                             "as a terrain input")
+    p.add_argument("--aoi", nargs=4, type=float, metavar=("XMIN", "YMIN", "XMAX", "YMAX"),
+                   help="area of interest in --aoi-crs (the output is in its UTM zone)")
+    p.add_argument("--aoi-crs", default="EPSG:4326", help="CRS of --aoi (default EPSG:4326)")
+    p.add_argument("--like", metavar="RASTER", help="instead of --aoi: the grid of this raster (e.g. the embeddings)")
+    p.add_argument("--out", required=True, help="output terrain GeoTIFF (float32, m above the EGM2008 geoid)")
+    p.add_argument("--product", default="copernicus-30", choices=("copernicus-30", "copernicus-90"),
+                   help="GLO-30 (1 arc-second) or GLO-90 (3 arc-seconds); default copernicus-30")
+    p.add_argument("--resolution", type=float, default=10.0,
+                   help="pixel size in m with --aoi (default 10: the embeddings' grid)")
+    p.add_argument("--margin", type=float, default=640.0,
+                   help="metres added around the area (default 640: the 64 px of context predictions use)")
+    p.add_argument("--base-url", help="Copernicus DEM mirror (default: the public AWS bucket of the product, or "
+                                      "$ALPHAEARTH_HEIGHT_COPERNICUS_30_URL / _90_URL)")
+    p.add_argument("--cache-dir", help="tile cache (default: $ALPHAEARTH_HEIGHT_CACHE or ~/.cache/alphaearth_height)")
+    p.set_defaults(run=_fetch_terrain)
+
     p = sub.add_parser("predict", help="predict a height raster from an embeddings raster")
     p.add_argument("--embeddings", required=True, help="64-band embeddings GeoTIFF (AEF int8 or float)")
     p.add_argument("--model", help="model folder (model.json + model.safetensors); default: the bundled model")
@@ -309,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, help="overlap between tiles in pixels (default: the model card's)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
     p.add_argument("--no-amp", action="store_true", help="full precision on CUDA (AMP is on by default there)")
-    p.add_argument("--terrain", help="coarse terrain raster, for models trained with --terrain")
+    p.add_argument("--terrain", metavar="copernicus-30|copernicus-90|FILE", help=TERRAIN_HELP_PREDICT)
+    _add_dem_base_url(p)
     p.add_argument("--uncertainty", metavar="U_TIF", help="also write the test-time augmentation spread (m) here")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="auto: ONNX Runtime on the CPU when the model has an ONNX graph, PyTorch on a GPU")
@@ -361,7 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split(p, train=True)
     p.add_argument("--validation-embeddings", help="a separate validation pair: embeddings")
     p.add_argument("--validation-reference", help="a separate validation pair: reference DSM")
-    p.add_argument("--terrain", help="coarse terrain raster: the model learns height above it")
+    p.add_argument("--terrain", metavar="copernicus-30|copernicus-90|FILE",
+                   help="coarse terrain: the model learns height above it. copernicus-30 / copernicus-90: the "
+                        "Copernicus DEM fetched for the embeddings (public COGs, cached); or a raster file")
+    _add_dem_base_url(p)
     p.add_argument("--balance", action="store_true", help="draw patches so every height range is seen as often")
     p.add_argument("--no-amp", action="store_true", help="full precision on CUDA (AMP is on by default there)")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint/ once the run has finished")
@@ -377,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", required=True, help="64-band embeddings GeoTIFF")
     p.add_argument("--reference", required=True, help="reference DSM (any CRS and resolution)")
     p.add_argument("--out", required=True, help="new report folder")
-    p.add_argument("--terrain", help="coarse terrain raster, for models trained with --terrain")
+    p.add_argument("--terrain", metavar="copernicus-30|copernicus-90|FILE", help=TERRAIN_HELP_PREDICT)
+    _add_dem_base_url(p)
     p.add_argument("--uncertainty", action="store_true", help="also write uncertainty.tif (test-time augmentation)")
     _add_split(p, train=False)
     _add_device(p)

@@ -14,6 +14,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from ..plugin.core.compare import ReferenceOnGrid
+from ..plugin.core.dem import resolve_terrain
 from ..plugin.core.errors import InputError
 from .data import AlignedPair
 from .splits import Areas, patch_origins, window_sums
@@ -42,8 +43,8 @@ def make_scene(pair: AlignedPair, areas: Areas, terrain: Optional[str] = None) -
 
 
 def terrain_on_grid(path: str, pair: AlignedPair) -> np.ndarray:
-    """The coarse terrain raster resampled onto the pair's grid (NaN = no data)."""
-    with ReferenceOnGrid(path, pair.grid) as terrain:
+    """The coarse terrain (a raster, or a DEM product fetched for the grid) on the pair's grid (NaN = no data)."""
+    with ReferenceOnGrid(resolve_terrain(path, pair.grid), pair.grid) as terrain:
         return terrain.read(Window(0, 0, pair.grid.width, pair.grid.height))
 
 

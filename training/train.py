@@ -20,6 +20,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..plugin.core.dem import ATTRIBUTION as DEM_ATTRIBUTION
+from ..plugin.core.dem import is_product, product
 from ..plugin.core.device import describe_device, select_device
 from ..plugin.core.errors import InputError
 from ..plugin.core.models import architecture_config, build_model, make_card, save_model, size_multiple
@@ -87,15 +89,17 @@ class TrainConfig:
         def absolute(path):
             return None if path in (None, "") else str((base / Path(path).expanduser()).absolute())
 
+        terrain = self.terrain if is_product(self.terrain) else absolute(self.terrain)  # "copernicus-30" stays
         return replace(self, embeddings=absolute(self.embeddings), reference=absolute(self.reference),
-                       out=absolute(self.out), terrain=absolute(self.terrain),
+                       out=absolute(self.out), terrain=terrain,
                        validation_embeddings=absolute(self.validation_embeddings),
                        validation_reference=absolute(self.validation_reference),
                        extra_pairs=[[absolute(p) for p in pair] for pair in self.extra_pairs])
 
     def input_paths(self) -> dict[str, str]:
         """Every input file by the option that names it."""
-        paths = {"embeddings": self.embeddings, "reference": self.reference, "terrain": self.terrain,
+        paths = {"embeddings": self.embeddings, "reference": self.reference,
+                 "terrain": None if is_product(self.terrain) else self.terrain,
                  "validation embeddings": self.validation_embeddings,
                  "validation reference": self.validation_reference}
         for i, (emb, ref) in enumerate(self.extra_pairs, start=1):
@@ -363,7 +367,7 @@ def _finish(trainer: _Trainer, out: Path, started: float) -> TrainResult:
 def _card(trainer: _Trainer, out: Path) -> dict:
     c, pair = trainer.config, trainer.scenes[0].pair
     left, bottom, right, top = pair.grid.bounds
-    target = {"relative_to": {"input": "coarse terrain", "file": Path(c.terrain).name}} if c.terrain else {}
+    target = {"relative_to": terrain_card(c.terrain)} if c.terrain else {}
     card = make_card(
         trainer.model_config, name=c.name or f"{c.arch}-{c.encoder}-{out.name}",
         target_mean=trainer.mean, target_std=trainer.std, tile=c.tile, overlap=c.overlap,
@@ -381,6 +385,18 @@ def _card(trainer: _Trainer, out: Path) -> dict:
     card["target"]["normalisation"]["from"] = "training area"
     card["target"].update(target)
     return card
+
+
+def terrain_card(terrain: str) -> dict:
+    """The card's ``target.relative_to``: the terrain input a prediction must be given again.
+
+    A DEM product is named (``product``), so the dock and Processing can offer the same one.
+    """
+    if is_product(terrain):
+        p = product(terrain)
+        return {"input": "coarse terrain", "product": p.key, "file": f"Copernicus DEM {p.name}",
+                "attribution": DEM_ATTRIBUTION}
+    return {"input": "coarse terrain", "file": Path(terrain).name}
 
 
 def _save_and_evaluate(model, card: dict, trainer: _Trainer, out: Path) -> dict:

@@ -201,8 +201,11 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
     started = time.perf_counter()
     package = model if isinstance(model, ModelPackage) else open_package(model)
     if package.card["target"].get("relative_to") and not relative:
+        trained_on = package.card["target"]["relative_to"].get("product")
         raise InputError(package.path, "predicts height above a coarse terrain raster, which this prediction "
-                         "was not given", "Give it the terrain raster (predict --terrain, or the dock's or "
+                         "was not given", (f"Give it the terrain it was trained with: --terrain {trained_on} "
+                                           "(or the dock's or Processing's 'Coarse terrain' choice)") if trained_on
+                         else "Give it the terrain raster (predict --terrain, or the dock's or "
                          "Processing's 'Coarse terrain' input)")
     tile = int(tile or package.default("tile", 256))
     overlap = int(package.default("overlap", tile // 4) if overlap is None else overlap)

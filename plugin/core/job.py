@@ -55,7 +55,8 @@ class HeightJob:
     year: int = 2020
     source_options: dict[str, Any] = field(default_factory=dict)  # e.g. project, base_url
     cache_dir: Optional[str] = None       # None: core.fetch's default tile cache
-    terrain: Optional[str] = None         # coarse terrain raster, for models trained relative to one
+    terrain: Optional[str] = None         # coarse terrain raster, or "copernicus-30"/"copernicus-90" (fetched
+    #                                       for the area into the cache), for models trained relative to one
     context: Optional[int] = None         # px fetched and predicted around the AOI, then cropped off;
     #                                       None: the model card's inference.context, else 64
 
@@ -205,8 +206,8 @@ def _predict(job: HeightJob, package: ModelPackage, embeddings: Path, predicted:
              cancel: Optional[CancelFn]) -> PredictionResult:
     from .terrain import predict_surface
 
-    return predict_surface(embeddings, package, predicted, terrain=job.terrain, tile=job.tile,
-                           overlap=job.overlap, batch_size=job.batch_size, device=job.device,
+    return predict_surface(embeddings, package, predicted, terrain=job.terrain, cache_dir=job.cache_dir,
+                           tile=job.tile, overlap=job.overlap, batch_size=job.batch_size, device=job.device,
                            backend=job.backend, cancel=cancel,
                            progress=_scaled(report, FETCH_END, PREDICT_END))
 

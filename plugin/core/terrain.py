@@ -14,13 +14,15 @@ from typing import Optional
 
 import numpy as np
 import rasterio
+from rasterio.errors import RasterioError
 
 from .compare import BLOCK, ReferenceOnGrid, read_height_grid
+from .dem import is_product, resolve_terrain
 from .errors import InputError
 from .inference import PredictionResult, predict_height
 from .models import ModelPackage, open_package
-from .rasters import (OUTPUT_NODATA, atomic_write, check_output_path, describe_band, float_profile, iter_windows,
-                      make_partial_dir)
+from .rasters import (OUTPUT_NODATA, EmbeddingRaster, atomic_write, check_output_path, describe_band, float_profile,
+                      iter_windows, make_partial_dir)
 
 
 def uses_terrain(card: dict) -> bool:
@@ -30,8 +32,12 @@ def uses_terrain(card: dict) -> bool:
 
 def predict_surface(embeddings: str | os.PathLike, model: str | os.PathLike | ModelPackage,
                     out_path: str | os.PathLike, terrain: Optional[str | os.PathLike] = None,
-                    **options) -> PredictionResult:
-    """``predict_height``, adding the coarse terrain back for models that need it."""
+                    cache_dir: Optional[str | os.PathLike] = None, **options) -> PredictionResult:
+    """``predict_height``, adding the coarse terrain back for models that need it.
+
+    ``terrain`` is a raster file or a DEM product name (core.dem: "copernicus-30",
+    "copernicus-90"), fetched for the embeddings' grid into the cache (``cache_dir``).
+    """
     package = model if isinstance(model, ModelPackage) else open_package(model)
     if not uses_terrain(package.card):
         if terrain:
@@ -40,7 +46,8 @@ def predict_surface(embeddings: str | os.PathLike, model: str | os.PathLike | Mo
         return predict_height(embeddings, package, out_path, **options)
     if not terrain:
         return predict_height(embeddings, package, out_path, **options)  # refuses, naming the missing input
-    out = check_output_path(out_path, embeddings, terrain)
+    out = check_output_path(out_path, embeddings, *([] if is_product(terrain) else [terrain]))
+    terrain = terrain_on_embeddings_grid(terrain, embeddings, cache_dir=cache_dir, cancel=options.get("cancel"))
     scratch = make_partial_dir(out)
     try:
         relief = scratch / "relief.tif"
@@ -57,7 +64,31 @@ def _add_terrain(relief: Path, terrain: str | os.PathLike, out: Path) -> None:
     with src, ReferenceOnGrid(terrain, grid) as ground, atomic_write(out) as tmp:
         with rasterio.open(tmp, "w", **float_profile(grid)) as dst:
             kept = {k: v for k, v in src.tags().items() if k not in ("ATTRIBUTION", "SOFTWARE", "AREA_OR_POINT")}
-            describe_band(dst, "predicted surface height", "m", **kept, TERRAIN=Path(terrain).name)
+            describe_band(dst, "predicted surface height", "m", **kept, **terrain_tags(terrain))
             for window in iter_windows(grid.width, grid.height, BLOCK):
                 height = src.read(1, window=window, masked=True).filled(np.nan) + ground.read(window)
                 dst.write(np.where(np.isfinite(height), height, OUTPUT_NODATA).astype(np.float32), 1, window=window)
+
+
+def terrain_on_embeddings_grid(terrain: Optional[str | os.PathLike], embeddings: str | os.PathLike, *,
+                               cache_dir: Optional[str | os.PathLike] = None, cancel=None) -> Optional[Path]:
+    """A terrain input as a file: itself, or a DEM product fetched for the embeddings' grid."""
+    if not is_product(terrain):
+        return None if terrain in (None, "") else Path(terrain)
+    with EmbeddingRaster(embeddings) as raster:
+        grid = raster.grid
+    return resolve_terrain(terrain, grid, cache_dir=cache_dir, cancel=cancel)
+
+
+def terrain_tags(terrain: str | os.PathLike) -> dict:
+    """Tags naming the terrain an output was made with (and its attribution, for a fetched DEM)."""
+    tags = {"TERRAIN": Path(terrain).name}
+    try:
+        with rasterio.open(terrain) as src:
+            source = src.tags()
+    except RasterioError:
+        return tags
+    if source.get("TERRAIN_PRODUCT"):
+        tags.update(TERRAIN=source["TERRAIN_PRODUCT"], TERRAIN_SOURCE=source.get("SOURCE", ""),
+                    TERRAIN_ATTRIBUTION=source.get("ATTRIBUTION", ""))
+    return tags

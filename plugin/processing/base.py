@@ -10,7 +10,7 @@ from typing import Callable, Optional
 from qgis.core import (QgsMapLayer, QgsProcessingAlgorithm, QgsProcessingContext, QgsProcessingException,
                        QgsProcessingFeedback, QgsProcessingLayerPostProcessorInterface,
                        QgsProcessingParameterDefinition, QgsProcessingParameterEnum, QgsProcessingParameterNumber,
-                       QgsRasterLayer)
+                       QgsProcessingParameterRasterLayer, QgsRasterLayer)
 from qgis.PyQt.QtCore import QCoreApplication
 
 from ..core.device import DEVICE_CHOICES
@@ -18,6 +18,15 @@ from ..core.errors import InputError
 from .compat import ADVANCED, CAN_CANCEL, DOUBLE, INTEGER
 
 RASTER_SUFFIXES = (".tif", ".tiff")
+# the Coarse terrain choices; the last two are core.dem.TERRAIN_PRODUCTS (a test checks them)
+TERRAIN_CHOICES = ("raster", "copernicus-30", "copernicus-90")
+TERRAIN_LABELS = ("The terrain raster below (none if empty)",
+                  "Copernicus DEM 30 m (GLO-30, downloaded for the area, no account)",
+                  "Copernicus DEM 90 m (GLO-90, downloaded for the area, no account)")
+TERRAIN_HELP = ("Coarse terrain: a raster, or the Copernicus DEM (GLO-30 or GLO-90) downloaded for the "
+                "embeddings' area from its public Cloud-Optimized GeoTIFFs (no account; cached; open sea is 0 m; "
+                "© DLR e.V. 2010-2014 and © Airbus Defence and Space GmbH 2014-2018 provided under COPERNICUS "
+                "by the European Union and ESA; all rights reserved).")
 DEVICE_HELP = "auto picks a CUDA GPU, then Apple MPS, then the CPU; naming a missing GPU is an error."
 
 
@@ -89,6 +98,24 @@ class HeightAlgorithm(QgsProcessingAlgorithm):
     def add_device(self, name: str = "DEVICE") -> None:
         self.add(QgsProcessingParameterEnum(name, self.tr("Device"), options=list(DEVICE_CHOICES),
                                             defaultValue=0), advanced=True)
+
+    def add_terrain(self, raster_label: str, advanced: bool = False) -> None:
+        """TERRAIN_SOURCE (a raster, or the Copernicus DEM fetched for the area) and TERRAIN (the raster)."""
+        self.add(QgsProcessingParameterEnum("TERRAIN_SOURCE", self.tr("Coarse terrain"),
+                                            options=[self.tr(label) for label in TERRAIN_LABELS], defaultValue=0),
+                 advanced)
+        self.add(QgsProcessingParameterRasterLayer("TERRAIN", self.tr(raster_label), optional=True), advanced)
+
+    def terrain_input(self, parameters: dict, context: QgsProcessingContext) -> Optional[str]:
+        """The terrain input for core: the raster's file, "copernicus-30"/"copernicus-90", or None."""
+        choice = self.enum_text(parameters, "TERRAIN_SOURCE", context, TERRAIN_CHOICES)
+        raster = self.raster_path(parameters, "TERRAIN", context) if parameters.get("TERRAIN") else None
+        if choice == TERRAIN_CHOICES[0]:
+            return raster
+        if raster:
+            raise InputError("Coarse terrain", f"is set both to a raster ({raster}) and to the Copernicus DEM",
+                             "Choose one: clear the terrain raster, or set 'Coarse terrain' to the raster")
+        return choice
 
     def add(self, param: QgsProcessingParameterDefinition, advanced: bool = False) -> None:
         if advanced:

@@ -8,7 +8,7 @@ from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessin
 
 from ..core.device import BACKEND_CHOICES, DEVICE_CHOICES
 from ..core.sizes import DEFAULT_MAX_MPX, MAX_MPX_ENV
-from .base import DEVICE_HELP, HeightAlgorithm
+from .base import DEVICE_HELP, TERRAIN_HELP, HeightAlgorithm
 from .compat import FOLDER
 
 
@@ -24,7 +24,7 @@ class PredictHeight(HeightAlgorithm):
             "model'); empty uses the bundled demo model, which was trained on a synthetic scene and is "
             "only meant for trying the tools.\n"
             "Coarse terrain: needed only by a model trained with one (its card says so); the height is "
-            "the predicted relief plus this terrain, resampled onto the embeddings' grid.\n"
+            "the predicted relief plus this terrain, resampled onto the embeddings' grid. " + TERRAIN_HELP + "\n"
             "Tile size: 0 uses the model card's default. Overlap: empty uses the model card's default, "
             "0 means no overlap.\n"
             "Device: " + DEVICE_HELP + "\n"
@@ -39,8 +39,7 @@ class PredictHeight(HeightAlgorithm):
         self.add(QgsProcessingParameterRasterLayer("INPUT", self.tr("Embeddings raster (64 bands)")))
         self.add(QgsProcessingParameterFile("MODEL", self.tr("Model folder (empty: bundled model)"),
                                             behavior=FOLDER, optional=True))
-        self.add(QgsProcessingParameterRasterLayer("TERRAIN", self.tr("Coarse terrain (for models trained with one)"),
-                                                   optional=True))
+        self.add_terrain("Coarse terrain raster (for models trained with one)")
         self.add_int("TILE", "Tile size in pixels (0: model default)", 0, 0, advanced=True)
         self.add_int("OVERLAP", "Tile overlap in pixels (empty: model default)", None, 0, optional=True,
                      advanced=True)
@@ -63,7 +62,7 @@ class PredictHeight(HeightAlgorithm):
         embeddings = self.raster_path(parameters, "INPUT", context)
         out = self.raster_output(parameters, "OUTPUT", context)
         model = self.parameterAsFile(parameters, "MODEL", context) or str(bundled_model_dir())
-        terrain = self.raster_path(parameters, "TERRAIN", context) if parameters.get("TERRAIN") else None
+        terrain = self.terrain_input(parameters, context)
         feedback.pushInfo(f"model: {model}")
         result = self.run_in_worker("predict", {
             "embeddings": embeddings, "model": model, "out": out, "terrain": terrain,

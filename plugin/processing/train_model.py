@@ -9,7 +9,7 @@ from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessin
 
 from ..core.device import DEVICE_CHOICES
 from ..core.models import ARCHITECTURES
-from .base import DEVICE_HELP, HeightAlgorithm
+from .base import DEVICE_HELP, TERRAIN_HELP, HeightAlgorithm
 
 ARCH_CHOICES = tuple(ARCHITECTURES)
 # Same order as training.data.DIRECTIONS (a test checks it); importing that module here
@@ -35,7 +35,8 @@ class TrainModel(HeightAlgorithm):
             "buffer (pixels kept out of training around the test and validation areas), the loss, the "
             "learning-rate schedule, gradient accumulation, height-balanced patch sampling, and a coarse "
             "terrain raster (the model then learns height above it, and predicting with it needs a "
-            "terrain raster too: 'Coarse terrain' in Predict height and the dock, --terrain in the CLI).\n\n"
+            "terrain raster too: 'Coarse terrain' in Predict height and the dock, --terrain in the CLI). "
+            + TERRAIN_HELP + "\n\n"
             "Patch size must be a multiple of 2^encoder depth. Device: " + DEVICE_HELP + "\n\n"
             "The output folder (new or empty) receives model.json + model.safetensors, usable by "
             "'Predict height', with config.json, history.csv and an evaluation report (evaluation/). "
@@ -67,8 +68,7 @@ class TrainModel(HeightAlgorithm):
         self.add_int("ACCUMULATE", "Gradient accumulation (batches per step)", 1, 1, advanced=True)
         self.add(QgsProcessingParameterBoolean("BALANCE", self.tr("Balance height ranges when sampling patches"),
                                                defaultValue=False), advanced=True)
-        self.add(QgsProcessingParameterRasterLayer("TERRAIN", self.tr("Coarse terrain raster (optional)"),
-                                                   optional=True), advanced=True)
+        self.add_terrain("Coarse terrain raster (optional)", advanced=True)
         self.add_device()
         self.add(QgsProcessingParameterFolderDestination("OUTPUT", self.tr("Model folder")))
         self.addOutput(QgsProcessingOutputNumber("TEST_R2", self.tr("Test R²")))
@@ -98,5 +98,5 @@ class TrainModel(HeightAlgorithm):
             buffer=number("BUFFER"), loss=self.enum_text(parameters, "LOSS", context, LOSSES),
             schedule=self.enum_text(parameters, "SCHEDULE", context, SCHEDULES), accumulate=number("ACCUMULATE"),
             balance=self.parameterAsBoolean(parameters, "BALANCE", context),
-            terrain=self.raster_path(parameters, "TERRAIN", context) if parameters.get("TERRAIN") else None,
+            terrain=self.terrain_input(parameters, context),
             device=self.enum_text(parameters, "DEVICE", context, DEVICE_CHOICES))

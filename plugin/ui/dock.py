@@ -27,6 +27,9 @@ from qgis.PyQt.QtWidgets import (QAbstractSpinBox, QButtonGroup, QCheckBox, QCom
 
 from ..core.aef import N_BANDS as EMBEDDING_BANDS
 from ..core.aoi import AreaOfInterest, aoi_window, size_estimate
+from ..core.dem import ATTRIBUTION as DEM_ATTRIBUTION
+from ..core.dem import PRODUCTS as DEM_PRODUCTS
+from ..core.dem import TERRAIN_PRODUCTS
 from ..core.errors import InputError
 from ..core.job import HeightJob, HeightJobResult, safe_name
 from ..core.models import read_card
@@ -58,6 +61,9 @@ METRICS = (("r2", "R²", "{:.3f}"), ("rmse", "RMSE", "{:.2f} m"), ("mae", "MAE",
            ("nmad", "NMAD", "{:.2f} m"))
 PLOT_WIDTH = 320
 COMBO_MIN_CHARS = 12  # combos may shrink to this many characters (long layer names must not widen the dock)
+
+
+TERRAIN_LAYER = "layer"  # the terrain choice that takes a raster layer
 
 
 def compact(combo: QComboBox) -> QComboBox:
@@ -322,15 +328,23 @@ class HeightDock(QgsDockWidget):
         self.model_folder.setDialogTitle("Model folder (model.json + model.safetensors)")
         layout.addWidget(self.model_folder)
         self.terrain_row = QWidget()  # shown only for models trained relative to a coarse terrain
-        terrain_layout = QHBoxLayout(self.terrain_row)
+        terrain_layout = QFormLayout(self.terrain_row)
         terrain_layout.setContentsMargins(0, 0, 0, 0)
+        self.terrain_source = compact(QComboBox())  # a DEM fetched for the area, or a raster layer
+        for key in TERRAIN_PRODUCTS:
+            self.terrain_source.addItem(DEM_PRODUCTS[key].label, key)
+        self.terrain_source.addItem("A raster layer", TERRAIN_LAYER)
+        self.terrain_source.setToolTip(
+            "The model predicts height above a coarse terrain (DEM), which is added back. The Copernicus DEM is "
+            f"downloaded for the area (public COGs, no account, cached; open sea is 0 m). {DEM_ATTRIBUTION}")
+        self.terrain_source.currentIndexChanged.connect(self._update_terrain_row)
         self.terrain_combo = compact(QgsMapLayerComboBox())
         self.terrain_combo.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
         self.terrain_combo.setAllowEmptyLayer(True)
         self.terrain_combo.setLayer(None)
         self.terrain_combo.setToolTip("The model predicts height above this coarse terrain (DEM), which is added back")
-        terrain_layout.addWidget(QLabel("Coarse terrain"))
-        terrain_layout.addWidget(self.terrain_combo, 1)
+        terrain_layout.addRow("Coarse terrain", self.terrain_source)
+        terrain_layout.addRow("Layer", self.terrain_combo)
         self.terrain_row.setVisible(False)
         layout.addWidget(self.terrain_row)
         self.card_text = QPlainTextEdit()
@@ -561,13 +575,33 @@ class HeightDock(QgsDockWidget):
             card = read_card(Path(self.model_path() or bundled_model_dir()))
             self.card_text.setPlainText(card_summary(card))
             self.terrain_row.setVisible(uses_terrain(card))
+            if uses_terrain(card):  # the terrain the model was trained with, when it is a DEM product
+                trained = card["target"]["relative_to"].get("product")
+                self.terrain_source.setCurrentIndex(self.terrain_source.findData(
+                    trained if trained in TERRAIN_PRODUCTS else TERRAIN_LAYER))
+                self._update_terrain_row()
         except InputError as exc:
             self.card_text.setPlainText(str(exc))
             self.terrain_row.setVisible(False)
 
+    def _update_terrain_row(self) -> None:
+        """The layer picker only when the terrain is a layer (a DEM product needs no file)."""
+        layout = self.terrain_row.layout()
+        shown = self.terrain_source.currentData() == TERRAIN_LAYER
+        self.terrain_combo.setVisible(shown)
+        label = layout.labelForField(self.terrain_combo)
+        if label is not None:
+            label.setVisible(shown)
+
     def terrain_path(self, card: dict) -> Optional[str]:
-        """The coarse terrain a model trained relative to one needs; checked before the task starts."""
-        return layer_file(self.terrain_combo.currentLayer(), "coarse terrain") if uses_terrain(card) else None
+        """The coarse terrain a model trained relative to one needs: "copernicus-30"/"copernicus-90"
+        (downloaded for the area in the worker) or a layer's file, checked before the task starts."""
+        if not uses_terrain(card):
+            return None
+        choice = self.terrain_source.currentData()
+        if choice in TERRAIN_PRODUCTS:
+            return choice
+        return layer_file(self.terrain_combo.currentLayer(), "coarse terrain")
 
     def _on_device_changed(self) -> None:
         if self.device_combo.currentData() == "cuda":

@@ -343,6 +343,46 @@ def test_terrain_picker_only_for_terrain_models(dock, iface, small_scene, tiny_m
     assert not dock.terrain_row.isVisibleTo(dock)
 
 
+def test_copernicus_dem_is_a_terrain_choice(dock, iface, small_scene, terrain_model, scene_terrain, tmp_path,
+                                            monkeypatch):
+    """A model trained relative to the Copernicus DEM gets it preselected; the run downloads it for the area
+    (in the worker, here from the 127.0.0.1 mirror of tests/dem_mirror.py)."""
+    from conftest import save_tiny_model
+    from dem_mirror import build_dem_mirror
+    from range_server import RangeServer
+
+    from alphaearth_height.plugin.core import dem
+
+    model = save_tiny_model(tmp_path / "dem_model", "tiny DEM U-Net",
+                            relative_to={"input": "coarse terrain", "product": "copernicus-30",
+                                         "file": "Copernicus DEM GLO-30"})
+    configure(dock, small_scene, model, tmp_path)
+    assert dock.terrain_row.isVisibleTo(dock) and dock.terrain_source.currentData() == "copernicus-30"
+    assert not dock.terrain_combo.isVisibleTo(dock)  # no layer needed
+    assert [dock.terrain_source.itemData(i) for i in range(dock.terrain_source.count())] == [
+        *dem.TERRAIN_PRODUCTS, "layer"]
+    assert dock.build_job().terrain == "copernicus-30"
+    dock.terrain_source.setCurrentIndex(dock.terrain_source.findData("copernicus-90"))
+    assert dock.build_job().terrain == "copernicus-90"
+    dock.terrain_source.setCurrentIndex(dock.terrain_source.findData("layer"))
+    assert dock.terrain_combo.isVisibleTo(dock)
+    dock.terrain_combo.setLayer(add_raster(scene_terrain, "terrain"))
+    assert dock.build_job().terrain == str(scene_terrain)
+    dock.model_folder.setFilePath(str(terrain_model))  # trained with a file: the layer stays the choice
+    assert dock.terrain_source.currentData() == "layer"
+    dock.model_folder.setFilePath(str(model))
+    assert dock.terrain_source.currentData() == "copernicus-30"
+    root = tmp_path / "mirror"
+    buckets = build_dem_mirror(root, keys=("copernicus-30",))
+    with RangeServer(root) as srv:
+        monkeypatch.setenv(dem.PRODUCTS["copernicus-30"].url_env, f"{srv.url}/{buckets['copernicus-30']}")
+        monkeypatch.setenv("ALPHAEARTH_HEIGHT_CACHE", str(tmp_path / "cache"))
+        assert run_and_wait(dock) is True
+    assert any(r[1].endswith("_DEM.tif") for r in srv.log.requests)
+    with rasterio.open(dock.last_result.predicted) as ds:
+        assert ds.tags()["TERRAIN"] == "copernicus-30" and ds.tags()["TERRAIN_ATTRIBUTION"] == dem.ATTRIBUTION
+
+
 def test_large_fetch_asks_before_starting(dock, iface, small_scene, tiny_model, tmp_path, monkeypatch):
     """Over the size limit (here lowered to 0.1 MB) the dock asks; No starts nothing, Yes runs."""
     configure(dock, small_scene, tiny_model, tmp_path / "out")

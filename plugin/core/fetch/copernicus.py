@@ -240,14 +240,18 @@ def _http_code(exc: BaseException) -> Optional[int]:
 
 
 def _absent(exc: BaseException) -> bool:
-    return isinstance(exc, RasterioIOError) and (_http_code(exc) == 404
-                                                 or "does not exist in the file system" in str(exc))
+    """The server answered that the file is not there (HTTP 404): a cell over open sea.
+
+    Only an answer counts: a connection that failed (GDAL then also says, for a while,
+    that the file "does not exist in the file system") is never taken for sea.
+    """
+    return isinstance(exc, RasterioIOError) and _http_code(exc) == 404
 
 
 def _transient(exc: BaseException) -> bool:
     """Dropped connections, stalls and 5xx after GDAL's own retries; a 4xx is an answer."""
     code = _http_code(exc)
-    return isinstance(exc, RasterioIOError) and not _absent(exc) and not (code is not None and 400 <= code < 500)
+    return isinstance(exc, RasterioIOError) and not (code is not None and 400 <= code < 500)
 
 
 @dataclass
@@ -273,12 +277,21 @@ def _read_remote(url: str, want: Callable[[TileInfo], list[Window]], retries: in
                 raise
             code = _http_code(exc)
             reason = f"HTTP {code}" if code else " ".join(str(exc).replace(f"/vsicurl/{url}", "the file").split())
+            reason = reason.replace("CURL error: ", "")
             raise InputError(url, f"could not be read ({reason})",
                              "Check the network and the Copernicus DEM base URL, then run again: "
                              "blocks already read are cached") from None
 
+    attempts = [0]
+
+    def open_file():
+        attempts[0] += 1
+        fresh = {"CPL_VSIL_CURL_NON_CACHED": f"/vsicurl/{url}"} if attempts[0] > 1 else {}
+        with rasterio.Env(**fresh):  # GDAL remembers a failed open per URL: a retry must really ask again
+            return rasterio.open(f"/vsicurl/{url}")
+
     with rasterio.Env(**_gdal_options()):
-        with call(lambda: rasterio.open(f"/vsicurl/{url}")) as src:
+        with call(open_file) as src:
             if src.crs is None or src.crs.to_epsg() != 4326 or src.count != 1:
                 raise InputError(url, "is not a single-band EPSG:4326 raster like the Copernicus DEM",
                                  "Check the Copernicus DEM base URL")
