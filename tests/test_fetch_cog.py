@@ -210,3 +210,48 @@ def test_index_download_cut_off_or_refused_once_is_retried(mirror, tmp_path, kin
     assert messages[0].startswith("the COG tile index: waiting for 127.0.0.1")
     assert any(said in m and "trying again" in m for m in messages), messages
     assert srv.faults[0].hits == 1
+
+
+def test_index_download_reports_progress_then_stalls(mirror, tmp_path, monkeypatch):
+    """While bytes trickle in, the user hears how much arrived every couple of seconds; under
+    1 KB per stall window is a stall, retried until the index deadline."""
+    from range_server import Fault
+
+    monkeypatch.setenv("ALPHAEARTH_HEIGHT_STALL_TIMEOUT", "4.5")
+    monkeypatch.setenv("ALPHAEARTH_HEIGHT_INDEX_DEADLINE", "5")
+    root, cogs = mirror
+    w = cogs["w"]
+    aoi = AreaOfInterest(w.left + 1000, w.bottom + 1000, w.left + 1500, w.bottom + 1500, "EPSG:32630")
+    messages = []
+    with RangeServer(root, [Fault("aef_index.csv", "trickle", interval=0.3)]) as srv:
+        with pytest.raises(InputError) as err:
+            estimate(aoi, 2020, "cog", cache_dir=tmp_path / "c", base_url=f"{srv.url}/{PREFIX}",
+                     status=messages.append)
+    assert "stalled: less than 1 KB arrived" in err.value.problem and "aef_index.csv" in err.value.subject
+    progress = [m for m in messages if "received from 127.0.0.1" in m]
+    assert progress and "of 1.0 MB" in progress[0], messages
+    assert not list((tmp_path / "c").rglob("*.csv")) and not list((tmp_path / "c").rglob("*.partial"))
+
+
+def test_cancel_while_the_index_server_is_silent(mirror, tmp_path, monkeypatch):
+    """Cancelling does not wait for the stall timeout (a QGIS task's Cancel must answer at once)."""
+    import threading
+    import time
+
+    from range_server import Fault
+
+    monkeypatch.setenv("ALPHAEARTH_HEIGHT_STALL_TIMEOUT", "60")
+    root, cogs = mirror
+    w = cogs["w"]
+    aoi = AreaOfInterest(w.left + 1000, w.bottom + 1000, w.left + 1500, w.bottom + 1500, "EPSG:32630")
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    with RangeServer(root, [Fault("aef_index.csv", "silent")]) as srv:
+        started = time.monotonic()
+        with pytest.raises(Cancelled):
+            fetch(aoi, 2020, "cog", tmp_path / "e.tif", cache_dir=tmp_path / "c", base_url=f"{srv.url}/{PREFIX}",
+                  cancel=stop.is_set)
+        took = time.monotonic() - started
+    assert took < 30, f"cancel waited {took:.0f} s (the stall timeout is 60 s)"
+    assert [r[1] for r in srv.log.requests] == [f"/{PREFIX}/aef_index.csv"]  # cancelled in the first wait
+    assert not (tmp_path / "e.tif").exists() and not list((tmp_path / "c").rglob("*.csv"))
