@@ -134,6 +134,27 @@ def test_make_partial_dir_is_named_like_a_partial(tmp_path):
     assert remove_stale_partials(tmp_path) == []  # ours, and we are alive
 
 
+def test_the_tile_cache_removes_tiles_a_killed_fetch_left_half_written(tmp_path):
+    from affine import Affine
+    from rasterio.crs import CRS
+    from rasterio.windows import Window
+
+    from alphaearth_height.plugin.core.fetch.cache import TileCache
+    from alphaearth_height.plugin.core.fetch.tiling import Tile
+    from alphaearth_height.plugin.core.rasters import Grid
+
+    crs = CRS.from_epsg(32630)
+    cache = TileCache(tmp_path, "cog", 2020, crs, (10.0, 10.0))
+    tile = Tile(Window(0, 0, 16, 16), Grid(crs, Affine(10, 0, 690_000, 0, -10, 4_975_000), 16, 16))
+    cache.folder.mkdir(parents=True)
+    dead = cache.folder / f".690000_4975000_16x16.abcd1234{partial_tag().rsplit('-', 1)[0]}-{_dead_pid()}.tif"
+    live = cache.folder / f".690000_4975000_16x16.efgh5678{partial_tag()}.tif"
+    for path in (dead, live):
+        path.write_bytes(b"half a tile")
+    cache.store(tile, np.zeros((64, 16, 16), dtype=np.int8))
+    assert not dead.exists() and live.exists() and cache.path(tile).is_file()
+
+
 # ---- checks before any work ----------------------------------------------------------------------
 
 def test_outputs_are_checked_against_each_other_and_the_inputs(tmp_path):

@@ -490,6 +490,18 @@ def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+_SWEPT: set[str] = set()
+
+
+def remove_stale_partials_once(folder: str | os.PathLike) -> None:
+    """``remove_stale_partials`` the first time this process writes into ``folder`` (a tile cache folder
+    is written once per tile: one sweep is enough)."""
+    key = os.path.abspath(folder)
+    if key not in _SWEPT:
+        _SWEPT.add(key)
+        remove_stale_partials(folder)
+
+
 def _refuse_unwritable(path: Path, exc: OSError) -> InputError:
     if exc.errno in DISK_FULL_ERRNOS:
         return disk_full_error(path, too_large=exc.errno == errno.EFBIG)

@@ -25,7 +25,7 @@ import rasterio
 from rasterio.crs import CRS
 
 from .. import aef
-from ..rasters import honour_umask
+from ..rasters import honour_umask, partial_tag, remove_stale_partials_once
 from .tiling import Tile
 
 CACHE_ENV = "ALPHAEARTH_HEIGHT_CACHE"
@@ -104,7 +104,8 @@ class TileCache:
         """Write int8 values atomically (temporary file in the same folder, then rename)."""
         path = self.path(tile)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.tif", dir=path.parent)
+        remove_stale_partials_once(path.parent)  # tiles of runs killed outright (SIGKILL, power cut)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=partial_tag() + ".tif", dir=path.parent)
         os.close(fd)
         try:
             honour_umask(tmp)

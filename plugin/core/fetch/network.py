@@ -250,9 +250,10 @@ def download_file(url: str, target: Path, *, what: str, stall: float, deadline: 
     import contextlib
     import tempfile
 
-    from ..rasters import honour_umask
+    from ..rasters import honour_umask, partial_tag, remove_stale_partials_once
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    remove_stale_partials_once(target.parent)  # downloads of runs killed outright
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=partial_tag(), dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as out:
             honour_umask(tmp)
