@@ -92,8 +92,9 @@ class FetchEmbeddings(HeightAlgorithm):
         except Cancelled:
             raise QgsProcessingException(self.tr("Fetch cancelled; no output was written "
                                                  "(tiles already downloaded stay cached).")) from None
+        damaged = f" ({result.damaged} damaged cached tile(s) fetched again)" if result.damaged else ""
         feedback.pushInfo(f"wrote {result.grid.width} x {result.grid.height} px in {result.grid.crs.to_string()} "
-                          f"to {out}: {result.fetched} tiles fetched, {result.from_cache} from cache, "
+                          f"to {out}: {result.fetched} tiles fetched, {result.from_cache} from cache{damaged}, "
                           f"{result.valid_fraction:.0%} with data, {result.seconds:.1f} s")
         return {"OUTPUT": out}
 
