@@ -255,7 +255,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     options["kind"] = options.pop("split")
     report = evaluate_model(package, args.embeddings, args.reference, args.out, SplitSpec.from_dict(options),
                             terrain=args.terrain, device=args.device, uncertainty=args.uncertainty)
-    rows = {f"{who} {name}": report["areas"][name][who] for name in ("train", "test") for who in ("model", "ridge")}
+    rows = {f"{label} {name}": report["areas"][name][who] for name in ("train", "test")
+            for who, label in (("model", "model"), ("ridge", "ridge"), ("terrain", "terrain alone"))
+            if who in report["areas"][name]}
     print(format_metrics_table(rows))
     print(f"report: {args.out}/report.md")
 

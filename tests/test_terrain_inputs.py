@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.warp import transform as transform_points
+from rasterio.windows import Window
 
 from alphaearth_height.plugin.core import dem
 from alphaearth_height.plugin.core.aoi import AreaOfInterest
 from alphaearth_height.plugin.core.fetch.copernicus import aoi_grid
+from alphaearth_height.plugin.core.compare import ReferenceOnGrid
 from alphaearth_height.plugin.core.inference import predict_height
+from alphaearth_height.plugin.core.metrics import height_metrics
 from alphaearth_height.plugin.core.job import HeightJob, run_height_job
 from alphaearth_height.plugin.core.rasters import OUTPUT_NODATA, Grid
 from dem_mirror import build_dem_mirror, height
@@ -134,7 +137,25 @@ def test_train_predict_evaluate_with_copernicus_terrain(server, tmp_path, small_
                  small_scene.reference, "--out", report, "--terrain", "copernicus-30", "--dem-base-url", base,
                  "--device", "cpu", cache=cache)
     assert result.returncode == 0, result.stderr
-    assert json.loads((report / "report.json").read_text())["terrain"] == "copernicus-30"
+    written = json.loads((report / "report.json").read_text())
+    assert written["terrain"] == "copernicus-30" and written["terrain_name"] == "Copernicus DEM GLO-30"
+    assert "terrain alone test" in result.stdout
+    # the terrain-alone baseline is the DEM scored as a prediction on the same pixels as the model
+    with rasterio.open(report / "prediction.tif") as ds:
+        pred = ds.read(1, masked=True).filled(np.nan)
+    with ReferenceOnGrid(small_scene.reference, small_scene.grid) as ref:
+        reference = ref.read(Window(0, 0, small_scene.grid.width, small_scene.grid.height))
+    valid = np.isfinite(pred) & np.isfinite(reference)
+    whole = height_metrics(expected_terrain(small_scene.grid)[valid], reference[valid])
+    got = written["overall_terrain"]
+    assert got["n"] == whole["n"] and got["rmse"] == pytest.approx(whole["rmse"], abs=0.01)
+    assert got["median_diff"] == pytest.approx(whole["median_diff"], abs=0.02)
+    for area in ("train", "test"):
+        assert written["areas"][area]["terrain"]["n"] == written["areas"][area]["model"]["n"] > 0
+        assert [b["bin_min"] for b in written["areas"][area]["terrain_bins"]] == [
+            b["bin_min"] for b in written["areas"][area]["model_bins"]]
+    markdown = (report / "report.md").read_text()
+    assert "| terrain alone test |" in markdown and "## Terrain alone by reference height, test area" in markdown
 
     # without the terrain the model is refused in one line that names what to give
     result = run("predict", "--embeddings", small_scene.embeddings, "--model", model, "--out", tmp_path / "x.tif",
@@ -172,3 +193,28 @@ def test_height_job_resolves_the_dem_for_its_area(server, tmp_path, small_scene,
     assert ok.mean() > 0.9 and np.array_equal(ok, np.isfinite(expected))
     np.testing.assert_allclose(surface[ok], expected[ok], atol=0.02)
     assert OUTPUT_NODATA not in surface
+
+
+def test_height_job_reports_the_terrain_alone_baseline(server, tmp_path, small_scene, terrain_model, monkeypatch):
+    """The dock's figures (compare step of the job): the DEM scored like the prediction, on its pixels."""
+    srv, base = server
+    monkeypatch.setenv("ALPHAEARTH_HEIGHT_COPERNICUS_30_URL", base)
+    g = small_scene.grid
+    aoi = AreaOfInterest(g.transform.c + 300, g.transform.f - 2000, g.transform.c + 2000, g.transform.f - 300,
+                         "EPSG:32630")
+    job = HeightJob(embeddings=str(small_scene.embeddings), out_dir=str(tmp_path), model=str(terrain_model), aoi=aoi,
+                    reference=str(small_scene.reference), device="cpu", backend="torch", batch_size=2,
+                    cache_dir=str(tmp_path / "cache"), terrain="copernicus-30")
+    result = run_height_job(job)
+    baseline = result.metrics["baselines"]["terrain alone"]
+    assert baseline["name"] == "Copernicus DEM GLO-30"
+    surface, _, grid = read_grid(result.predicted)
+    with ReferenceOnGrid(small_scene.reference, grid) as ref:
+        reference = ref.read(Window(0, 0, grid.width, grid.height))
+    valid = np.isfinite(surface) & np.isfinite(reference)
+    want = height_metrics(expected_terrain(grid)[valid], reference[valid])
+    assert baseline["overall"]["n"] == want["n"] == result.metrics["overall"]["n"]
+    assert baseline["overall"]["rmse"] == pytest.approx(want["rmse"], abs=0.01)
+    assert [b["bin_min"] for b in baseline["bins"]] == [b["bin_min"] for b in result.metrics["bins"]]
+    on_disk = json.loads(result.metrics_file.read_text())
+    assert on_disk["baselines"]["terrain alone"]["overall"]["n"] == want["n"]

@@ -1,6 +1,8 @@
 """Evaluation report for a model on an area with a reference DSM: the compare step's
 metrics overall, per area of a split (train / validation / test) and per height bin,
-next to the paper's per-pixel ridge baseline fitted on the same split's train area.
+next to the paper's per-pixel ridge baseline fitted on the same split's train area and,
+for a model trained relative to a coarse terrain, that terrain alone (the baseline such a
+model has to beat: a free global DEM is already a height map).
 
 The report folder holds report.json, report.md and PNG plots (REPORT_PLOTS); the
 prediction and difference rasters too unless ``keep_rasters`` is off. It appears under
@@ -16,14 +18,16 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+from rasterio.windows import Window
 
-from ..plugin.core.compare import compare_heights, read_height_grid
+from ..plugin.core.compare import ReferenceOnGrid, compare_heights, read_height_grid
+from ..plugin.core.dem import terrain_label
 from ..plugin.core.errors import InputError
 from ..plugin.core.metrics import binned_metrics, format_markdown_table, height_metrics, json_safe, nice_bin_edges
 from ..plugin.core.models import ModelPackage, load_model
 from ..plugin.core.plots import render_accuracy_plots, render_error_by_bin, render_maps
 from ..plugin.core.rasters import check_new_folder, make_partial_dir
-from ..plugin.core.terrain import predict_surface
+from ..plugin.core.terrain import predict_surface, terrain_on_embeddings_grid
 from ..plugin.core.uncertainty import predict_uncertainty
 from .baseline import fit_on_area, predict_map
 from .data import load_pair
@@ -35,6 +39,8 @@ REPORT_PLOTS = {"overall_scatter.png": (500, 450), "overall_histogram.png": (500
                 "test_scatter.png": (500, 450), "test_histogram.png": (500, 400),
                 "error_by_height.png": (640, 400), "maps.png": (1560, 500)}
 TABLE_COLUMNS = ("n", "r2", "rmse", "mae", "mean_diff", "median_diff", "nmad", "le90")
+# (key in an area's metrics, label in tables and plots); "terrain" only with a terrain input
+BASELINE_LABELS = (("model", "model"), ("ridge", "ridge"), ("terrain", "terrain alone"))
 
 
 def split_from_card(card: dict) -> SplitSpec:
@@ -85,20 +91,26 @@ def _write_report(package: ModelPackage, pair, areas: Areas, spec: SplitSpec, fo
                          "Check the split options against the area the reference covers")
     ridge = predict_map(fit_on_area(pair.embeddings, pair.reference, areas.train & valid), pair.embeddings, valid)
     edges = nice_bin_edges(pair.reference[valid])
-    report_areas = {name: _area_metrics(pred, ridge, pair.reference, getattr(areas, name) & valid, edges)
+    ground = terrain_alone(terrain, pair) if terrain else None
+    report_areas = {name: _area_metrics(pred, ridge, pair.reference, getattr(areas, name) & valid, edges, ground)
                     for name in AREAS}
     test = areas.test & valid
     render_accuracy_plots(pred[test], pair.reference[test], str(folder / "test"), report_areas["test"]["model"])
     render_error_by_bin({f"{label} {name}": report_areas[name][f"{key}_bins"]
-                         for name in ("train", "test") for key, label in (("model", "model"), ("ridge", "ridge"))},
+                         for name in ("train", "test") for key, label in BASELINE_LABELS if f"{key}_bins" in
+                         report_areas[name]},
                         folder / "error_by_height.png", title=f"{package.name}: error by reference height")
     render_maps(folder / "maps.png", predicted, difference, reference_on_grid=pair.reference, outline=areas.test,
                 title="Reference, prediction and difference; the test area is outlined")
     report = {"model": {"name": package.name, "path": str(package.path), "card_metrics": package.card.get("metrics")},
               "embeddings": str(pair.embeddings_path), "reference": str(pair.reference_path),
-              "terrain": terrain, "split": {**spec.as_dict(), "pixels": areas.as_dict()},
+              "terrain": str(terrain) if terrain else None, "terrain_name": terrain_label(terrain),
+              "split": {**spec.as_dict(), "pixels": areas.as_dict()},
               "overall": comparison["overall"], "overall_bins": comparison["bins"], "areas": report_areas,
               "plots": sorted(REPORT_PLOTS), "uncertainty": "uncertainty.tif" if uncertainty else None}
+    if ground is not None:  # the whole area, like the compare step's figures for the model
+        report["overall_terrain"] = height_metrics(ground[valid], pair.reference[valid])
+        report["overall_terrain_bins"] = binned_metrics(ground[valid], pair.reference[valid], edges)
     (folder / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
     (folder / "report.md").write_text(report_markdown(report))
     return report
@@ -110,28 +122,50 @@ def _read(path: Path) -> np.ndarray:
         return src.read(1, masked=True).filled(np.nan).astype(np.float32)
 
 
+def terrain_alone(terrain: str, pair) -> np.ndarray:
+    """The coarse terrain on the pair's grid (a DEM product is fetched, from the cache when it can)."""
+    path = terrain_on_embeddings_grid(terrain, pair.embeddings_path)
+    with ReferenceOnGrid(path, pair.grid) as ground:
+        return ground.read(Window(0, 0, pair.grid.width, pair.grid.height))
+
+
 def _area_metrics(pred: np.ndarray, ridge: np.ndarray, reference: np.ndarray, mask: np.ndarray,
-                  edges: np.ndarray) -> dict:
-    return {"model": height_metrics(pred[mask], reference[mask]), "ridge": height_metrics(ridge[mask], reference[mask]),
-            "model_bins": binned_metrics(pred[mask], reference[mask], edges),
-            "ridge_bins": binned_metrics(ridge[mask], reference[mask], edges)}
+                  edges: np.ndarray, ground: Optional[np.ndarray] = None) -> dict:
+    """Model and ridge (and, with a terrain input, the terrain alone) on the area's pixels."""
+    result = {"model": height_metrics(pred[mask], reference[mask]),
+              "ridge": height_metrics(ridge[mask], reference[mask]),
+              "model_bins": binned_metrics(pred[mask], reference[mask], edges),
+              "ridge_bins": binned_metrics(ridge[mask], reference[mask], edges)}
+    if ground is not None:
+        result["terrain"] = height_metrics(ground[mask], reference[mask])
+        result["terrain_bins"] = binned_metrics(ground[mask], reference[mask], edges)
+    return result
 
 
 def report_markdown(report: dict) -> str:
     """The report's tables: per area model vs ridge, then per height bin on train and test."""
     areas, split = report["areas"], report["split"]
-    rows = {f"{who} {name}": areas[name][who] for name in AREAS for who in ("model", "ridge")
-            if areas[name][who]["n"]}
+    rows = {f"{label} {name}": areas[name][who] for name in AREAS for who, label in BASELINE_LABELS
+            if who in areas[name] and areas[name][who]["n"]}
+    terrain = report.get("terrain_name")
+    whole = {"model": report["overall"]}
+    if report.get("overall_terrain"):
+        whole["terrain alone"] = report["overall_terrain"]
     layout = f"test side {split['direction']}" if split["kind"] == "contiguous" else f"{split['block_size']} px blocks"
     parts = [f"# Evaluation of {report['model']['name']}", "",
              f"Embeddings `{Path(report['embeddings']).name}`, reference `{Path(report['reference']).name}`; "
              f"split {split['kind']} ({layout}, test fraction {split['test_fraction']}, buffer {split['buffer']} px). "
              "Differences are predicted − reference, in metres; ridge is the per-pixel baseline fitted on the "
-             "train area.", "", "## By area", "", format_markdown_table(rows, TABLE_COLUMNS), "",
-             "## Whole area (compare step)", "", format_markdown_table({"model": report["overall"]}, TABLE_COLUMNS)]
-    for name in ("train", "test"):
-        bins = {f"{b['bin_min']:.0f}–{b['bin_max']:.0f} m": b for b in areas[name]["model_bins"]}
-        if bins:
-            parts += ["", f"## Model by reference height, {name} area", "", format_markdown_table(bins, TABLE_COLUMNS)]
+             "train area." + (f" The model predicts height above a coarse terrain ({terrain}); \"terrain alone\" "
+                              "scores that terrain, resampled onto the grid, as if it were the prediction: the "
+                              "baseline the model has to beat." if terrain else ""),
+             "", "## By area", "", format_markdown_table(rows, TABLE_COLUMNS), "",
+             "## Whole area (compare step)", "", format_markdown_table(whole, TABLE_COLUMNS)]
+    for who, label in (("model", "Model"), ("terrain", "Terrain alone")):
+        for name in ("train", "test"):
+            bins = {f"{b['bin_min']:.0f}–{b['bin_max']:.0f} m": b for b in areas[name].get(f"{who}_bins", [])}
+            if bins:
+                parts += ["", f"## {label} by reference height, {name} area", "",
+                          format_markdown_table(bins, TABLE_COLUMNS)]
     parts += ["", "## Plots", ""] + [f"![{name}]({name})" for name in sorted(REPORT_PLOTS)]
     return "\n".join(parts) + "\n"

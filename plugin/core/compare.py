@@ -3,6 +3,7 @@ write the difference raster (prediction − reference) and compute accuracy figu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from .errors import InputError
-from .metrics import binned_metrics, height_metrics, json_safe
+from .metrics import binned_metrics, height_metrics, json_safe, nice_bin_edges
 from .plots import render_accuracy_plots
 from .rasters import (OUTPUT_NODATA, Grid, atomic_write, check_outputs, describe_band, float_profile,
                       iter_windows, open_raster, read_or_fail)
@@ -128,20 +129,25 @@ def compare_heights(predicted: str | os.PathLike, reference: str | os.PathLike,
                     metrics_path: Optional[str | os.PathLike] = None,
                     regions: Optional[dict[str, Window]] = None,
                     bin_edges: Optional[list[float]] = None, plots_prefix: Optional[str] = None,
-                    reference_band: Optional[int] = None) -> dict:
+                    reference_band: Optional[int] = None, terrain: Optional[str | os.PathLike] = None) -> dict:
     """Difference raster and metrics (overall, per height bin, per named region window);
     with ``plots_prefix``, also PNG plots ``<prefix>_scatter.png`` and ``<prefix>_histogram.png``.
 
     Beyond MAX_SAMPLES valid pixels the figures come from a fixed-seed random sample,
     recorded in the result as ``sampled``. ``reference_band`` (1-based) picks the height
     band of a reference with several; one with several and none chosen is refused.
+
+    With ``terrain`` (the coarse terrain raster a terrain-relative prediction was made
+    with), the result also holds ``baselines["terrain alone"]``: the same figures for
+    that terrain resampled onto the grid, as if it were the prediction, on the same pixels.
     """
     check_outputs({"the difference raster": out_path, "the metrics": metrics_path}, inputs=[predicted, reference])
     src, grid = read_height_grid(predicted)
-    with src, ReferenceOnGrid(reference, grid, reference_band) as ref:
+    with src, ReferenceOnGrid(reference, grid, reference_band) as ref, contextlib.ExitStack() as stack:
+        ground = stack.enter_context(ReferenceOnGrid(terrain, grid)) if terrain else None
         keep = min(1.0, MAX_SAMPLES / max(grid.width * grid.height, 1))
         rng = np.random.default_rng(0)
-        pairs = _Pairs(regions or {})
+        pairs = _Pairs(regions or {}, ground)
         if out_path:
             with atomic_write(out_path) as tmp:
                 with rasterio.open(tmp, "w", **float_profile(grid)) as dst:
@@ -157,6 +163,8 @@ def compare_heights(predicted: str | os.PathLike, reference: str | os.PathLike,
     if not pairs.count:
         raise _no_pairs(predicted, reference)
     result = pairs.metrics(bin_edges)
+    if terrain:
+        result["baselines"]["terrain alone"]["terrain"] = str(terrain)
     if plots_prefix:
         result["plots"] = render_accuracy_plots(*pairs.sample, plots_prefix, result["overall"])
     result.update(predicted=str(predicted), reference=str(reference), difference=str(out_path or ""),
@@ -182,22 +190,27 @@ def _scan(src, ref: ReferenceOnGrid, grid: Grid, keep: float, rng, pairs: "_Pair
             dst.write(np.where(ok, diff, OUTPUT_NODATA).astype(np.float32), 1, window=window)
         if keep < 1.0:
             ok &= rng.random(ok.shape) < keep
-        pairs.add(window, pred, reference, ok)
+        pairs.add(window, pred, reference, ok, pairs.ground.read(window) if pairs.ground is not None else None)
 
 
 class _Pairs:
     """Valid (prediction, reference) samples with the named regions each falls in."""
 
-    def __init__(self, regions: dict[str, Window]) -> None:
+    def __init__(self, regions: dict[str, Window], ground: Optional[ReferenceOnGrid] = None) -> None:
         self.regions = regions
+        self.ground = ground  # a terrain-alone baseline, sampled on the same pixels
+        self.terrain: list[np.ndarray] = []
         self.pred: list[np.ndarray] = []
         self.ref: list[np.ndarray] = []
         self.rows: list[np.ndarray] = []
         self.cols: list[np.ndarray] = []
         self.count = 0
 
-    def add(self, window: Window, pred: np.ndarray, ref: np.ndarray, ok: np.ndarray) -> None:
+    def add(self, window: Window, pred: np.ndarray, ref: np.ndarray, ok: np.ndarray,
+            terrain: Optional[np.ndarray] = None) -> None:
         rows, cols = np.nonzero(ok)
+        if terrain is not None:
+            self.terrain.append(terrain[ok])
         self.pred.append(pred[ok])
         self.ref.append(ref[ok])
         self.rows.append((rows + window.row_off).astype(np.int32))
@@ -206,7 +219,12 @@ class _Pairs:
 
     def metrics(self, bin_edges: Optional[list[float]]) -> dict:
         p, r = np.concatenate(self.pred), np.concatenate(self.ref)
-        result = {"overall": height_metrics(p, r), "bins": binned_metrics(p, r, bin_edges)}
+        edges = nice_bin_edges(r) if bin_edges is None else bin_edges
+        result = {"overall": height_metrics(p, r), "bins": binned_metrics(p, r, edges), "baselines": {}}
+        if self.ground is not None:
+            t = np.concatenate(self.terrain)
+            result["baselines"]["terrain alone"] = {"overall": height_metrics(t, r),
+                                                    "bins": binned_metrics(t, r, edges)}
         pick = np.random.default_rng(1).permutation(p.size)[:PLOT_SAMPLES]
         self.sample = (p[pick], r[pick])
         rows, cols = np.concatenate(self.rows), np.concatenate(self.cols)

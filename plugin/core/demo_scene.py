@@ -26,7 +26,7 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
-from rasterio.warp import calculate_default_transform, reproject
+from rasterio.warp import calculate_default_transform, reproject, transform_bounds
 from rasterio.windows import Window
 
 from . import aef
@@ -189,3 +189,48 @@ def _write_reference(path: Path, dsm5: np.ndarray, grid: Grid) -> None:
             dst.set_band_description(1, "reference surface height (synthetic DSM)")
             dst.update_tags(1, UNITS="m")
             dst.update_tags(SOURCE="alphaearth_height demo scene generator (synthetic, not IGN data)")
+
+
+# Synthetic stand-ins for the Copernicus DEM over the demo scene: (file, arc-seconds per pixel, noise in m)
+COARSE_DEMS = {"30m": ("coarse_dem_30m.tif", 1, 2.0), "90m": ("coarse_dem_90m.tif", 3, 2.0)}
+
+
+def write_coarse_dems(scene: DemoScene, out_dir: str | os.PathLike, seed: int = 30) -> dict[str, Path]:
+    """Coarse DEMs like the Copernicus GLO-30 and GLO-90 over the scene, made from its reference DSM.
+
+    Each is the reference DSM averaged onto an EPSG:4326 grid of 1" (30 m) or 3" (90 m)
+    pixels, as the Copernicus DEM is published at this latitude, plus white noise of
+    2 m (the Copernicus DEM's stated absolute accuracy is under 4 m, LE90). Like the real
+    one it is a surface model (canopy and buildings in), just coarse: a strong baseline.
+    Tagged as synthetic: this is not Copernicus data.
+    """
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    wgs84 = CRS.from_epsg(4326)
+    paths = {}
+    with rasterio.open(scene.reference) as ref:
+        west, south, east, north = transform_bounds(scene.grid.crs, wgs84, *scene.grid.bounds, densify_pts=21)
+        for key, (name, arcsec, noise) in COARSE_DEMS.items():
+            step = arcsec / 3600.0
+            # pixel-is-point on whole multiples of the pixel size, as the published tiles are
+            left, top = (np.floor(west / step) - 1.5) * step, (np.ceil(north / step) + 1.5) * step
+            width, height = int(np.ceil((east - left) / step)) + 2, int(np.ceil((top - south) / step)) + 2
+            transform = Affine(step, 0, left, 0, -step, top)
+            dem = np.full((height, width), np.nan, dtype=np.float32)
+            reproject(rasterio.band(ref, 1), dem, dst_transform=transform, dst_crs=wgs84,
+                      resampling=Resampling.average, dst_nodata=np.nan)
+            dem += noise * rng.standard_normal(dem.shape).astype(np.float32)
+            profile = {"driver": "GTiff", "dtype": "float32", "count": 1, "nodata": REFERENCE_NODATA,
+                       "width": width, "height": height, "crs": wgs84, "transform": transform,
+                       "compress": "deflate", "predictor": 3}
+            path = out / name
+            with atomic_write(path) as tmp:
+                with rasterio.open(tmp, "w", **profile) as dst:
+                    dst.write(np.where(np.isfinite(dem), dem, REFERENCE_NODATA).astype(np.float32), 1)
+                    dst.set_band_description(1, f"synthetic coarse DEM ({arcsec}\" pixels)")
+                    dst.update_tags(1, UNITS="m")
+                    dst.update_tags(SOURCE=f"alphaearth_height demo scene generator: the reference DSM averaged "
+                                           f"onto {arcsec}\" pixels plus {noise:g} m noise (synthetic, not "
+                                           "Copernicus data)")
+            paths[key] = path
+    return paths

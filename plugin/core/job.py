@@ -217,8 +217,20 @@ def _compare(job: HeightJob, result: HeightJobResult, prefix: Path) -> None:
 
     result.difference = prefix.with_name(prefix.name + "_difference.tif")
     result.metrics_file = prefix.with_name(prefix.name + "_metrics.json")
+    terrain = None
+    if job.terrain:  # the terrain-alone baseline beside the model's figures
+        from .compare import read_height_grid
+        from .dem import resolve_terrain
+
+        src, grid = read_height_grid(result.predicted)
+        src.close()
+        terrain = resolve_terrain(job.terrain, grid, cache_dir=job.cache_dir)
     result.metrics = compare_heights(result.predicted, job.reference, result.difference, result.metrics_file,
-                                     plots_prefix=str(prefix))
+                                     plots_prefix=str(prefix), terrain=terrain)
+    if terrain:
+        from .dem import terrain_label
+
+        result.metrics["baselines"]["terrain alone"]["name"] = terrain_label(job.terrain)
     result.plots = result.metrics.get("plots", [])
 
 

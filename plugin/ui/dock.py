@@ -422,6 +422,10 @@ class HeightDock(QgsDockWidget):
             grid.addWidget(value, index // 2, (index % 2) * 2 + 1)
             self.metric_labels[key] = value
         layout.addLayout(grid)
+        self.baseline_label = QLabel()  # the terrain-alone baseline, for terrain-relative models
+        self.baseline_label.setWordWrap(True)
+        self.baseline_label.setVisible(False)
+        layout.addWidget(self.baseline_label)
         self.result_label = QLabel("No run yet")
         self.result_label.setWordWrap(True)
         layout.addWidget(self.result_label)
@@ -766,6 +770,7 @@ class HeightDock(QgsDockWidget):
             return False
         self.last_result = result
         self._show_metrics(result.metrics.get("overall", {}))
+        self._show_baseline(result.metrics.get("baselines", {}).get("terrain alone"))
         self._show_plots(result.plots)
         self.device_label.setText(f"Last run on: {result.device}")
         self.result_label.setText(f"{result.model_name} on {result.device} → {result.predicted.parent}")
@@ -779,6 +784,19 @@ class HeightDock(QgsDockWidget):
         if not overall:
             for image in (self.scatter_image, self.histogram_image):
                 image.clear()
+            self._show_baseline(None)
+
+    def _show_baseline(self, baseline: Optional[dict]) -> None:
+        """The coarse terrain alone scored like the prediction: what a terrain-relative model must beat."""
+        overall = (baseline or {}).get("overall", {})
+        if not overall.get("n"):
+            self.baseline_label.setVisible(False)
+            self.baseline_label.clear()
+            return
+        self.baseline_label.setText(
+            f"Terrain alone ({baseline.get('name') or 'coarse terrain'}): R² {overall['r2']:.3f}, "
+            f"RMSE {overall['rmse']:.2f} m, median difference {overall['median_diff']:+.2f} m")
+        self.baseline_label.setVisible(True)
 
     def _show_plots(self, plots: list[str]) -> None:
         for image, suffix in ((self.scatter_image, "_scatter.png"), (self.histogram_image, "_histogram.png")):

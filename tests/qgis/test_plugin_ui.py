@@ -372,6 +372,8 @@ def test_copernicus_dem_is_a_terrain_choice(dock, iface, small_scene, terrain_mo
     assert dock.terrain_source.currentData() == "layer"
     dock.model_folder.setFilePath(str(model))
     assert dock.terrain_source.currentData() == "copernicus-30"
+    dock.reference_combo.setLayer(add_raster(small_scene.reference, "dsm"))
+    assert not dock.baseline_label.isVisibleTo(dock)
     root = tmp_path / "mirror"
     buckets = build_dem_mirror(root, keys=("copernicus-30",))
     with RangeServer(root) as srv:
@@ -381,6 +383,12 @@ def test_copernicus_dem_is_a_terrain_choice(dock, iface, small_scene, terrain_mo
     assert any(r[1].endswith("_DEM.tif") for r in srv.log.requests)
     with rasterio.open(dock.last_result.predicted) as ds:
         assert ds.tags()["TERRAIN"] == "copernicus-30" and ds.tags()["TERRAIN_ATTRIBUTION"] == dem.ATTRIBUTION
+    # the terrain alone, scored like the model, beside the model's figures
+    baseline = dock.last_result.metrics["baselines"]["terrain alone"]["overall"]
+    assert dock.baseline_label.isVisibleTo(dock)
+    assert dock.baseline_label.text() == (f"Terrain alone (Copernicus DEM GLO-30): R² {baseline['r2']:.3f}, "
+                                          f"RMSE {baseline['rmse']:.2f} m, median difference "
+                                          f"{baseline['median_diff']:+.2f} m")
 
 
 def test_large_fetch_asks_before_starting(dock, iface, small_scene, tiny_model, tmp_path, monkeypatch):
