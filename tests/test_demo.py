@@ -15,6 +15,8 @@ def test_demo_writes_every_output_and_the_net_beats_ridge(tmp_path):
                  "metrics.json", "height_maps.png"):
         assert (tmp_path / name).is_file(), name
     metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["predicted"] == str(tmp_path / "predicted_height.tif")  # written in a staging folder, renamed
+    assert not [p for p in tmp_path.parent.iterdir() if ".partial" in p.name]
     net, ridge = metrics["regions"]["test"], metrics["baseline_ridge"]["test"]
     assert net["r2"] >= ridge["r2"] + 0.2
     assert metrics["regions"]["train"]["r2"] > net["r2"]  # the paper's train/test gap

@@ -237,7 +237,7 @@ def float_profile(grid: Grid, count: int = 1) -> dict:
 
 def check_output_path(path: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
     """Refuse an output that would overwrite an input, is a folder, or lands in a missing or read-only folder."""
-    check_outputs({"output": path}, inputs=list(inputs))
+    check_outputs({"the output": path}, inputs=list(inputs))
     return Path(path).resolve()
 
 
