@@ -47,9 +47,16 @@ def _check_outputs(files: Optional[dict] = None, inputs: Optional[dict] = None, 
     check_outputs(files or {}, inputs=inputs or {}, folders=folders or {})
 
 
+def _status(message: str) -> None:
+    """What a fetch is waiting for (index download, retries), on stderr above any progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"{PROG}: {message}", file=sys.stderr)
+
+
 def _fetch(args: argparse.Namespace) -> None:
     from .plugin.core.aoi import AreaOfInterest
-    from .plugin.core.fetch import estimate, fetch, format_estimate
+    from .plugin.core.fetch import check_size, estimate, fetch, format_estimate, size_limit_gb
 
     if args.source == "local" and not args.local_raster:
         raise InputError("--local-raster", "is required with --source local", "Give the embeddings raster to clip")
@@ -63,16 +70,26 @@ def _fetch(args: argparse.Namespace) -> None:
         options["project"] = args.project
     if args.source == "cog" and args.base_url:
         options["base_url"] = args.base_url
-    print(format_estimate(estimate(aoi, args.year, args.source, cache_dir=args.cache_dir, **options)))
+    limit = size_limit_gb(args.max_gb)  # checked before anything (an index download) goes online
+    allow = "Give --yes to go ahead, or --max-gb N to raise the limit"
+    info = estimate(aoi, args.year, args.source, cache_dir=args.cache_dir, status=_status,
+                    limit_gb=None if args.yes or args.estimate_only else limit, allow=allow, **options)
+    print(format_estimate(info))
     if args.estimate_only:
+        try:
+            check_size(info, limit, allow)
+        except InputError as exc:
+            print(f"note: fetching this needs --yes or --max-gb: {exc.problem}")
         return
     bar = _Bar("fetching")
     try:
-        result = fetch(aoi, args.year, args.source, args.out, cache_dir=args.cache_dir, progress=bar, **options)
+        result = fetch(aoi, args.year, args.source, args.out, cache_dir=args.cache_dir, progress=bar,
+                       status=_status, **options)
     finally:
         bar.close()
+    damaged = f", {result.damaged} damaged cached tile(s) fetched again" if result.damaged else ""
     print(f"wrote {result.path} ({result.grid.width}x{result.grid.height} px, {result.tiles} tiles: "
-          f"{result.fetched} fetched, {result.from_cache} from cache; {result.valid_fraction:.0%} with data; "
+          f"{result.fetched} fetched, {result.from_cache} from cache{damaged}; {result.valid_fraction:.0%} with data; "
           f"{result.seconds:.1f} s)")
 
 
@@ -364,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="COG mirror for --source cog (default: Source Cooperative)")
     p.add_argument("--cache-dir", help="tile cache (default: $ALPHAEARTH_HEIGHT_CACHE or ~/.cache/alphaearth_height)")
     p.add_argument("--estimate-only", action="store_true", help="print the size estimate and stop")
+    p.add_argument("--yes", action="store_true",
+                   help="go ahead with a fetch over the size limit (downloading or writing more than --max-gb)")
+    p.add_argument("--max-gb", type=float, metavar="GB",
+                   help="size limit in GB downloaded or written; larger fetches need --yes "
+                        "(default: $ALPHAEARTH_HEIGHT_MAX_GB or 5)")
     p.set_defaults(run=_fetch)
 
     p = sub.add_parser("fetch-terrain", help="the Copernicus DEM (GLO-30/GLO-90, public COGs) for an area, "
