@@ -175,6 +175,9 @@ def _predict(args: argparse.Namespace) -> None:
         finally:
             bar.close()
         print(f"wrote {spread.path} (test-time augmentation spread, {spread.seconds:.1f} s)")
+        k = package.card.get("uncertainty", {}).get("k")
+        if k:
+            print(f"90 % interval: prediction ± {k:.2f} x spread (scale calibrated on the model's validation area)")
 
 
 def _export_onnx(args: argparse.Namespace) -> None:
@@ -233,7 +236,8 @@ def _train(args: argparse.Namespace) -> None:
             steps_per_epoch=args.steps_per_epoch, patience=args.patience, loss=args.loss, lr=args.lr,
             weight_decay=args.weight_decay, schedule=args.schedule, extra_pairs=args.pair or [],
             validation_embeddings=args.validation_embeddings, validation_reference=args.validation_reference,
-            terrain=args.terrain, balance=args.balance, amp=not args.no_amp, seed=args.seed, device=args.device,
+            terrain=args.terrain, calibrate=not args.no_calibration, balance=args.balance, amp=not args.no_amp,
+            seed=args.seed, device=args.device,
             keep_checkpoint=args.keep_checkpoint, name=args.name or "", region=args.region or "", year=args.year,
             **_split_options(args, {}))
         try:
@@ -276,7 +280,22 @@ def _evaluate(args: argparse.Namespace) -> None:
             for who, label in (("model", "model"), ("ridge", "ridge"), ("terrain", "terrain alone"))
             if who in report["areas"][name]}
     print(format_metrics_table(rows))
+    interval = report.get("uncertainty_interval")
+    if interval:
+        shares = ", ".join(f"{name} {share:.1%}" for name, share in interval["coverage"].items())
+        print(f"prediction ± {interval['k']:.2f} x spread (nominal {interval['level']:.0%}, k from the "
+              f"{interval['k_from']}) covers the reference on: {shares}")
     print(f"report: {args.out}/report.md")
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    _dem_base_url(args)
+    from .training.calibration import calibrate_model
+
+    _check_outputs(inputs={"--embeddings": args.embeddings, "--reference": args.reference})
+    result = calibrate_model(args.model, args.embeddings, args.reference, terrain=args.terrain, device=args.device)
+    print(f"{args.model}/model.json: prediction ± {result['k']:.2f} x spread is a {result['level']:.0%} interval "
+          f"on the validation area ({result['pixels']} px, coverage {result['validation_coverage']:.1%})")
 
 
 def _correct(args: argparse.Namespace) -> None:
@@ -472,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "Copernicus DEM fetched for the embeddings (public COGs, cached); or a raster file")
     _add_dem_base_url(p)
     p.add_argument("--balance", action="store_true", help="draw patches so every height range is seen as often")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="skip scaling the uncertainty (TTA spread) into a 90 %% interval on the validation area")
     p.add_argument("--no-amp", action="store_true", help="full precision on CUDA (AMP is on by default there)")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint/ once the run has finished")
     p.add_argument("--seed", type=int, default=0)
@@ -492,6 +513,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split(p, train=False)
     _add_device(p)
     p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("calibrate", help="scale a model's uncertainty (TTA spread) into a 90 %% interval on the "
+                                         "validation area of its training scene; recorded in its card")
+    p.add_argument("--model", required=True, help="model folder (its card's split names the validation area)")
+    p.add_argument("--embeddings", required=True, help="the embeddings the model was trained on")
+    p.add_argument("--reference", required=True, help="the reference DSM it was trained on")
+    p.add_argument("--terrain", metavar="copernicus-30|copernicus-90|FILE",
+                   help="the coarse terrain, for models trained with --terrain")
+    _add_dem_base_url(p)
+    _add_device(p)
+    p.set_defaults(run=_calibrate)
 
     p = sub.add_parser("correct", help="remove a prediction's regional bias using a few reference heights")
     p.add_argument("--predicted", required=True, help="predicted height GeoTIFF")

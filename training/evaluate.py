@@ -30,6 +30,7 @@ from ..plugin.core.rasters import check_new_folder, make_partial_dir
 from ..plugin.core.terrain import predict_surface, terrain_on_embeddings_grid
 from ..plugin.core.uncertainty import predict_uncertainty
 from .baseline import fit_on_area, predict_map
+from .calibration import interval_report
 from .data import load_pair
 from .splits import Areas, SplitSpec, make_areas
 
@@ -108,6 +109,9 @@ def _write_report(package: ModelPackage, pair, areas: Areas, spec: SplitSpec, fo
               "split": {**spec.as_dict(), "pixels": areas.as_dict()},
               "overall": comparison["overall"], "overall_bins": comparison["bins"], "areas": report_areas,
               "plots": sorted(REPORT_PLOTS), "uncertainty": "uncertainty.tif" if uncertainty else None}
+    if uncertainty:  # how often the reference lies within prediction ± k x spread (nominally 90 %)
+        report["uncertainty_interval"] = interval_report(package.card, pred, _read(folder / "uncertainty.tif"),
+                                                         pair.reference, areas, valid)
     if ground is not None:  # the whole area, like the compare step's figures for the model
         report["overall_terrain"] = height_metrics(ground[valid], pair.reference[valid])
         report["overall_terrain_bins"] = binned_metrics(ground[valid], pair.reference[valid], edges)
@@ -167,5 +171,14 @@ def report_markdown(report: dict) -> str:
             if bins:
                 parts += ["", f"## {label} by reference height, {name} area", "",
                           format_markdown_table(bins, TABLE_COLUMNS)]
+    interval = report.get("uncertainty_interval")
+    if interval:
+        cover = {name: {"coverage": share, "median_half_width_m": interval["median_half_width_m"][name]}
+                 for name, share in interval["coverage"].items()}
+        parts += ["", f"## Uncertainty: prediction ± {interval['k']:.2f} x spread, a nominal "
+                      f"{interval['level']:.0%} interval", "",
+                  f"`uncertainty.tif` holds the spread over flips and rotations (test-time augmentation); k from "
+                  f"the {interval['k_from']}. Coverage: the share of pixels whose reference lies inside.", "",
+                  format_markdown_table(cover, ("coverage", "median_half_width_m"))]
     parts += ["", "## Plots", ""] + [f"![{name}]({name})" for name in sorted(REPORT_PLOTS)]
     return "\n".join(parts) + "\n"

@@ -67,7 +67,7 @@ def run_experiment(out_dir: str | os.PathLike, budget: ExperimentBudget = Experi
         log(f"--- {label}")
         config = TrainConfig(
             embeddings=str(scene.embeddings), reference=str(scene.reference), out=str(out / folder), arch=arch,
-            terrain=str(dems[dem]) if dem else None,
+            terrain=str(dems[dem]) if dem else None, calibrate=False,  # no uncertainty scale: keeps the budget
             encoder_depth=budget.encoder_depth, decoder_channels=list(budget.decoder_channels),
             patch_size=budget.patch_size, batch_size=budget.batch_size, epochs=budget.epochs,
             steps_per_epoch=budget.steps_per_epoch, patience=budget.epochs, seed=budget.seed, device=device,

@@ -68,6 +68,7 @@ class TrainConfig:
     validation_embeddings: Optional[str] = None
     validation_reference: Optional[str] = None
     terrain: Optional[str] = None
+    calibrate: bool = True      # scale the TTA spread into a 90 % interval on the validation area (card)
     balance: bool = False
     amp: bool = True
     seed: int = 0
@@ -402,6 +403,7 @@ def terrain_card(terrain: str) -> dict:
 def _save_and_evaluate(model, card: dict, trainer: _Trainer, out: Path) -> dict:
     """Evaluate on the run's own split, then write the package (card last, with the metrics)."""
     from ..plugin.core.models import CARD_FILE, ONNX_FILE, WEIGHTS_FILE, ModelPackage
+    from .calibration import calibrate_on_validation
     from .evaluate import evaluate_model
 
     c = trainer.config
@@ -410,6 +412,14 @@ def _save_and_evaluate(model, card: dict, trainer: _Trainer, out: Path) -> dict:
                             log=trainer.log)
     metrics = {name: report["areas"][name]["model"] for name in ("train", "test")}
     card["metrics"] = metrics
+    if c.calibrate:
+        scene = next((s for s in trainer.scenes if s.areas.validation.any()), None)
+        if scene is not None:
+            calibration = calibrate_on_validation(ModelPackage(model, card, out), scene.pair.embeddings_path,
+                                                  scene.target, scene.pair.grid, scene.areas, scene.label,
+                                                  device=c.device, workdir=out, log=trainer.log)
+            if calibration:
+                card["uncertainty"] = calibration
     staging = out / ".package"
     shutil.rmtree(staging, ignore_errors=True)
     save_model(staging, model, card)

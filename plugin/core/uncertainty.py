@@ -48,7 +48,11 @@ def predict_uncertainty(embeddings: str | os.PathLike, model: str | os.PathLike 
     wrapped = ModelPackage(_augmented(package.torch_module()), card, package.path)
     options["backend"] = "torch"  # the augmentations are a torch wrapper, not part of the ONNX graph
     # described as it is written: changing the finished file in place could break it on a full disk
+    tags = {"METHOD": "test-time augmentation, 8 dihedral transforms (4 on non-square tiles)"}
+    k = package.card.get("uncertainty", {}).get("k") if isinstance(package.card.get("uncertainty"), dict) else None
+    if k:  # the card's calibration (training.calibration): the spread scaled into a 90 % interval
+        tags.update(INTERVAL_90_SCALE=f"{k:.4f}", INTERVAL_90=f"prediction ± {k:.2f} x this value (calibrated on "
+                                                              "the model's validation area)")
     return predict_height(embeddings, wrapped, out_path, relative=True,
                           description="height uncertainty: std over flips and rotations (test-time augmentation)",
-                          band_tags={"METHOD": "test-time augmentation, 8 dihedral transforms (4 on non-square "
-                                               "tiles)"}, **options)
+                          band_tags=tags, **options)
