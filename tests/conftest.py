@@ -123,6 +123,32 @@ def qgis_app():
 
 
 @pytest.fixture(scope="session")
+def processing_provider(qgis_app):
+    """The plugin's Processing provider, registered once for the whole run (whoever asks first)."""
+    from qgis.core import QgsApplication
+
+    from alphaearth_height.plugin.processing.provider import AlphaEarthHeightProvider
+
+    registry = QgsApplication.processingRegistry()
+    provider = registry.providerById("alphaearth_height")
+    if provider is None:
+        provider = AlphaEarthHeightProvider()
+        assert registry.addProvider(provider)
+    return provider
+
+
+@pytest.fixture(scope="session")
+def run_algorithm(processing_provider):
+    """``run_algorithm(alg_id, params, feedback=None)``: one of the plugin's algorithms through processing.run."""
+    import processing
+
+    def run(alg_id: str, params: dict, feedback=None) -> dict:
+        return processing.run(f"alphaearth_height:{alg_id}", params, feedback=feedback)
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
     """Test artifacts (rendered PNGs) kept after the run, under test-artifacts/."""
     folder = Path(__file__).resolve().parents[1] / "test-artifacts"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -81,16 +80,10 @@ PROCESSING_CASES = [c for c in CASES if c.processing is not None]
 
 
 @pytest.mark.parametrize("case", PROCESSING_CASES, ids=[c.id for c in PROCESSING_CASES])
-def test_processing(case: Case, workspace: Workspace, qgis_app, monkeypatch):
+def test_processing(case: Case, workspace: Workspace, processing_provider, monkeypatch):
     import processing
-    from qgis.core import QgsProcessingException
+    from qgis.core import QgsApplication, QgsProcessingException
 
-    from alphaearth_height.plugin.processing.provider import AlphaEarthHeightProvider
-    from qgis.core import QgsApplication
-
-    registry = QgsApplication.processingRegistry()
-    if registry.providerById("alphaearth_height") is None:
-        registry.addProvider(AlphaEarthHeightProvider())
     for name, value in case.env.items():  # e.g. shorter network deadlines
         monkeypatch.setenv(name, value)
     case.args(workspace)  # builds the same bad inputs

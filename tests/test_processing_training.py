@@ -4,7 +4,6 @@ import pytest
 
 pytest.importorskip("qgis.core")
 
-from qgis.core import QgsApplication  # noqa: E402
 
 from alphaearth_height.plugin.core.models import load_model  # noqa: E402
 
@@ -18,16 +17,8 @@ def test_processing_choices_match_training():
 
 
 @pytest.fixture(scope="module")
-def run(qgis_app):
-    import processing
-
-    from alphaearth_height.plugin.processing.provider import AlphaEarthHeightProvider
-
-    provider = AlphaEarthHeightProvider()
-    registry = QgsApplication.processingRegistry()
-    assert registry.addProvider(provider)
-    yield lambda alg_id, params: processing.run(f"alphaearth_height:{alg_id}", params)
-    registry.removeProvider(provider)
+def run(run_algorithm):
+    return run_algorithm
 
 
 def test_a_model_trained_with_blocks_and_balance_predicts_in_processing(run, small_scene, tmp_path):

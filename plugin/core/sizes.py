@@ -19,19 +19,24 @@ DEFAULT_MAX_MPX = 100.0
 MAX_MPX_ENV = "ALPHAEARTH_HEIGHT_MAX_MPX"  # another default for every front end (CLI, Processing)
 
 
+def positive_from_env(name: str, default: float, unit: str) -> float:
+    """A positive number from environment variable ``name`` (``default`` when unset); else one line."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise InputError(f"{name}={text}", f"is not a positive number of {unit}",
+                         f"Set it to e.g. {default:g}, or unset it")
+    return value
+
+
 def default_max_mpx() -> float:
     """The limit a run gets unless told otherwise: $ALPHAEARTH_HEIGHT_MAX_MPX, else DEFAULT_MAX_MPX."""
-    value = os.environ.get(MAX_MPX_ENV, "").strip()
-    if not value:
-        return DEFAULT_MAX_MPX
-    try:
-        limit = float(value)
-    except ValueError:
-        limit = float("nan")
-    if not limit > 0:
-        raise InputError(f"{MAX_MPX_ENV}={value}", "is not a positive number of megapixels",
-                         f"Set it to e.g. {DEFAULT_MAX_MPX:g}, or unset it")
-    return limit
+    return positive_from_env(MAX_MPX_ENV, DEFAULT_MAX_MPX, "megapixels")
 
 
 def megapixels(width: int, height: int) -> float:

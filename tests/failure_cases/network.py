@@ -276,10 +276,10 @@ CASES = [
     Case("fetch: --max-gb not positive", lambda ws: _local_scene(ws, "--max-gb", "-1"),
          ("size limit -1.0 GB", "not a positive number")),
     Case("fetch: ALPHAEARTH_HEIGHT_MAX_GB not a number", lambda ws: _local_scene(ws),
-         ("ALPHAEARTH_HEIGHT_MAX_GB='lots'", "not a number"), env={"ALPHAEARTH_HEIGHT_MAX_GB": "lots"}),
+         ("ALPHAEARTH_HEIGHT_MAX_GB=lots", "not a positive number of gigabytes"), env={"ALPHAEARTH_HEIGHT_MAX_GB": "lots"}),
     Case("fetch: latitude 95", _latitude_95, ("latitude 95", "-90..90", "--aoi-crs")),
     Case("fetch: --aoi-crs EPSG:999999", _unknown_crs, ("EPSG:999999", "not a coordinate reference system")),
     Case("fetch: stall timeout setting not a number", _bad_stall_setting,
-         ("ALPHAEARTH_HEIGHT_STALL_TIMEOUT='soon'", "not a positive number of seconds"),
+         ("ALPHAEARTH_HEIGHT_STALL_TIMEOUT=soon", "not a positive number of seconds"),
          env={"ALPHAEARTH_HEIGHT_STALL_TIMEOUT": "soon"}),
 ]

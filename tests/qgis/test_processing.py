@@ -12,7 +12,7 @@ from affine import Affine
 
 pytest.importorskip("qgis.core")
 
-from qgis.core import (QgsApplication, QgsProcessingException, QgsProcessingFeedback, QgsProject,  # noqa: E402
+from qgis.core import (QgsProcessingException, QgsProcessingFeedback, QgsProject,  # noqa: E402
                        QgsRasterLayer, QgsSingleBandPseudoColorRenderer)
 
 from alphaearth_height.plugin.core.aoi import AreaOfInterest  # noqa: E402
@@ -23,14 +23,8 @@ UTM = "EPSG:32630"
 
 
 @pytest.fixture(scope="module")
-def provider(qgis_app):
-    from alphaearth_height.plugin.processing.provider import AlphaEarthHeightProvider
-
-    provider = AlphaEarthHeightProvider()
-    registry = QgsApplication.processingRegistry()
-    assert registry.addProvider(provider)
-    yield provider
-    registry.removeProvider(provider)
+def provider(processing_provider):
+    return processing_provider
 
 
 @pytest.fixture(scope="module")

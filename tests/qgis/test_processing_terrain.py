@@ -9,7 +9,7 @@ import rasterio
 
 pytest.importorskip("qgis.core")
 
-from qgis.core import QgsApplication, QgsProcessingException  # noqa: E402
+from qgis.core import QgsProcessingException  # noqa: E402
 
 from alphaearth_height.plugin.core import dem  # noqa: E402
 from alphaearth_height.plugin.core.models import load_model  # noqa: E402
@@ -26,16 +26,8 @@ def test_terrain_choices_are_the_dem_products():
 
 
 @pytest.fixture(scope="module")
-def run(qgis_app):
-    import processing
-
-    from alphaearth_height.plugin.processing.provider import AlphaEarthHeightProvider
-
-    provider = AlphaEarthHeightProvider()
-    registry = QgsApplication.processingRegistry()
-    assert registry.addProvider(provider)
-    yield lambda alg_id, params: processing.run(f"alphaearth_height:{alg_id}", params)
-    registry.removeProvider(provider)
+def run(run_algorithm):
+    return run_algorithm
 
 
 @pytest.fixture

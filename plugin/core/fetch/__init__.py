@@ -23,6 +23,7 @@ from ..aoi import AreaOfInterest
 from ..errors import InputError
 from ..inference import CancelFn, ProgressFn
 from ..rasters import Grid, check_output_path, ensure_free_space, grow_grid, raster_bytes
+from ..sizes import positive_from_env
 from . import engine
 from .base import EmbeddingSource
 from .cache import TileCache, cache_size, clear_cache, default_cache_dir, resolve_cache_dir
@@ -127,19 +128,10 @@ def _check_space(out_path: str | os.PathLike, grid: Grid, src: EmbeddingSource, 
 def size_limit_gb(value: Optional[float] = None) -> float:
     """The size limit in GB: ``value``, else $ALPHAEARTH_HEIGHT_MAX_GB, else 5."""
     if value is None:
-        text = os.environ.get(MAX_GB_ENV, "").strip()
-        if not text:
-            return DEFAULT_MAX_GB
-        try:
-            value = float(text)
-        except ValueError:
-            raise InputError(f"{MAX_GB_ENV}={text!r}", "is not a number of gigabytes",
-                             f"Give a number such as {DEFAULT_MAX_GB:g}, or unset it") from None
-        subject = f"{MAX_GB_ENV}={text!r}"
-    else:
-        subject = f"size limit {value!r} GB"
-    if not value > 0 or math.isinf(value):
-        raise InputError(subject, "is not a positive number of gigabytes", f"Give a number such as {DEFAULT_MAX_GB:g}")
+        return positive_from_env(MAX_GB_ENV, DEFAULT_MAX_GB, "gigabytes")
+    if not 0 < value < float("inf"):
+        raise InputError(f"size limit {value!r} GB", "is not a positive number of gigabytes",
+                         f"Give a number such as {DEFAULT_MAX_GB:g}")
     return float(value)
 
 

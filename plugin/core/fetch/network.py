@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
+from ..cancel import CancelFn, Cancelled
 from ..errors import InputError
-from ..inference import CancelFn, Cancelled
+from ..sizes import positive_from_env
 
 StatusFn = Callable[[str], None]
 
@@ -53,17 +54,7 @@ def log_status(message: str) -> None:
 
 
 def _seconds(env: str, default: float) -> float:
-    text = os.environ.get(env, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise InputError(f"{env}={text!r}", "is not a positive number of seconds",
-                         f"Give seconds (default {default:g}) or unset it")
-    return value
+    return positive_from_env(env, default, "seconds")
 
 
 @dataclass(frozen=True)
