@@ -536,7 +536,7 @@ class _GdalErrors(logging.Handler):
     disk while a TIFF directory is written at close) are never raised, only signalled.
     """
 
-    LOGGER = "rasterio._env"
+    LOGGERS = ("rasterio._env", "rasterio._err")  # rasterio 1.3; rasterio 1.4 logs errors met during I/O in _err
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -551,16 +551,17 @@ class _GdalErrors(logging.Handler):
             self.messages.append(text)
 
     def __enter__(self) -> "_GdalErrors":
-        self.logger = logging.getLogger(self.LOGGER)
-        self.level = self.logger.level
-        if self.logger.getEffectiveLevel() > logging.INFO:
-            self.logger.setLevel(logging.INFO)
-        self.logger.addHandler(self)
+        self.loggers = [(logging.getLogger(name), logging.getLogger(name).level) for name in self.LOGGERS]
+        for logger, _ in self.loggers:
+            if logger.getEffectiveLevel() > logging.INFO:
+                logger.setLevel(logging.INFO)
+            logger.addHandler(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.logger.removeHandler(self)
-        self.logger.setLevel(self.level)
+        for logger, level in self.loggers:
+            logger.removeHandler(self)
+            logger.setLevel(level)
 
 
 def _gdal_message(text: str) -> str:
@@ -569,12 +570,27 @@ def _gdal_message(text: str) -> str:
     return " ".join(text.split()).rstrip(".")
 
 
+def _no_room(folder: Path) -> bool:
+    """Whether a small write into ``folder`` fails for lack of space (GDAL >= 3.10 with libtiff 4.7
+    prints libtiff's ENOSPC message to stderr instead of signalling it, so only the errno can tell)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder) as fh:
+            fh.write(b"\0" * 65536)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return False
+
+
 def _write_failed(out: Path, messages: list[str], reason: str = "") -> Exception:
     """The one-line error for an output GDAL could not write (a full disk, most often)."""
     texts = [_gdal_message(m) for m in messages] + ([reason] if reason else [])
     for text in texts:
         if _space_problem(text) is not None:
             return _DiskFull(_space_problem(text))
+    if _no_room(out.parent):
+        return _DiskFull("full")
     detail = texts[0] if texts else "unknown error"
     return InputError(out, f"could not be written completely (GDAL: {detail[:200]})",
                       "Check that the folder has free space and is writable, then run again")
@@ -663,8 +679,9 @@ def atomic_write(path: str | os.PathLike, kind: Optional[str] = None) -> Iterato
             except Exception as exc:  # noqa: BLE001 - classified, then raised again
                 if _space_problem(exc):
                     raise _DiskFull(_space_problem(exc)) from None
-                if gdal_errors.messages and _from_gdal(exc):
-                    raise _write_failed(out, gdal_errors.messages, str(exc)) from None
+                if _from_gdal(exc) and (gdal_errors.messages or exc.__cause__ is not None):
+                    cause = exc.__cause__
+                    raise _write_failed(out, gdal_errors.messages, str(cause or exc)) from None
                 raise
             if gdal_errors.messages:
                 raise _write_failed(out, gdal_errors.messages)

@@ -69,6 +69,20 @@ class HeightAlgorithm(QgsProcessingAlgorithm):
     def createInstance(self) -> "HeightAlgorithm":  # noqa: N802 - QGIS API
         return type(self)()
 
+    def checkParameterValues(self, parameters: dict, context: QgsProcessingContext):  # noqa: N802 - QGIS API
+        """A raster file GDAL cannot open gets the core's one line, not QGIS >= 3.34's "... not found"."""
+        from ..core.rasters import open_raster  # rasterio only when an algorithm runs, not when QGIS lists them
+
+        for definition in self.parameterDefinitions():
+            value = parameters.get(definition.name())
+            if isinstance(definition, QgsProcessingParameterRasterLayer) and isinstance(value, str) \
+                    and Path(value).is_file():
+                try:
+                    open_raster(value).close()
+                except InputError as exc:
+                    return False, str(exc)
+        return super().checkParameterValues(parameters, context)
+
     def processAlgorithm(self, parameters: dict, context: QgsProcessingContext,  # noqa: N802 - QGIS API
                          feedback: QgsProcessingFeedback) -> dict:
         try:

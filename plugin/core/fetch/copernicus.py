@@ -498,7 +498,7 @@ def fetch_terrain(grid: Grid, out_path: str | os.PathLike, p: DemProduct, *, bas
             src = stack.enter_context(mem.open())
             warped.append(stack.enter_context(WarpedVRT(
                 src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
-                resampling=resampling, dtype="float32", src_nodata=float("nan"), nodata=float("nan"))))
+                resampling=resampling, dtype="float32", src_nodata=float("nan"), nodata=float("nan"), tolerance=0.001)))
         with atomic_write(out) as tmp:
             with rasterio.open(tmp, "w", **float_profile(grid)) as dst:
                 dst.set_band_description(1, f"Copernicus DEM {p.name} surface height")
