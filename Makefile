@@ -41,7 +41,8 @@ bench: setup
 	$(PY) bench/bench_predict.py
 	$(PY) bench/bench_train.py
 
-# The paper's experiment on the demo scene (U-Net vs U-Net++ vs ridge; about 8 min on 2 CPU cores).
+# The paper's experiment on the demo scene (U-Net vs U-Net++ vs ridge), plus a U-Net++ relative to a
+# synthetic coarse DEM and that DEM alone: three nets (the first two took about 8 min on 2 CPU cores).
 experiment: setup
 	rm -rf build/experiment
 	$(VENV)/bin/alphaearth-height experiment --out build/experiment
