@@ -58,5 +58,12 @@ def test_experiment_rows_with_a_coarse_dem(tmp_path):
     assert card["target"]["relative_to"]["file"] == "coarse_dem_30m.tif"
     # a coarser DEM is a weaker baseline
     assert rows["terrain alone (coarse DEM 90 m)"]["test_rmse"] > rows["terrain alone (coarse DEM 30 m)"]["test_rmse"]
+    # each net's calibrated interval is scored on the test area; baselines have no interval
+    assert card["uncertainty"]["k"] > 0 and card["uncertainty"]["test_coverage"] == pytest.approx(
+        rows["U-Net++ + coarse DEM 30 m"]["test_coverage_90"])
+    assert report["uncertainty_interval"]["coverage"]["test"] == rows["U-Net++ + coarse DEM 30 m"]["test_coverage_90"]
+    assert all(0 < rows[label]["test_coverage_90"] <= 1 for label in ("U-Net", "U-Net++"))
+    assert "test_coverage_90" not in rows["ridge (per pixel)"]
+    assert not (tmp_path / "exp" / "unetplusplus" / "evaluation" / "uncertainty.tif").exists()  # keep_rasters off
     table = (tmp_path / "exp" / "comparison.md").read_text()
-    assert "| terrain alone (coarse DEM 90 m) |" in table and (tmp_path / "exp" / "error_by_height.png").is_file()
+    assert "test_coverage_90" in table and "| terrain alone (coarse DEM 90 m) |" in table and (tmp_path / "exp" / "error_by_height.png").is_file()

@@ -63,10 +63,10 @@ def evaluate_model(model: str | os.PathLike | ModelPackage, embeddings: str | os
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = make_partial_dir(out)
     try:
-        report = _write_report(package, pair, areas, spec, staging, terrain, device, uncertainty, log)
+        report = _write_report(package, pair, areas, spec, staging, terrain, device, uncertainty, keep_rasters, log)
         if not keep_rasters:
-            for name in ("prediction.tif", "difference.tif"):
-                (staging / name).unlink()
+            for name in ("prediction.tif", "difference.tif", "uncertainty.tif"):
+                (staging / name).unlink(missing_ok=True)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
@@ -78,7 +78,7 @@ def evaluate_model(model: str | os.PathLike | ModelPackage, embeddings: str | os
 
 
 def _write_report(package: ModelPackage, pair, areas: Areas, spec: SplitSpec, folder: Path,
-                  terrain: Optional[str], device: str, uncertainty: bool, log) -> dict:
+                  terrain: Optional[str], device: str, uncertainty: bool, keep_rasters: bool, log) -> dict:
     predicted, difference = folder / "prediction.tif", folder / "difference.tif"
     log(f"evaluating {package.name}: predicting {pair.grid.width}x{pair.grid.height} px")
     predict_surface(pair.embeddings_path, package, predicted, terrain, device=device)
@@ -108,7 +108,7 @@ def _write_report(package: ModelPackage, pair, areas: Areas, spec: SplitSpec, fo
               "terrain": str(terrain) if terrain else None, "terrain_name": terrain_label(terrain),
               "split": {**spec.as_dict(), "pixels": areas.as_dict()},
               "overall": comparison["overall"], "overall_bins": comparison["bins"], "areas": report_areas,
-              "plots": sorted(REPORT_PLOTS), "uncertainty": "uncertainty.tif" if uncertainty else None}
+              "plots": sorted(REPORT_PLOTS), "uncertainty": "uncertainty.tif" if uncertainty and keep_rasters else None}
     if uncertainty:  # how often the reference lies within prediction ± k x spread (nominally 90 %)
         report["uncertainty_interval"] = interval_report(package.card, pred, _read(folder / "uncertainty.tif"),
                                                          pair.reference, areas, valid)

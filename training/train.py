@@ -407,12 +407,7 @@ def _save_and_evaluate(model, card: dict, trainer: _Trainer, out: Path) -> dict:
     from .evaluate import evaluate_model
 
     c = trainer.config
-    report = evaluate_model(ModelPackage(model, card, out), c.embeddings, c.reference, out / "evaluation",
-                            c.split_spec(), terrain=c.terrain, device=c.device, keep_rasters=False,
-                            log=trainer.log)
-    metrics = {name: report["areas"][name]["model"] for name in ("train", "test")}
-    card["metrics"] = metrics
-    if c.calibrate:
+    if c.calibrate:  # first, so the evaluation reports how often the calibrated interval holds
         scene = next((s for s in trainer.scenes if s.areas.validation.any()), None)
         if scene is not None:
             calibration = calibrate_on_validation(ModelPackage(model, card, out), scene.pair.embeddings_path,
@@ -420,6 +415,16 @@ def _save_and_evaluate(model, card: dict, trainer: _Trainer, out: Path) -> dict:
                                                   device=c.device, workdir=out, log=trainer.log)
             if calibration:
                 card["uncertainty"] = calibration
+    report = evaluate_model(ModelPackage(model, card, out), c.embeddings, c.reference, out / "evaluation",
+                            c.split_spec(), terrain=c.terrain, device=c.device, keep_rasters=False,
+                            uncertainty="uncertainty" in card, log=trainer.log)
+    metrics = {name: report["areas"][name]["model"] for name in ("train", "test")}
+    card["metrics"] = metrics
+    interval = report.get("uncertainty_interval")
+    if interval and "test" in interval["coverage"]:
+        card["uncertainty"]["test_coverage"] = interval["coverage"]["test"]
+        trainer.log(f"{interval['level']:.0%} interval (prediction ± {interval['k']:.2f} x spread) holds the "
+                    f"reference on {interval['coverage']['test']:.1%} of the test area")
     staging = out / ".package"
     shutil.rmtree(staging, ignore_errors=True)
     save_model(staging, model, card)
