@@ -1,6 +1,8 @@
 """AlphaEarth Height QGIS plugin: surface height from AlphaEarth satellite embeddings."""
 
-__version__ = "0.1.0"
+from .plugin.core.package_data import version as _version
+
+__version__ = _version()  # metadata.txt's, the one copy QGIS, pyproject and the code share
 
 
 def classFactory(iface):  # noqa: N802 - QGIS entry point name

@@ -8,8 +8,10 @@ matplotlib on Debian) is reused, what is missing or too old is installed into th
 environment, whose packages come first on its ``sys.path``. numpy is pinned to the
 system's version so the system's compiled packages keep working there.
 
-Two sets: inference (ONNX Runtime, rasterio, numpy, matplotlib: a few tens to a few
-hundred MB) and training (PyTorch and segmentation-models-pytorch: GBs with CUDA),
+Two sets, made of the package's requirement lists (resources/requirements/, which
+pyproject.toml also reads): inference (the core list: ONNX Runtime, rasterio, numpy,
+matplotlib, plus the Earth Engine client: a few tens to a few hundred MB) and training
+(the train and onnx lists: PyTorch and segmentation-models-pytorch, GBs with CUDA),
 installed only when asked for. Nothing here imports QGIS; the dock runs these steps
 in tasks.
 """
@@ -28,16 +30,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
+from .core.package_data import import_name, requirements
+
 PackageSet = Literal["inference", "training"]
 PYTHON_OVERRIDE = "ALPHAEARTH_HEIGHT_PYTHON"  # an interpreter to use instead of the managed environment
 READY_FILE = "alphaearth_height_ready.json"
 
-# import name -> requirement. One list per set, read by the installer and the status line.
-INFERENCE: dict[str, str] = {"numpy": "numpy", "rasterio": "rasterio>=1.3", "onnxruntime": "onnxruntime>=1.17",
-                             "matplotlib": "matplotlib>=3.5"}
-TRAINING: dict[str, str] = {"torch": "torch", "torchvision": "torchvision",
-                            "segmentation_models_pytorch": "segmentation-models-pytorch>=0.3,<0.7",
-                            "safetensors": "safetensors>=0.4", "onnx": "onnx>=1.15"}
+
+def _import_to_requirement(*lists: str) -> dict[str, str]:
+    """import name -> requirement, from the package's requirement lists (the ones pyproject.toml reads)."""
+    return {import_name(req): req for name in lists for req in requirements(name)}
+
+
+# One dict per set, read by the installer (which checks the imports) and the status line.
+# Inference carries the Earth Engine client: the dock offers that source, and the fetch
+# runs in this environment.
+INFERENCE: dict[str, str] = _import_to_requirement("core", "earthengine")
+TRAINING: dict[str, str] = _import_to_requirement("train", "onnx")
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 LineFn = Callable[[str], None]
 
@@ -145,7 +154,7 @@ class ManagedEnvironment:
         version = probe.stdout.strip()
         lines = [f"numpy=={version}"]
         if int(version.split(".")[0]) < 2:
-            lines += ["onnx<1.18", "ml_dtypes<0.5"]
+            lines += requirements("constraints-numpy1")
         path = self.folder / "constraints.txt"
         path.write_text("\n".join(lines) + "\n")
         return path

@@ -9,7 +9,6 @@ QGIS start-up next to nothing and works before that environment exists.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Optional
 
 from qgis.core import Qgis, QgsApplication
@@ -21,13 +20,14 @@ try:
 except ImportError:
     from qgis.PyQt.QtWidgets import QAction  # Qt 5
 
+from .core.package_data import resource
 from .log import install_log_handler, uninstall_log_handler
 
 log = logging.getLogger(__name__)
 
 TITLE = "AlphaEarth Height"
 MENU = "&AlphaEarth Height"
-ICON = Path(__file__).resolve().parents[1] / "resources" / "icon.png"
+ICON = resource("icon.png")
 # The dock previews areas and checks inputs with these, from QGIS's own Python (never pip's).
 DOCK_IMPORTS = {"numpy": "python3-numpy", "rasterio": "python3-rasterio"}
 PROVIDER_MODULES = (f"{__package__}.processing", f"{__package__}.processing.provider")

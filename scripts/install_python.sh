@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Creates the venv from the system Python (so PyQGIS, GDAL and rasterio from Debian
 # are visible) and installs the PyPI packages and this package (editable) into it.
+# The package lists are the ones pyproject.toml reads (resources/requirements/): core and
+# every extra (train, onnx, earthengine), plus pytest; only the pins below are added here.
 set -euo pipefail
 venv="$1"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+reqs="$root/resources/requirements"
 sys_py=/usr/bin/python3
 [ -x "$venv/bin/python" ] || "$sys_py" -m venv --system-site-packages "$venv"
 py="$venv/bin/python"
@@ -10,24 +14,24 @@ py="$venv/bin/python"
 # Debian's rasterio and GDAL are built against Debian's numpy: never let pip replace it.
 constraints="$venv/constraints.txt"
 "$sys_py" -c "import numpy; print(f'numpy=={numpy.__version__}')" > "$constraints"
+# onnx >= 1.18 needs ml_dtypes >= 0.5, which needs numpy 2: older numpy (Debian 12) keeps older onnx.
+if "$sys_py" -c "import numpy, sys; sys.exit(int(numpy.__version__.split('.')[0]) >= 2)"; then
+  cat "$reqs/constraints-numpy1.txt" >> "$constraints"
+fi
 
 pyver=$("$py" -c 'import sys; print(f"{sys.version_info.major}.{sys.version_info.minor}")')
 arch=$(uname -m)
+# The PyTorch builds this project is tested with (the lists only ask for torch >= 2.1).
 if [ "$arch" = "aarch64" ]; then
-  torch_pkgs=("torch==2.9.1" "torchvision==0.24.1")
+  printf '%s\n' "torch==2.9.1" "torchvision==0.24.1" >> "$constraints"
 else
-  torch_pkgs=("torch==2.14.1" "torchvision==0.29.1")
-fi
-# onnx >= 1.18 needs ml_dtypes >= 0.5, which needs numpy 2: older numpy (Debian 12) keeps older onnx.
-if "$sys_py" -c "import numpy, sys; sys.exit(int(numpy.__version__.split('.')[0]) >= 2)"; then
-  onnx_pkgs=("onnx>=1.15,<1.18" "ml_dtypes<0.5")
-else
-  onnx_pkgs=("onnx>=1.15")
+  printf '%s\n' "torch==2.14.1" "torchvision==0.29.1" >> "$constraints"
 fi
 echo "python packages: installing into $venv (Python $pyver, $arch)"
-"$py" -m pip install -q --disable-pip-version-check -c "$constraints" "${torch_pkgs[@]}"
 "$py" -m pip install -q --disable-pip-version-check -c "$constraints" \
-  "segmentation-models-pytorch>=0.3,<0.7" "safetensors>=0.4" "tqdm>=4.60" "pytest>=7" "earthengine-api" \
-  "onnxruntime>=1.17" "${onnx_pkgs[@]}"
-"$py" -m pip install -q --disable-pip-version-check -c "$constraints" --no-deps -e .
-"$py" -c "import alphaearth_height, torch, segmentation_models_pytorch, rasterio, onnx, onnxruntime; print('python packages: ready (torch', torch.__version__ + ')')"
+  -r "$reqs/core.txt" -r "$reqs/train.txt" -r "$reqs/onnx.txt" -r "$reqs/earthengine.txt" "pytest>=7"
+# strict: a link tree of exactly what the wheel ships (tests/, bench/, scripts/ are not importable
+# as alphaearth_height.tests…); a new module needs this again, which the Makefile does.
+"$py" -m pip install -q --disable-pip-version-check -c "$constraints" --no-deps \
+  --config-settings editable_mode=strict -e "$root"
+"$py" -c "import alphaearth_height, torch, segmentation_models_pytorch, rasterio, onnx, onnxruntime, ee; print('python packages: ready (torch', torch.__version__ + ')')"

@@ -489,5 +489,7 @@ def onnx_export_available() -> bool:
 
 
 def bundled_model_dir() -> Path:
-    """The model shipped with the plugin, trained on the synthetic demo scene."""
-    return Path(__file__).resolve().parents[2] / "resources" / "models" / "demo-unetplusplus"
+    """The model shipped with the plugin, trained on the synthetic demo scene (package data)."""
+    from .package_data import resource
+
+    return resource("models", "demo-unetplusplus")

@@ -28,11 +28,11 @@ import subprocess
 import sys
 import threading
 import traceback
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .cancel import Cancelled, CancelFn
 from .errors import InputError
+from .package_data import package_root
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
 TERMINATE_GRACE_S = 15.0  # after SIGTERM, time to clean up before SIGKILL
@@ -201,7 +201,7 @@ def serve(stdin=None, stdout=None) -> int:
 def worker_command(python: str) -> list[str]:
     """The command line starting this module under ``python``, whatever the package is called here."""
     package = __name__.rsplit(".plugin.core.worker", 1)[0]
-    root = Path(__file__).resolve().parents[2]
+    root = package_root()  # unresolved: a plugin folder that links to a checkout keeps its name
     boot = ("import sys, importlib; sys.path.insert(0, sys.argv[1]) if sys.argv[1] else None; "
             "sys.exit(importlib.import_module(sys.argv[2] + '.plugin.core.worker').serve())")
     parent = str(root.parent) if root.name == package else ""

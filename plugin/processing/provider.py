@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
 from ... import __version__
+from ..core.package_data import resource
 from .compare_heights import CompareHeights
 from .fetch_embeddings import FetchEmbeddings
 from .predict_height import PredictHeight
 from .train_model import TrainModel
 
-ICON = Path(__file__).resolve().parents[2] / "resources" / "icon.png"
+ICON = resource("icon.png")
 ALGORITHMS = (FetchEmbeddings, PredictHeight, CompareHeights, TrainModel)
 
 
