@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import ast
 import configparser
+import json
 import os
 import subprocess
 import sys
@@ -85,10 +85,9 @@ def test_bundled_model_runs_on_onnx_runtime_from_the_zip(release, tmp_path):
     assert heights.shape == (1, 1, 64, 64) and np.isfinite(heights).all()
 
 
-def test_metadata_is_complete_and_matches_the_package_version(release):
+def test_metadata_is_complete_and_carries_the_checkouts_version(release):
     with zipfile.ZipFile(release) as archive:
         general = metadata(archive.read("alphaearth_height/metadata.txt").decode("utf-8"))
-        init = archive.read("alphaearth_height/__init__.py").decode("utf-8")
     missing = [key for key in REQUIRED_KEYS if not general.get(key, "").strip()]
     assert not missing
     assert general["name"] == "AlphaEarth Height"
@@ -96,9 +95,23 @@ def test_metadata_is_complete_and_matches_the_package_version(release):
     assert general["hasProcessingProvider"] == "yes"
     assert "CC-BY 4.0" in general["about"] and "Hamoudzadeh" in general["about"]
     assert (ROOT / general["icon"]).is_file()
-    version = next(node.value.value for node in ast.parse(init).body
-                   if isinstance(node, ast.Assign) and node.targets[0].id == "__version__")
-    assert general["version"] == version
+    assert general["version"] == metadata((ROOT / "metadata.txt").read_text(encoding="utf-8"))["version"]
+
+
+def test_the_installed_copy_reads_its_version_and_requirement_lists(release, tmp_path):
+    """metadata.txt is the one version and resources/requirements the one set of lists, in the zip too."""
+    with zipfile.ZipFile(release) as archive:
+        archive.extractall(tmp_path)
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); import alphaearth_height as a;"
+            "from alphaearth_height.plugin import environment as e;"
+            "print(json.dumps([a.__file__, a.__version__, e.INFERENCE, e.TRAINING]))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, capture_output=True, text=True)
+    init, version, inference, training = json.loads(done.stdout)
+    assert Path(init).is_relative_to(tmp_path)
+    general = metadata((tmp_path / "alphaearth_height" / "metadata.txt").read_text(encoding="utf-8"))
+    assert version == general["version"]
+    assert inference["onnxruntime"] == "onnxruntime>=1.17" and inference["ee"] == "earthengine-api"
+    assert training["segmentation_models_pytorch"].startswith("segmentation-models-pytorch") and "torch" not in inference
 
 
 def test_install_replaces_an_older_copy(release, tmp_path):
