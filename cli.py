@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .plugin.core.device import BACKEND_CHOICES, DEVICE_CHOICES
+from .plugin.core import choices
 from .plugin.core.errors import InputError
 from .plugin.core.sizes import DEFAULT_MAX_MPX, MAX_MPX_ENV, default_max_mpx
 
@@ -349,7 +349,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+    p.add_argument("--device", default="auto", choices=choices.DEVICES,
                    help="where the model runs (auto: CUDA, then Apple MPS, then CPU)")
 
 
@@ -358,11 +358,11 @@ def _add_split(p: argparse.ArgumentParser, train: bool) -> None:
     def default(value):
         return value if train else None
 
-    p.add_argument("--split", default=default("contiguous"), choices=("contiguous", "blocks"),
+    p.add_argument("--split", default=default("contiguous"), choices=choices.SPLIT_KINDS,
                    help="contiguous strips (the paper) or random spatial blocks")
     p.add_argument("--test-fraction", type=float, default=default(0.3))
     p.add_argument("--validation-fraction", type=float, default=default(0.1))
-    p.add_argument("--direction", default=default("east"), choices=("east", "west", "north", "south"),
+    p.add_argument("--direction", default=default("east"), choices=choices.DIRECTIONS,
                    help="side of the scene held out for testing (contiguous split)")
     p.add_argument("--block-size", type=int, default=default(128), help="block side in pixels (blocks split)")
     p.add_argument("--buffer", type=int, default=default(0),
@@ -386,13 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fetch", help="fetch AlphaEarth embeddings for an area and year (prints the size first)")
-    p.add_argument("--source", required=True, choices=("earthengine", "cog", "local"),
+    p.add_argument("--source", required=True, choices=choices.SOURCES,
                    help="earthengine (needs an account and Cloud project), cog (public COGs, no account) "
                         "or local (clip/warp a raster on disk)")
     p.add_argument("--aoi", required=True, nargs=4, type=float, metavar=("XMIN", "YMIN", "XMAX", "YMAX"),
                    help="area of interest in --aoi-crs")
     p.add_argument("--aoi-crs", default="EPSG:4326", help="CRS of --aoi (default EPSG:4326)")
-    p.add_argument("--year", required=True, type=int, help="embedding year (2017 onwards)")
+    p.add_argument("--year", required=True, type=int, help=f"embedding year ({choices.FIRST_YEAR} onwards)")
     p.add_argument("--out", help="output embeddings GeoTIFF (AEF int8, 64 bands)")
     p.add_argument("--local-raster", help="embeddings raster for --source local")
     p.add_argument("--project", help="Google Cloud project for --source earthengine "
@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aoi-crs", default="EPSG:4326", help="CRS of --aoi (default EPSG:4326)")
     p.add_argument("--like", metavar="RASTER", help="instead of --aoi: the grid of this raster (e.g. the embeddings)")
     p.add_argument("--out", required=True, help="output terrain GeoTIFF (float32, m above the EGM2008 geoid)")
-    p.add_argument("--product", default="copernicus-30", choices=("copernicus-30", "copernicus-90"),
+    p.add_argument("--product", default="copernicus-30", choices=choices.TERRAIN_PRODUCTS,
                    help="GLO-30 (1 arc-second) or GLO-90 (3 arc-seconds); default copernicus-30")
     p.add_argument("--resolution", type=float, default=10.0,
                    help="pixel size in m with --aoi (default 10: the embeddings' grid)")
@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--terrain", metavar="copernicus-30|copernicus-90|FILE", help=TERRAIN_HELP_PREDICT)
     _add_dem_base_url(p)
     p.add_argument("--uncertainty", metavar="U_TIF", help="also write the test-time augmentation spread (m) here")
-    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+    p.add_argument("--backend", default="auto", choices=choices.BACKENDS,
                    help="auto: ONNX Runtime on the CPU when the model has an ONNX graph, PyTorch on a GPU")
     p.add_argument("--max-mpx", type=float,
                    help=f"refuse embeddings larger than this many megapixels (default ${MAX_MPX_ENV} or "
@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a further training pair (repeatable), split like the first")
     p.add_argument("--out", help="new run folder (model package, config, history, checkpoint, evaluation)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--arch", default="unetplusplus", choices=("unet", "unetplusplus"))
+    p.add_argument("--arch", default="unetplusplus", choices=choices.ARCHITECTURES)
     p.add_argument("--encoder", default="resnet18", help="any segmentation-models-pytorch encoder")
     p.add_argument("--encoder-depth", type=int, default=5, help="encoder stages, 3-5 (default 5)")
     p.add_argument("--decoder-channels", help="comma-separated, one per encoder stage")
@@ -479,10 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--steps-per-epoch", type=int, default=50)
     p.add_argument("--patience", type=int, default=6, help="epochs without validation gain before stopping")
-    p.add_argument("--loss", default="mse", choices=("mse", "huber", "l1"))
+    p.add_argument("--loss", default="mse", choices=choices.LOSSES)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--schedule", default="cosine", choices=("cosine", "plateau"))
+    p.add_argument("--schedule", default="cosine", choices=choices.SCHEDULES)
     _add_split(p, train=True)
     p.add_argument("--validation-embeddings", help="a separate validation pair: embeddings")
     p.add_argument("--validation-reference", help="a separate validation pair: reference DSM")
@@ -533,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="reference DSM raster to sample (with --window: only that patch)")
     p.add_argument("--window", nargs=4, type=int, metavar=("COL", "ROW", "WIDTH", "HEIGHT"),
                    help="patch of the prediction grid where --reference is used")
-    p.add_argument("--method", default="auto", choices=("auto", "offset", "linear", "quantile"),
+    p.add_argument("--method", default="auto", choices=choices.BIAS_METHODS,
                    help="auto: the one with the lowest cross-validated RMSE on the samples")
     p.add_argument("--check-reference", help="a reference over the whole area to report before/after metrics")
     p.set_defaults(run=_correct)
@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--steps-per-epoch", type=int, default=25)
     p.add_argument("--scene-size", type=int, default=1024, help="demo scene side in pixels")
-    p.add_argument("--device", default="cpu", choices=DEVICE_CHOICES, help="default cpu (the documented budget)")
+    p.add_argument("--device", default="cpu", choices=choices.DEVICES, help="default cpu (the documented budget)")
     p.set_defaults(run=_experiment)
 
     p = sub.add_parser("demo", help="run the whole pipeline on the embedded synthetic scene")

@@ -23,7 +23,7 @@ from alphaearth_height.plugin.core.aoi import AreaOfInterest  # noqa: E402
 from alphaearth_height.plugin.core.errors import InputError  # noqa: E402
 from alphaearth_height.plugin.core.fetch import earthengine, estimate, fetch  # noqa: E402
 from alphaearth_height.plugin.core.fetch.tiling import output_grid  # noqa: E402
-from alphaearth_height.plugin.core.inference import Cancelled  # noqa: E402
+from alphaearth_height.plugin.core.cancel import Cancelled  # noqa: E402
 
 AOI = AreaOfInterest(-0.905, 45.001, -0.872, 45.019, "EPSG:4326")  # ~2.6 x 2 km in UTM 30N
 LIMIT = 48 * 1024 * 1024

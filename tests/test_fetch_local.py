@@ -14,7 +14,7 @@ from alphaearth_height.plugin.core import aef
 from alphaearth_height.plugin.core.aoi import AreaOfInterest, aoi_window
 from alphaearth_height.plugin.core.errors import InputError
 from alphaearth_height.plugin.core.fetch import estimate, fetch
-from alphaearth_height.plugin.core.inference import Cancelled
+from alphaearth_height.plugin.core.cancel import Cancelled
 from alphaearth_height.plugin.core.rasters import EmbeddingRaster, Grid
 from conftest import ORIGIN, UTM, unit_embeddings, write_embeddings
 
@@ -92,7 +92,7 @@ def test_local_errors_and_cancel(local_raster, tmp_path):
         fetch(aoi, 2020, "local", tmp_path / "o.tif")
     with pytest.raises(InputError, match="would be overwritten"):
         fetch(aoi, 2020, "local", path, raster=path)
-    with pytest.raises(InputError, match="is unknown"):
+    with pytest.raises(InputError, match="is not known"):
         fetch(aoi, 2020, "s3", tmp_path / "o.tif")
     with pytest.raises(InputError, match="outside the AlphaEarth years"):
         fetch(aoi, 1999, "local", tmp_path / "o.tif", raster=path)

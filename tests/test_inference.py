@@ -6,7 +6,8 @@ import pytest
 import rasterio
 
 from alphaearth_height.plugin.core.errors import InputError
-from alphaearth_height.plugin.core.inference import Cancelled, blend_weights, predict_height, tile_starts
+from alphaearth_height.plugin.core.cancel import Cancelled
+from alphaearth_height.plugin.core.inference import blend_weights, predict_height, tile_starts
 from alphaearth_height.plugin.core.rasters import OUTPUT_NODATA
 
 from conftest import ORIGIN, unit_embeddings, write_embeddings

@@ -14,7 +14,8 @@ from alphaearth_height.plugin.core import aef
 from alphaearth_height.plugin.core.aoi import AreaOfInterest, aoi_window
 from alphaearth_height.plugin.core.compare import ReferenceOnGrid
 from alphaearth_height.plugin.core.errors import InputError
-from alphaearth_height.plugin.core.inference import Cancelled, predict_height
+from alphaearth_height.plugin.core.cancel import Cancelled
+from alphaearth_height.plugin.core.inference import predict_height
 from alphaearth_height.plugin.core.job import FETCH_END, HeightJob, remove_outputs, run_height_job
 from alphaearth_height.plugin.core.rasters import EmbeddingRaster
 from conftest import UTM

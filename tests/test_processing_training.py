@@ -8,14 +8,6 @@ pytest.importorskip("qgis.core")
 from alphaearth_height.plugin.core.models import load_model  # noqa: E402
 
 
-def test_processing_choices_match_training():
-    from alphaearth_height.plugin.processing import train_model as alg
-    from alphaearth_height.training.splits import SPLIT_KINDS
-    from alphaearth_height.training.train import LOSSES, SCHEDULES
-
-    assert (alg.LOSSES, alg.SCHEDULES, alg.SPLITS) == (LOSSES, SCHEDULES, SPLIT_KINDS)
-
-
 @pytest.fixture(scope="module")
 def run(run_algorithm):
     return run_algorithm

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 from rasterio.windows import Window
 
+from ..plugin.core.choices import DIRECTIONS, check_choice
 from ..plugin.core.compare import ReferenceOnGrid
 from ..plugin.core.errors import InputError
 from ..plugin.core.rasters import EmbeddingRaster, Grid, valid_mask
 
-DIRECTIONS = ("east", "west", "north", "south")
 
 
 @dataclass
@@ -62,8 +62,7 @@ def contiguous_split(width: int, height: int, test_fraction: float = 0.3, valida
                      direction: str = "east", min_size: int = 16) -> Split:
     """The paper's contiguous split: the test area is the ``direction`` side of the scene;
     validation is the strip of the training side next to it (for early stopping)."""
-    if direction not in DIRECTIONS:
-        raise InputError(f"split direction '{direction}'", "is not known", f"Use one of: {', '.join(DIRECTIONS)}")
+    check_choice(direction, DIRECTIONS, "split direction")
     if not (0 < test_fraction < 1 and 0 <= validation_fraction < 1 and test_fraction + validation_fraction < 1):
         raise InputError(f"test fraction {test_fraction} / validation fraction {validation_fraction}",
                          "must be in (0, 1) and [0, 1) and sum to less than 1", "Use e.g. 0.3 and 0.1")

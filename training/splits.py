@@ -14,10 +14,10 @@ from typing import Optional
 
 import numpy as np
 
+from ..plugin.core.choices import SPLIT_KINDS, check_choice
 from ..plugin.core.errors import InputError
 from .data import contiguous_split
 
-SPLIT_KINDS = ("contiguous", "blocks")
 
 
 @dataclass
@@ -86,8 +86,7 @@ def make_areas(spec: SplitSpec, height: int, width: int, separate_validation: bo
 
 
 def _check(spec: SplitSpec) -> None:
-    if spec.kind not in SPLIT_KINDS:
-        raise InputError(f"split '{spec.kind}'", "is not known", f"Use one of: {', '.join(SPLIT_KINDS)}")
+    check_choice(spec.kind, SPLIT_KINDS, "split")
     if spec.buffer < 0:
         raise InputError(f"buffer {spec.buffer}", "must not be negative", "Give 0 or more pixels")
     if spec.kind == "blocks" and spec.block_size < 8:

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..plugin.core.choices import LOSSES, SCHEDULES, check_choice
 from ..plugin.core.dem import ATTRIBUTION as DEM_ATTRIBUTION
 from ..plugin.core.dem import is_product, product
 from ..plugin.core.device import describe_device, select_device
@@ -32,8 +33,6 @@ from .data import load_pair
 from .patches import PatchSampler, Scene, batch, make_scene, validation_origins
 from .splits import Areas, SplitSpec, make_areas
 
-LOSSES = ("mse", "huber", "l1")
-SCHEDULES = ("cosine", "plateau")
 Log = Callable[[str], None]
 Progress = Callable[[int, int], None]
 
@@ -122,9 +121,8 @@ class TrainResult:
 
 
 def _check(config: TrainConfig, multiple: int) -> None:
-    for name, choices in (("loss", LOSSES), ("schedule", SCHEDULES)):
-        if getattr(config, name) not in choices:
-            raise InputError(f"{name} '{getattr(config, name)}'", "is not known", f"Use one of: {', '.join(choices)}")
+    check_choice(config.loss, LOSSES, "loss")
+    check_choice(config.schedule, SCHEDULES, "schedule")
     if config.patch_size % multiple:
         raise InputError(f"patch size {config.patch_size}", f"is not a multiple of {multiple}, which this "
                          "architecture needs", f"Use e.g. {max(multiple, config.patch_size // multiple * multiple)}")

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
+from .choices import TERRAIN_PRODUCTS
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -49,7 +50,6 @@ PRODUCTS = {p.key: p for p in (
     DemProduct("copernicus-90", "GLO-90", "30", 3, "https://copernicus-dem-90m.s3.amazonaws.com",
                "ALPHAEARTH_HEIGHT_COPERNICUS_90_URL", "Copernicus DEM 90 m (download)"),
 )}
-TERRAIN_PRODUCTS = tuple(PRODUCTS)
 MARGIN_PX = 16  # px of the work grid fetched around it when a product is resolved for a grid
 
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
+from .choices import DEVICES
 from .errors import InputError
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
-# auto: ONNX Runtime on the CPU when the model has an ONNX graph, PyTorch on a GPU.
-BACKEND_CHOICES = ("auto", "onnx", "torch")
 
 
 def select_device(name: str | None = "auto"):
@@ -30,7 +27,7 @@ def select_device(name: str | None = "auto"):
         return torch.device("mps")
     if name == "cpu":
         return torch.device("cpu")
-    raise InputError(f"device '{name}'", "is not a device name", f"Use one of: {', '.join(DEVICE_CHOICES)}")
+    raise InputError(f"device '{name}'", "is not a device name", f"Use one of: {', '.join(DEVICES)}")
 
 
 def describe_device(device) -> str:

@@ -20,7 +20,8 @@ import rasterio
 from rasterio.windows import Window
 
 from .cancel import CancelFn, Cancelled, ProgressFn  # noqa: F401 - re-exported for callers
-from .device import BACKEND_CHOICES, describe_device, select_device
+from .choices import BACKENDS, check_choice
+from .device import describe_device, select_device
 from .errors import InputError
 from .models import ONNX_FILE, ModelPackage, open_package
 from .rasters import (OUTPUT_NODATA, EmbeddingRaster, Grid, atomic_write, check_output_path,
@@ -121,8 +122,7 @@ def resolve_backend(package: ModelPackage, backend: str = "auto", device: str = 
     installed, unless a GPU is asked for or (device auto) PyTorch sees one.
     """
     backend, device = (backend or "auto").lower(), (device or "auto").lower()
-    if backend not in BACKEND_CHOICES:
-        raise InputError(f"backend '{backend}'", "is not a backend", f"Use one of: {', '.join(BACKEND_CHOICES)}")
+    check_choice(backend, BACKENDS, "backend")
     have_ort = importlib.util.find_spec("onnxruntime") is not None
     if backend == "onnx":
         if package.onnx_path is None:

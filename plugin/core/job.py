@@ -47,7 +47,7 @@ class HeightJob:
     reference: Optional[str] = None
     name: str = "height"
     device: str = "auto"
-    backend: str = "auto"                 # core.device.BACKEND_CHOICES: ONNX Runtime on CPU, torch on GPUs
+    backend: str = "auto"                 # core.choices.BACKENDS: ONNX Runtime on CPU, torch on GPUs
     tile: Optional[int] = None
     overlap: Optional[int] = None
     batch_size: int = 4

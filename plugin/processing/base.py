@@ -13,13 +13,13 @@ from qgis.core import (QgsMapLayer, QgsProcessingAlgorithm, QgsProcessingContext
                        QgsProcessingParameterRasterLayer, QgsRasterLayer)
 from qgis.PyQt.QtCore import QCoreApplication
 
-from ..core.device import DEVICE_CHOICES
+from ..core.choices import DEVICES, TERRAIN_PRODUCTS
 from ..core.errors import InputError
 from .compat import ADVANCED, CAN_CANCEL, DOUBLE, INTEGER
 
 RASTER_SUFFIXES = (".tif", ".tiff")
-# the Coarse terrain choices; the last two are core.dem.TERRAIN_PRODUCTS (a test checks them)
-TERRAIN_CHOICES = ("raster", "copernicus-30", "copernicus-90")
+# the Coarse terrain choices: a raster, or one of the DEM products core fetches
+TERRAIN_CHOICES = ("raster", *TERRAIN_PRODUCTS)
 TERRAIN_LABELS = ("The terrain raster below (none if empty)",
                   "Copernicus DEM 30 m (GLO-30, downloaded for the area, no account)",
                   "Copernicus DEM 90 m (GLO-90, downloaded for the area, no account)")
@@ -110,7 +110,7 @@ class HeightAlgorithm(QgsProcessingAlgorithm):
         self.add(param, advanced)
 
     def add_device(self, name: str = "DEVICE") -> None:
-        self.add(QgsProcessingParameterEnum(name, self.tr("Device"), options=list(DEVICE_CHOICES),
+        self.add(QgsProcessingParameterEnum(name, self.tr("Device"), options=list(DEVICES),
                                             defaultValue=0), advanced=True)
 
     def add_terrain(self, raster_label: str, advanced: bool = False) -> None:

@@ -10,16 +10,10 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsProcessingContext, QgsPr
                        QgsProcessingParameterFile, QgsProcessingParameterRasterDestination,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
 
+from ..core.choices import DEFAULT_YEAR, FIRST_YEAR, SOURCE_LABELS, SOURCES, last_year
 from .base import HeightAlgorithm, report_progress
 from .compat import DOUBLE, FOLDER
 
-# (core.fetch source name, label); the order is the enum's, so scripts keep working when
-# sources are added at the end.
-SOURCES = (("local", "Local raster"), ("cog", "AlphaEarth public COGs (no account)"),
-           ("earthengine", "Google Earth Engine (needs account)"))
-# core.fetch.FIRST_YEAR and the dock's default; importing core here would load rasterio
-# whenever QGIS lists the algorithms.
-FIRST_YEAR, DEFAULT_YEAR = 2017, 2020
 
 
 class FetchEmbeddings(HeightAlgorithm):
@@ -51,11 +45,11 @@ class FetchEmbeddings(HeightAlgorithm):
 
     def initAlgorithm(self, config: dict | None = None) -> None:  # noqa: N802 - QGIS API
         self.add(QgsProcessingParameterEnum("SOURCE", self.tr("Embedding source"),
-                                            options=[label for _, label in SOURCES], defaultValue=0))
+                                            options=[SOURCE_LABELS[key] for key in SOURCES], defaultValue=0))
         self.add(QgsProcessingParameterRasterLayer(
             "INPUT", self.tr("Embeddings raster (64 bands; Local raster only)"), optional=True))
         self.add(QgsProcessingParameterExtent("EXTENT", self.tr("Area of interest")))
-        self.add_int("YEAR", "Year", DEFAULT_YEAR, FIRST_YEAR)
+        self.add_int("YEAR", "Year", DEFAULT_YEAR, FIRST_YEAR, last_year())
         self.add(QgsProcessingParameterString("PROJECT", self.tr("Google Cloud project (Earth Engine only)"),
                                               optional=True))
         self.add(QgsProcessingParameterString("BASE_URL", self.tr("COG base URL (empty: public mirror)"),
@@ -68,9 +62,9 @@ class FetchEmbeddings(HeightAlgorithm):
 
     def execute(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
         from ..core.fetch import estimate, fetch, format_estimate, size_limit_gb
-        from ..core.inference import Cancelled
+        from ..core.cancel import Cancelled
 
-        source = SOURCES[self.parameterAsEnum(parameters, "SOURCE", context)][0]
+        source = SOURCES[self.parameterAsEnum(parameters, "SOURCE", context)]
         options = self._source_options(source, parameters, context)
         out = self.raster_output(parameters, "OUTPUT", context)
         aoi = self._aoi(parameters, context)

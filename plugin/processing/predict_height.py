@@ -6,7 +6,7 @@ from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessin
                        QgsProcessingParameterEnum, QgsProcessingParameterFile,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
 
-from ..core.device import BACKEND_CHOICES, DEVICE_CHOICES
+from ..core.choices import BACKENDS, DEVICES
 from ..core.sizes import DEFAULT_MAX_MPX, MAX_MPX_ENV
 from .base import DEVICE_HELP, TERRAIN_HELP, HeightAlgorithm
 from .compat import FOLDER
@@ -45,7 +45,7 @@ class PredictHeight(HeightAlgorithm):
                      advanced=True)
         self.add_int("BATCH_SIZE", "Tiles per batch", 4, 1, advanced=True)
         self.add_device()
-        self.add(QgsProcessingParameterEnum("BACKEND", self.tr("Backend"), options=list(BACKEND_CHOICES),
+        self.add(QgsProcessingParameterEnum("BACKEND", self.tr("Backend"), options=list(BACKENDS),
                                             defaultValue=0), advanced=True)
         self.add(QgsProcessingParameterBoolean("AMP", self.tr("Mixed precision on CUDA GPUs"), defaultValue=True),
                  advanced=True)
@@ -69,8 +69,8 @@ class PredictHeight(HeightAlgorithm):
             "tile": self.parameterAsInt(parameters, "TILE", context) or None,
             "overlap": self.optional_int(parameters, "OVERLAP", context),
             "batch_size": self.parameterAsInt(parameters, "BATCH_SIZE", context),
-            "device": self.enum_text(parameters, "DEVICE", context, DEVICE_CHOICES),
-            "backend": self.enum_text(parameters, "BACKEND", context, BACKEND_CHOICES),
+            "device": self.enum_text(parameters, "DEVICE", context, DEVICES),
+            "backend": self.enum_text(parameters, "BACKEND", context, BACKENDS),
             "amp": self.parameterAsBoolean(parameters, "AMP", context),
             "max_mpx": None if self.parameterAsBoolean(parameters, "ALLOW_LARGE", context) else default_max_mpx(),
             "too_large_fix": "Tick 'Allow large areas' (advanced parameters) to run it anyway, or clip the "

@@ -7,18 +7,8 @@ from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessin
                        QgsProcessingParameterFolderDestination, QgsProcessingParameterRasterLayer,
                        QgsProcessingParameterString)
 
-from ..core.device import DEVICE_CHOICES
-from ..core.models import ARCHITECTURES
+from ..core.choices import ARCHITECTURES, DEVICES, DIRECTIONS, LOSSES, SCHEDULES, SPLIT_KINDS
 from .base import DEVICE_HELP, TERRAIN_HELP, HeightAlgorithm
-
-ARCH_CHOICES = tuple(ARCHITECTURES)
-# Same order as training.data.DIRECTIONS (a test checks it); importing that module here
-# would load rasterio whenever QGIS lists the algorithms.
-DIRECTIONS = ("east", "west", "north", "south")
-# Same as training.train.LOSSES / SCHEDULES and training.splits.SPLIT_KINDS (a test checks them).
-LOSSES = ("mse", "huber", "l1")
-SCHEDULES = ("cosine", "plateau")
-SPLITS = ("contiguous", "blocks")
 
 
 class TrainModel(HeightAlgorithm):
@@ -45,8 +35,8 @@ class TrainModel(HeightAlgorithm):
     def initAlgorithm(self, config: dict | None = None) -> None:  # noqa: N802 - QGIS API
         self.add(QgsProcessingParameterRasterLayer("EMBEDDINGS", self.tr("Embeddings raster (64 bands)")))
         self.add(QgsProcessingParameterRasterLayer("REFERENCE", self.tr("Reference DSM")))
-        self.add(QgsProcessingParameterEnum("ARCH", self.tr("Architecture"), options=list(ARCH_CHOICES),
-                                            defaultValue=ARCH_CHOICES.index("unetplusplus")))
+        self.add(QgsProcessingParameterEnum("ARCH", self.tr("Architecture"), options=list(ARCHITECTURES),
+                                            defaultValue=ARCHITECTURES.index("unetplusplus")))
         self.add(QgsProcessingParameterString("ENCODER", self.tr("Encoder"), defaultValue="resnet18"))
         self.add_int("ENCODER_DEPTH", "Encoder depth", 5, 3, 5)
         self.add_int("PATCH_SIZE", "Patch size in pixels", 256, 32)
@@ -57,7 +47,7 @@ class TrainModel(HeightAlgorithm):
         self.add(QgsProcessingParameterEnum("DIRECTION", self.tr("Held-out side (test strip)"),
                                             options=list(DIRECTIONS), defaultValue=0), advanced=True)
         self.add_int("SEED", "Random seed", 0, 0, advanced=True)
-        self.add(QgsProcessingParameterEnum("SPLIT", self.tr("Split"), options=list(SPLITS), defaultValue=0),
+        self.add(QgsProcessingParameterEnum("SPLIT", self.tr("Split"), options=list(SPLIT_KINDS), defaultValue=0),
                  advanced=True)
         self.add_int("BLOCK_SIZE", "Block size in pixels (blocks split)", 128, 8, advanced=True)
         self.add_int("BUFFER", "Buffer around test and validation areas (pixels)", 0, 0, advanced=True)
@@ -88,15 +78,15 @@ class TrainModel(HeightAlgorithm):
         return dict(
             embeddings=self.raster_path(parameters, "EMBEDDINGS", context),
             reference=self.raster_path(parameters, "REFERENCE", context), out=out,
-            arch=self.enum_text(parameters, "ARCH", context, ARCH_CHOICES),
+            arch=self.enum_text(parameters, "ARCH", context, ARCHITECTURES),
             encoder=self.parameterAsString(parameters, "ENCODER", context).strip() or "resnet18",
             encoder_depth=number("ENCODER_DEPTH"), patch_size=number("PATCH_SIZE"),
             batch_size=number("BATCH_SIZE"), epochs=number("EPOCHS"), steps_per_epoch=number("STEPS_PER_EPOCH"),
             test_fraction=self.parameterAsDouble(parameters, "TEST_FRACTION", context),
             direction=self.enum_text(parameters, "DIRECTION", context, DIRECTIONS), seed=number("SEED"),
-            split=self.enum_text(parameters, "SPLIT", context, SPLITS), block_size=number("BLOCK_SIZE"),
+            split=self.enum_text(parameters, "SPLIT", context, SPLIT_KINDS), block_size=number("BLOCK_SIZE"),
             buffer=number("BUFFER"), loss=self.enum_text(parameters, "LOSS", context, LOSSES),
             schedule=self.enum_text(parameters, "SCHEDULE", context, SCHEDULES), accumulate=number("ACCUMULATE"),
             balance=self.parameterAsBoolean(parameters, "BALANCE", context),
             terrain=self.terrain_input(parameters, context),
-            device=self.enum_text(parameters, "DEVICE", context, DEVICE_CHOICES))
+            device=self.enum_text(parameters, "DEVICE", context, DEVICES))

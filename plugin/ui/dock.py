@@ -25,11 +25,11 @@ from qgis.PyQt.QtWidgets import (QAbstractSpinBox, QButtonGroup, QCheckBox, QCom
                                  QPlainTextEdit, QProgressBar, QPushButton, QRadioButton, QScrollArea, QSizePolicy,
                                  QSpinBox, QTextBrowser, QVBoxLayout, QWidget)
 
+from ..core import choices
 from ..core.aef import N_BANDS as EMBEDDING_BANDS
 from ..core.aoi import AreaOfInterest, aoi_window, size_estimate
 from ..core.dem import ATTRIBUTION as DEM_ATTRIBUTION
 from ..core.dem import PRODUCTS as DEM_PRODUCTS
-from ..core.dem import TERRAIN_PRODUCTS
 from ..core.errors import InputError
 from ..core.job import HeightJob, HeightJobResult, safe_name
 from ..core.models import read_card
@@ -47,15 +47,12 @@ log = logging.getLogger(__name__)
 TITLE = "AlphaEarth Height"
 SETTINGS = "alphaearth_height/"
 # (dock key, label, core.fetch source, tooltip): two ways to pick a local raster, two remote sources.
+# (dock key, label, core.choices source, tooltip): the local source two ways (a file, or a layer).
 SOURCES = (("file", "Local raster file", "local", "A 64-band embeddings raster on disk"),
            ("layer", "Raster layer", "local", "A 64-band embeddings raster loaded in the project"),
-           ("cog", "AlphaEarth public COGs (no account)", "cog",
-            "The public cloud-optimised GeoTIFFs: no account, only the area's blocks are downloaded"),
-           ("earthengine", "Google Earth Engine", "earthengine",
-            "Needs an Earth Engine account (earthengine authenticate) and a Google Cloud project"))
+           *((key, choices.SOURCE_LABELS[key], key, choices.SOURCE_HELP[key]) for key in choices.SOURCES
+             if key != "local"))
 FETCH_SOURCES = {key: source for key, _, source, _ in SOURCES}
-DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "CUDA"))
-YEARS = (2017, 2025, 2020)  # first, last, default AlphaEarth annual image
 METRICS = (("r2", "R²", "{:.3f}"), ("rmse", "RMSE", "{:.2f} m"), ("mae", "MAE", "{:.2f} m"),
            ("mean_diff", "Bias", "{:+.2f} m"), ("median_diff", "Median difference", "{:+.2f} m"),
            ("nmad", "NMAD", "{:.2f} m"))
@@ -302,8 +299,8 @@ class HeightDock(QgsDockWidget):
         self.project_edit = QLineEdit()
         self.project_edit.setPlaceholderText("Cloud project id (empty: $EARTHENGINE_PROJECT)")
         self.year_spin = QSpinBox()
-        self.year_spin.setRange(YEARS[0], YEARS[1])
-        self.year_spin.setValue(YEARS[2])
+        self.year_spin.setRange(choices.FIRST_YEAR, choices.last_year())
+        self.year_spin.setValue(choices.DEFAULT_YEAR)
         self.year_spin.valueChanged.connect(self._update_output_hint)
         form.addRow("Source", self.source_combo)
         form.addRow("File", self.embeddings_file)
@@ -331,7 +328,7 @@ class HeightDock(QgsDockWidget):
         terrain_layout = QFormLayout(self.terrain_row)
         terrain_layout.setContentsMargins(0, 0, 0, 0)
         self.terrain_source = compact(QComboBox())  # a DEM fetched for the area, or a raster layer
-        for key in TERRAIN_PRODUCTS:
+        for key in choices.TERRAIN_PRODUCTS:
             self.terrain_source.addItem(DEM_PRODUCTS[key].label, key)
         self.terrain_source.addItem("A raster layer", TERRAIN_LAYER)
         self.terrain_source.setToolTip(
@@ -353,7 +350,7 @@ class HeightDock(QgsDockWidget):
         layout.addWidget(self.card_text)
         device_row = QHBoxLayout()
         self.device_combo = compact(QComboBox())
-        for key, label in DEVICES:
+        for key, label in ((key, "Auto" if key == "auto" else key.upper()) for key in choices.DEVICES):
             self.device_combo.addItem(label, key)
         self.detect_button = QPushButton("Detect GPU")
         self.detect_button.clicked.connect(self.detect_device)
@@ -442,7 +439,7 @@ class HeightDock(QgsDockWidget):
         s = self.settings
         index = self.source_combo.findData(s.value(SETTINGS + "source", "file"))
         self.source_combo.setCurrentIndex(max(0, index))
-        self.year_spin.setValue(int(s.value(SETTINGS + "year", YEARS[2])))
+        self.year_spin.setValue(int(s.value(SETTINGS + "year", choices.DEFAULT_YEAR)))
         self.embeddings_file.setFilePath(s.value(SETTINGS + "embeddings_file", ""))
         self.project_edit.setText(s.value(SETTINGS + "ee_project", ""))
         self.folder_radio.setChecked(s.value(SETTINGS + "model", "bundled") == "folder")
@@ -582,7 +579,7 @@ class HeightDock(QgsDockWidget):
             if uses_terrain(card):  # the terrain the model was trained with, when it is a DEM product
                 trained = card["target"]["relative_to"].get("product")
                 self.terrain_source.setCurrentIndex(self.terrain_source.findData(
-                    trained if trained in TERRAIN_PRODUCTS else TERRAIN_LAYER))
+                    trained if trained in choices.TERRAIN_PRODUCTS else TERRAIN_LAYER))
                 self._update_terrain_row()
         except InputError as exc:
             self.card_text.setPlainText(str(exc))
@@ -603,7 +600,7 @@ class HeightDock(QgsDockWidget):
         if not uses_terrain(card):
             return None
         choice = self.terrain_source.currentData()
-        if choice in TERRAIN_PRODUCTS:
+        if choice in choices.TERRAIN_PRODUCTS:
             return choice
         return layer_file(self.terrain_combo.currentLayer(), "coarse terrain")
 

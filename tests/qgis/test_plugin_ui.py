@@ -3,6 +3,7 @@ background runs, styled layers, errors on the message bar, rendered PNGs."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import shutil
@@ -248,7 +249,7 @@ def test_dock_builds_with_expected_controls(dock, iface):
     combo = dock.source_combo
     labels = [combo.itemText(i) for i in range(combo.count())]
     assert labels == ["Local raster file", "Raster layer", "AlphaEarth public COGs (no account)",
-                      "Google Earth Engine"]
+                      "Google Earth Engine (needs an account)"]
     assert all(combo.model().item(i).isEnabled() and combo.itemData(i, Qt.ItemDataRole.ToolTipRole)
                for i in range(combo.count()))
     shown = {}
@@ -257,7 +258,7 @@ def test_dock_builds_with_expected_controls(dock, iface):
         shown[key] = [w.isVisibleTo(dock) for w in (dock.embeddings_file, dock.embeddings_layer, dock.project_edit)]
     assert shown == {"file": [True, False, False], "layer": [False, True, False], "cog": [False, False, False],
                      "earthengine": [False, False, True]}
-    assert (dock.year_spin.minimum(), dock.year_spin.maximum()) == (2017, 2025)
+    assert (dock.year_spin.minimum(), dock.year_spin.maximum()) == (2017, datetime.date.today().year)
     assert [dock.device_combo.itemData(i) for i in range(3)] == ["auto", "cpu", "cuda"]
     assert dock.reference_combo.allowEmptyLayer() and dock.reference_combo.currentLayer() is None
     assert dock.env_group.isVisibleTo(dock) and dock.run_button.isEnabled()

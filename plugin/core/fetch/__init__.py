@@ -13,15 +13,15 @@ Network operations have deadlines and stall timeouts (core.fetch.network).
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
 from pathlib import Path
 from typing import Any, Optional
 
 from ..aoi import AreaOfInterest
+from ..cancel import CancelFn, ProgressFn
+from ..choices import FIRST_YEAR, SOURCES, check_choice, last_year
 from ..errors import InputError
-from ..inference import CancelFn, ProgressFn
 from ..rasters import Grid, check_output_path, ensure_free_space, grow_grid, raster_bytes
 from ..sizes import positive_from_env
 from . import engine
@@ -31,8 +31,6 @@ from .engine import FetchResult
 from .network import StatusFn
 from .tiling import plan_tiles
 
-SOURCES = ("earthengine", "cog", "local")
-FIRST_YEAR = 2017
 MAX_GB_ENV = "ALPHAEARTH_HEIGHT_MAX_GB"
 DEFAULT_MAX_GB = 5.0
 
@@ -45,10 +43,10 @@ def check_year(year: Any) -> int:
         value = int(year)
     except (TypeError, ValueError):
         raise InputError(f"year {year!r}", "is not a year", "Give a year such as 2020") from None
-    last = datetime.date.today().year
+    last = last_year()
     if not FIRST_YEAR <= value <= last:
         raise InputError(f"year {value}", f"is outside the AlphaEarth years ({FIRST_YEAR}-{last})",
-                         "Give a year from 2017 on")
+                         f"Give a year from {FIRST_YEAR} to {last}")
     return value
 
 
@@ -59,8 +57,7 @@ def make_source(source: str, cache_root: Optional[os.PathLike] = None, **options
     from .local import LocalSource
 
     classes = {"earthengine": EarthEngineSource, "cog": CogSource, "local": LocalSource}
-    if source not in classes:
-        raise InputError(f"source {source!r}", "is unknown", f"Use one of {', '.join(SOURCES)}")
+    check_choice(source, SOURCES, "source")
     if source == "cog":
         options["cache_root"] = cache_root
     try:

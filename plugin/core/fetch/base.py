@@ -7,7 +7,7 @@ from typing import Optional
 import numpy as np
 
 from ..aoi import AreaOfInterest
-from ..inference import CancelFn
+from ..cancel import CancelFn
 from ..rasters import Grid
 from .network import StatusFn, log_status
 from .tiling import output_grid

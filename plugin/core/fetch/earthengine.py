@@ -22,7 +22,7 @@ import numpy as np
 from .. import aef
 from ..aoi import AreaOfInterest
 from ..errors import InputError
-from ..inference import CancelFn, Cancelled
+from ..cancel import CancelFn, Cancelled
 from ..rasters import Grid
 from .base import EmbeddingSource
 from .network import Deadline, NetworkLimits

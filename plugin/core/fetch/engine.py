@@ -20,7 +20,7 @@ import rasterio
 from .. import aef
 from ..aoi import AreaOfInterest
 from ..errors import InputError
-from ..inference import CancelFn, Cancelled, ProgressFn
+from ..cancel import CancelFn, Cancelled, ProgressFn
 from ..rasters import Grid, atomic_write
 from .base import EmbeddingSource
 from .cache import TileCache, tile_profile

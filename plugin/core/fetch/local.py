@@ -15,7 +15,7 @@ import numpy as np
 
 from ..aoi import AreaOfInterest, aoi_window
 from ..errors import InputError
-from ..inference import CancelFn
+from ..cancel import CancelFn
 from ..rasters import EmbeddingRaster, Grid
 from .base import EmbeddingSource
 from .sampling import sample_nearest

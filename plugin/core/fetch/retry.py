@@ -7,7 +7,7 @@ import random
 import time
 from typing import Callable, Optional, TypeVar
 
-from ..inference import CancelFn, Cancelled
+from ..cancel import CancelFn, Cancelled
 
 T = TypeVar("T")
 
