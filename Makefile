@@ -12,6 +12,13 @@ APT_STAMP := $(VENV)/.apt-done
 TEST_APT_PACKAGES := qgis xvfb xdotool imagemagick
 TEST_APT_STAMP := $(VENV)/.apt-test-done
 PIP_STAMP := $(VENV)/.pip-done
+# The editable install is strict, a link tree of what the wheel ships (scripts/install_python.sh), so a
+# file added to or removed from the package needs it again: the package's file list is a prerequisite,
+# rewritten only when it changes.
+PACKAGE_LIST := $(VENV)/.package-files
+$(shell mkdir -p $(VENV) && find __init__.py cli.py metadata.txt plugin training resources -type f \
+  ! -path '*/__pycache__/*' | LC_ALL=C sort > $(PACKAGE_LIST).new && \
+  { cmp -s $(PACKAGE_LIST).new $(PACKAGE_LIST) || mv $(PACKAGE_LIST).new $(PACKAGE_LIST); }; rm -f $(PACKAGE_LIST).new)
 
 .PHONY: setup demo test bench experiment clean-venv bundled-model package install-plugin
 
@@ -25,7 +32,7 @@ $(TEST_APT_STAMP): $(APT_STAMP)
 	@bash scripts/install_system.sh $(TEST_APT_PACKAGES)
 	@touch $@
 
-$(PIP_STAMP): $(APT_STAMP) pyproject.toml scripts/install_python.sh
+$(PIP_STAMP): $(APT_STAMP) pyproject.toml scripts/install_python.sh $(PACKAGE_LIST)
 	@bash scripts/install_python.sh $(VENV)
 	@touch $@
 
