@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import rasterio
@@ -815,3 +815,69 @@ def crop_to_grid(src_path: str | os.PathLike, out_path: str | os.PathLike, grid:
 
 def _is_stat(tag: str) -> bool:
     return tag.startswith("STATISTICS_") or tag == "VALID_PIXELS"
+
+# Height rasters (predictions, differences, references on a grid): one band of metres,
+# streamed by blocks of this many pixels a side so memory stays flat for any area.
+HEIGHT_BLOCK = 1024
+NOT_A_PREDICTION_FIX = "Give the output of 'alphaearth-height predict'"
+
+
+def read_height_grid(path: str | os.PathLike) -> tuple[rasterio.DatasetReader, Grid]:
+    """Open a single-band, north-up height raster (a prediction) and describe its grid.
+
+    North-up only: outputs are written on this grid block by block, so a bottom-up file
+    would need every window flipped; predictions are never stored that way.
+    """
+    src = open_raster(path)
+    if src.crs is None or src.transform.e > 0 or src.transform.b or src.transform.d:
+        src.close()
+        raise InputError(path, "is not a north-up georeferenced raster", NOT_A_PREDICTION_FIX)
+    if src.count != 1:
+        src.close()
+        raise InputError(path, f"has {src.count} bands but a predicted height raster has one", NOT_A_PREDICTION_FIX)
+    return src, Grid(src.crs, src.transform, src.width, src.height)
+
+
+def read_height(path: str | os.PathLike, max_side: Optional[int] = None) -> np.ndarray:
+    """A single-band height raster, whole, as float32 north-up with NaN where it has no data.
+
+    With ``max_side`` it is decimated on read so neither side exceeds it (a picture of an
+    area too large to hold at full resolution).
+    """
+    with open_raster(path) as src:
+        if src.count != 1:
+            raise InputError(path, f"has {src.count} bands but a height raster has one", NOT_A_PREDICTION_FIX)
+        scale = max(src.width, src.height) / max_side if max_side else 1.0
+        shape = (max(1, int(src.height / scale)), max(1, int(src.width / scale))) if scale > 1 else None
+        values = read_or_fail(src, path, 1, masked=True, out_shape=shape).astype(np.float32).filled(np.nan)
+        return values[::-1] if src.transform.e > 0 else values
+
+
+def height_blocks(src: rasterio.DatasetReader, block: int = HEIGHT_BLOCK) -> Iterator[tuple[Window, np.ndarray]]:
+    """Every block of band 1 of an open north-up height raster: (window, float32 heights with NaN for nodata)."""
+    for window in iter_windows(src.width, src.height, block):
+        values = read_or_fail(src, src.name, 1, window=window, masked=True)
+        yield window, values.astype(np.float32).filled(np.nan)
+
+
+def map_height_raster(src_path: str | os.PathLike, out_path: str | os.PathLike,
+                      fn: Callable[[np.ndarray, Window], np.ndarray], description: str, *,
+                      tags: Optional[Mapping[str, str]] = None,
+                      before_commit: Optional[Callable[[], None]] = None) -> None:
+    """Write ``fn`` of every block of a height raster, on its grid, as a float height raster.
+
+    ``fn`` gets each block (float32, NaN for nodata) and its window and returns heights in
+    metres, NaN where there are none (written as OUTPUT_NODATA). The output is written
+    atomically; ``before_commit`` runs once every block is written, and raising there
+    leaves no output (an earlier file at ``out_path`` untouched). The band is described
+    and tagged like every output (``describe_band``).
+    """
+    src, grid = read_height_grid(src_path)
+    with src, atomic_write(out_path) as tmp:
+        with rasterio.open(tmp, "w", **float_profile(grid)) as dst:
+            describe_band(dst, description, "m", **dict(tags or {}))
+            for window, values in height_blocks(src):
+                heights = fn(values, window)
+                dst.write(np.where(np.isfinite(heights), heights, OUTPUT_NODATA).astype(np.float32), 1, window=window)
+        if before_commit is not None:
+            before_commit()
