@@ -17,6 +17,22 @@ ATTRIBUTION = (
     "AlphaEarth Foundations Satellite Embedding dataset, produced by Google and "
     "Google DeepMind, licensed CC-BY 4.0"
 )
+QUANTISATION = f"AEF int8: value = sign(q) * (|q| / {QUANT_SCALE})^2, nodata {NODATA_INT8}"
+
+
+def int8_profile(width: int, height: int, crs: object, transform: object) -> dict:
+    """The GeoTIFF profile of every AEF int8 raster we write (fetch outputs, cached tiles, the demo scene)."""
+    return {"driver": "GTiff", "dtype": "int8", "count": N_BANDS, "nodata": NODATA_INT8,
+            "width": width, "height": height, "crs": crs, "transform": transform, "tiled": True,
+            "blockxsize": 256, "blockysize": 256, "compress": "deflate", "predictor": 2,
+            "interleave": "pixel", "BIGTIFF": "IF_SAFER"}
+
+
+def describe(dst: object, *, attribution: str = ATTRIBUTION, **tags: str) -> None:
+    """Band names A00..A63 and the tags that say what the int8 values are and where they came from."""
+    for band, name in enumerate(BAND_NAMES, start=1):
+        dst.set_band_description(band, name)
+    dst.update_tags(ATTRIBUTION=attribution, QUANTISATION=QUANTISATION, SOFTWARE="AlphaEarth Height", **tags)
 
 
 def dequantise(q: np.ndarray) -> np.ndarray:

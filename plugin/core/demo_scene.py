@@ -156,17 +156,11 @@ def generate_demo_scene(out_dir: str | os.PathLike, width: int = 1024, height: i
 
 
 def _write_embeddings(path: Path, quantised: np.ndarray, grid: Grid) -> None:
-    profile = {"driver": "GTiff", "dtype": "int8", "count": aef.N_BANDS, "nodata": aef.NODATA_INT8,
-               "width": grid.width, "height": grid.height, "crs": grid.crs, "transform": grid.transform,
-               "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate", "interleave": "pixel"}
     with atomic_write(path) as tmp:
-        with rasterio.open(tmp, "w", **profile) as dst:
+        with rasterio.open(tmp, "w", **aef.int8_profile(grid.width, grid.height, grid.crs, grid.transform)) as dst:
             dst.write(quantised)
-            for i, name in enumerate(aef.BAND_NAMES, start=1):
-                dst.set_band_description(i, name)
-            dst.update_tags(ATTRIBUTION="Synthetic demo scene in AlphaEarth int8 form (not Google data)",
-                            QUANTISATION="AEF v1: value = sign(q) * (|q| / 127.5)^2, -128 = nodata",
-                            YEAR="2020", SOURCE="alphaearth_height demo scene generator")
+            aef.describe(dst, attribution="Synthetic demo scene in AlphaEarth int8 form (not Google data)",
+                         YEAR="2020", SOURCE="alphaearth_height demo scene generator")
 
 
 def _write_reference(path: Path, dsm5: np.ndarray, grid: Grid) -> None:

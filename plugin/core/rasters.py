@@ -667,13 +667,7 @@ def atomic_write(path: str | os.PathLike, kind: Optional[str] = None) -> Iterato
     out = Path(path)
     remove_stale_partials(out.parent)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=partial_tag() + out.suffix, dir=out.parent)
-    except OSError as exc:
-        raise _refuse_unwritable(out, exc) from None
-    os.close(fd)
-    try:
-        honour_umask(tmp)
-        with rasterio.Env(), _GdalErrors() as gdal_errors:
+        with replace_when_done(out) as tmp, rasterio.Env(), _GdalErrors() as gdal_errors:
             try:
                 yield tmp
             except Exception as exc:  # noqa: BLE001 - classified, then raised again
@@ -694,16 +688,35 @@ def atomic_write(path: str | os.PathLike, kind: Optional[str] = None) -> Iterato
                 raise _write_failed(out, gdal_errors.messages, f"{type(exc).__name__}: {exc}") from None
             if gdal_errors.messages:  # reading it back signalled errors: blocks are missing
                 raise _write_failed(out, gdal_errors.messages)
+    except _DiskFull as exc:  # the free space is measured now that the partial is gone
+        raise disk_full_error(out, too_large=exc.kind == "too large") from None
+    with contextlib.suppress(OSError):  # the rename itself is durable once the folder is synced
+        _fsync(out.parent, directory=True)
+
+
+@contextlib.contextmanager
+def replace_when_done(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside ``path`` (named as partials are); rename it onto ``path``
+    when the block ends, remove it (and any GDAL sidecar) when the block raises.
+
+    The one temporary-then-rename step of every writer: outputs (``atomic_write`` adds the
+    checks), cached tiles, blocks and indexes. The file gets the umask's usual mode.
+    """
+    out = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=partial_tag() + out.suffix, dir=out.parent)
+    except OSError as exc:
+        raise _refuse_unwritable(out, exc) from None
+    os.close(fd)
+    try:
+        honour_umask(tmp)
+        yield tmp
         os.replace(tmp, out)
-    except BaseException as exc:
+    except BaseException:
         for leftover in (tmp, tmp + ".aux.xml"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(leftover)
-        if isinstance(exc, _DiskFull):  # the free space is measured now that the partial is gone
-            raise disk_full_error(out, too_large=exc.kind == "too large") from None
         raise
-    with contextlib.suppress(OSError):  # the rename itself is durable once the folder is synced
-        _fsync(out.parent, directory=True)
 
 
 class _DiskFull(Exception):
@@ -815,6 +828,7 @@ def crop_to_grid(src_path: str | os.PathLike, out_path: str | os.PathLike, grid:
 
 def _is_stat(tag: str) -> bool:
     return tag.startswith("STATISTICS_") or tag == "VALID_PIXELS"
+
 
 # Height rasters (predictions, differences, references on a grid): one band of metres,
 # streamed by blocks of this many pixels a side so memory stays flat for any area.

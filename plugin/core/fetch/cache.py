@@ -12,11 +12,9 @@ without one) is deleted and fetched again, never used.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +23,7 @@ import rasterio
 from rasterio.crs import CRS
 
 from .. import aef
-from ..rasters import honour_umask, partial_tag, remove_stale_partials_once
+from ..rasters import remove_stale_partials_once, replace_when_done
 from .tiling import Tile
 
 CACHE_ENV = "ALPHAEARTH_HEIGHT_CACHE"
@@ -55,14 +53,6 @@ def _number(value: float) -> str:
 def checksum(values: np.ndarray) -> str:
     """SHA-256 of int8 tile values (band, row, column order)."""
     return hashlib.sha256(np.ascontiguousarray(values, dtype=np.int8).tobytes()).hexdigest()
-
-
-def tile_profile(width: int, height: int, crs: CRS, transform: object) -> dict:
-    """AEF int8 GeoTIFF profile shared by cached tiles and fetch outputs."""
-    return {"driver": "GTiff", "dtype": "int8", "count": aef.N_BANDS, "nodata": aef.NODATA_INT8,
-            "width": width, "height": height, "crs": crs, "transform": transform, "tiled": True,
-            "blockxsize": 256, "blockysize": 256, "compress": "deflate", "predictor": 2,
-            "interleave": "pixel", "BIGTIFF": "IF_SAFER"}
 
 
 class TileCache:
@@ -105,19 +95,10 @@ class TileCache:
         path = self.path(tile)
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials_once(path.parent)  # tiles of runs killed outright (SIGKILL, power cut)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=partial_tag() + ".tif", dir=path.parent)
-        os.close(fd)
-        try:
-            honour_umask(tmp)
-            profile = tile_profile(tile.grid.width, tile.grid.height, tile.grid.crs, tile.grid.transform)
-            with rasterio.open(tmp, "w", **profile) as dst:
-                dst.write(values)
-                dst.update_tags(**{CHECKSUM_TAG: checksum(values)})
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-            raise
+        profile = aef.int8_profile(tile.grid.width, tile.grid.height, tile.grid.crs, tile.grid.transform)
+        with replace_when_done(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(values)
+            dst.update_tags(**{CHECKSUM_TAG: checksum(values)})
 
 
 def cache_size(cache_dir: Optional[str | os.PathLike] = None) -> int:

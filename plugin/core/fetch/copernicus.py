@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,8 @@ from ..aoi import AreaOfInterest, work_crs
 from ..cancel import Cancelled, CancelFn, ProgressFn
 from ..dem import ATTRIBUTION, LICENCE, MARGIN_PX, SEA_NOTE, VERTICAL_DATUM, DemProduct
 from ..errors import InputError
-from ..rasters import OUTPUT_NODATA, Grid, atomic_write, check_output_path, float_profile, grow_grid, honour_umask
+from ..rasters import (OUTPUT_NODATA, Grid, atomic_write, check_output_path, float_profile, grow_grid,
+                       remove_stale_partials_once, replace_when_done)
 from .cache import resolve_cache_dir
 from .cog_index import user_agent
 from .retry import with_retries
@@ -129,16 +129,8 @@ def _checksum(values: np.ndarray) -> str:
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        honour_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    with replace_when_done(path) as tmp:
+        Path(tmp).write_bytes(data)
 
 
 class DemCache:
@@ -200,23 +192,14 @@ class DemCache:
         """Heights of one block (NaN = no data) as a float32 GeoTIFF, written atomically."""
         path = self.block_path(tile, window)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.tif", dir=path.parent)
-        os.close(fd)
-        try:
-            honour_umask(tmp)
-            profile = {"driver": "GTiff", "dtype": "float32", "count": 1, "width": values.shape[1],
-                       "height": values.shape[0], "crs": WGS84, "nodata": float("nan"),
-                       "transform": info.affine * Affine.translation(window.col_off, window.row_off),
-                       "compress": "deflate", "predictor": 3,
-                       "tiled": values.shape[0] >= 256 and values.shape[1] >= 256}
-            with rasterio.open(tmp, "w", **profile) as dst:
-                dst.write(values.astype(np.float32, copy=False), 1)
-                dst.update_tags(**{CHECKSUM_TAG: _checksum(values)})
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-            raise
+        remove_stale_partials_once(path.parent)
+        profile = {"driver": "GTiff", "dtype": "float32", "count": 1, "width": values.shape[1],
+                   "height": values.shape[0], "crs": WGS84, "nodata": float("nan"),
+                   "transform": info.affine * Affine.translation(window.col_off, window.row_off),
+                   "compress": "deflate", "predictor": 3, "tiled": values.shape[0] >= 256 and values.shape[1] >= 256}
+        with replace_when_done(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(values.astype(np.float32, copy=False), 1)
+            dst.update_tags(**{CHECKSUM_TAG: _checksum(values)})
 
 
 # ---- reading the remote files ----------------------------------------------------------------

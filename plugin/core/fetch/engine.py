@@ -19,11 +19,12 @@ import rasterio
 
 from .. import aef
 from ..aoi import AreaOfInterest
-from ..errors import InputError
 from ..cancel import CancelFn, Cancelled, ProgressFn
+from ..choices import FIRST_YEAR
+from ..errors import InputError
 from ..rasters import Grid, atomic_write
 from .base import EmbeddingSource
-from .cache import TileCache, tile_profile
+from .cache import TileCache
 from .tiling import Tile, plan_tiles
 
 
@@ -130,7 +131,7 @@ def run(source: EmbeddingSource, aoi: AreaOfInterest, grid: Grid, year: int, out
 
     with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="aef-tiles") as reader, \
             atomic_write(out_path) as tmp:
-        with rasterio.open(tmp, "w", **tile_profile(grid.width, grid.height, grid.crs, grid.transform)) as dst:
+        with rasterio.open(tmp, "w", **aef.int8_profile(grid.width, grid.height, grid.crs, grid.transform)) as dst:
             pending = reader.submit(produce, tiles[0])
             for i, tile in enumerate(tiles, start=1):
                 _check_cancel(cancel)
@@ -144,11 +145,8 @@ def run(source: EmbeddingSource, aoi: AreaOfInterest, grid: Grid, year: int, out
                 valid += int(np.count_nonzero(values[0] != aef.NODATA_INT8))
             if valid == 0:
                 raise InputError(f"area of interest ({year}, {source.name})", "has no embeddings at all",
-                                 "Check the year (AEF covers 2017 onwards) and that the area is inside the data")
-            for band, name in enumerate(aef.BAND_NAMES, start=1):
-                dst.set_band_description(band, name)
-            dst.update_tags(ATTRIBUTION=aef.ATTRIBUTION, SOURCE=source.describe(), YEAR=str(year),
-                            SOFTWARE="AlphaEarth Height",
-                            QUANTISATION="AEF int8: value = sign(q) * (|q| / 127.5)^2, nodata -128")
+                                 f"Check the year (AEF covers {FIRST_YEAR} onwards) and that the area is inside the "
+                                 "data")
+            aef.describe(dst, SOURCE=source.describe(), YEAR=str(year))
     return FetchResult(Path(out_path), grid, source.name, year, total, total - cached + damaged, cached - damaged,
                        valid / (grid.width * grid.height), time.monotonic() - start, damaged)
