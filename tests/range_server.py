@@ -80,6 +80,7 @@ class RangeServer(ThreadingHTTPServer):
         self.root = root
         self.log = ServerLog()
         self.drops_left = 0  # ranged GETs of .tiff files to cut off half-way
+        self.no_ranges: tuple[str, ...] = ()  # path suffixes answered whole (200), Range ignored, like some proxies
         self.faults = list(faults)
         self.lifetime = lifetime
         self.stopping = threading.Event()  # set when the server stops: ends silent and trickling answers
@@ -106,6 +107,9 @@ class RangeServer(ThreadingHTTPServer):
                     fault.hits += 1
                     return fault
         return None
+
+    def ignores_range(self, path: str) -> bool:
+        return bool(self.no_ranges) and path.split("?")[0].endswith(self.no_ranges)
 
     @property
     def url(self) -> str:
@@ -152,26 +156,28 @@ class _Handler(BaseHTTPRequestHandler):
         if not path.is_file() or self.server.root.resolve() not in path.parents:
             self._empty(404)
             return
-        data = path.read_bytes()
-        start, end, status = 0, len(data) - 1, 200
-        if rng:
+        size = path.stat().st_size
+        start, end, status = 0, size - 1, 200
+        if rng and not self.server.ignores_range(self.path):
             match = _RANGE.match(rng.strip())
             if not match:
                 self._empty(416)
                 return
             start = int(match.group(1))
-            end = min(int(match.group(2)) if match.group(2) else len(data) - 1, len(data) - 1)
-            if start >= len(data):
+            end = min(int(match.group(2)) if match.group(2) else size - 1, size - 1)
+            if start >= size:
                 self._empty(416)
                 return
             status = 206
-        chunk = data[start:end + 1]
+        with open(path, "rb") as handle:  # only the range asked (tiles and indexes are large)
+            handle.seek(start)
+            chunk = handle.read(end + 1 - start)
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(len(chunk)))
         if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()
         if not body:
             return
@@ -223,12 +229,21 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(HTML_PAGE)
         elif fault.kind == "cut":
             data = (self.server.root / self.path.split("?")[0].lstrip("/")).read_bytes()
-            self.send_response(200)
+            match = _RANGE.match((self.headers.get("Range") or "").strip())
+            if match:  # a ranged read cut off: 206 promising the range, half of it sent
+                start = int(match.group(1))
+                end = min(int(match.group(2)) if match.group(2) else len(data) - 1, len(data) - 1)
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                data = data[start:end + 1]
+            else:
+                self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if body:
                 self.wfile.write(data[: len(data) // 2])
                 self.wfile.flush()
+                self.server.log.served(self.path, len(data) // 2)
             self.close_connection = True
         elif fault.kind == "status":
             self._empty(fault.status)

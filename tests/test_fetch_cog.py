@@ -150,7 +150,7 @@ def _cached_tiles(cache) -> list:
 
 
 @pytest.mark.parametrize("damage", ["garbage", "pixels changed", "no checksum", "truncated"])
-def test_damaged_cached_tile_is_fetched_again(server, tmp_path, damage):
+def test_damaged_cached_tile_is_fetched_again(server, mirror, tmp_path, damage):
     """A cached tile that fails its check is deleted and fetched again, never written as nodata."""
     srv, cogs, base = server
     w = cogs["w"]
@@ -169,11 +169,13 @@ def test_damaged_cached_tile_is_fetched_again(server, tmp_path, damage):
                 ds.write(values)
             else:
                 ds.update_tags(AEH_SHA256="")
-    srv.log = ServerLog()
-    again = fetch(aoi, 2020, "cog", tmp_path / "b.tif", cache_dir=tmp_path / "c", base_url=base)
+    root, _ = mirror
+    with RangeServer(root) as fresh:  # a new port: GDAL's in-process cache cannot answer for it
+        again = fetch(aoi, 2020, "cog", tmp_path / "b.tif", cache_dir=tmp_path / "c", base_url=f"{fresh.url}/{PREFIX}")
     assert again.damaged == 1 and again.fetched == 1 and again.from_cache == first.tiles - 1
-    assert _tiff_requests(srv.log)  # really fetched again
-    assert filecmp.cmp(first.path, again.path, shallow=False)
+    assert _tiff_requests(fresh.log)  # really fetched again
+    with rasterio.open(first.path) as a, rasterio.open(again.path) as b:
+        assert np.array_equal(a.read(), b.read())  # (the SOURCE tag names the other port)
     third = fetch(aoi, 2020, "cog", tmp_path / "c.tif", cache_dir=tmp_path / "c", base_url=base)
     assert third.damaged == 0 and third.fetched == 0  # stored again, intact
 
@@ -229,7 +231,7 @@ def test_index_download_reports_progress_then_stalls(mirror, tmp_path, monkeypat
                      status=messages.append)
     assert "stalled: less than 1 KB arrived" in err.value.problem and "aef_index.csv" in err.value.subject
     progress = [m for m in messages if "received from 127.0.0.1" in m]
-    assert progress and "of 1.0 MB" in progress[0], messages
+    assert progress and " MB of " in progress[0], messages  # a range read of the index: its size is known
     assert not list((tmp_path / "c").rglob("*.csv")) and not list((tmp_path / "c").rglob("*.partial*"))
 
 

@@ -141,6 +141,8 @@ class _Reader(threading.Thread):
         self.error: Optional[BaseException] = None
         self.total: Optional[int] = None
         self.content_type = ""
+        self.status = 0
+        self.headers: dict[str, str] = {}
 
     def run(self) -> None:
         try:
@@ -148,6 +150,8 @@ class _Reader(threading.Thread):
                 length = response.headers.get("Content-Length", "")
                 self.total = int(length) if length.strip().isdigit() else None
                 self.content_type = response.headers.get_content_type()
+                self.status = response.status
+                self.headers = {k.lower(): v for k, v in response.headers.items()}
                 self.answered.set()
                 while not self.stop.is_set():
                     chunk = response.read1(_CHUNK)
@@ -169,8 +173,13 @@ class _Reader(threading.Thread):
 
 def download(url: str, out: BinaryIO, *, what: str, stall: float, deadline: Deadline,
              cancel: Optional[CancelFn] = None, status: Optional[StatusFn] = None,
-             headers: Optional[dict] = None) -> tuple[int, str]:
+             headers: Optional[dict] = None,
+             on_answer: Optional[Callable[[int, dict], None]] = None) -> tuple[int, str]:
     """One GET of ``url`` into ``out``; returns (bytes, content type).
+
+    ``on_answer(status, headers)`` (lower-case header names) runs in the caller's thread
+    once the server has answered, before any of the body is written: range readers check
+    there that a 206 came back for the range asked (and may raise to stop).
 
     Raises Stalled when less than 1 KB arrives in ``stall`` seconds (waiting for the
     answer included), DeadlineExceeded at the deadline, NetworkError when the body is
@@ -181,6 +190,7 @@ def download(url: str, out: BinaryIO, *, what: str, stall: float, deadline: Dead
     host = host_of(url)
     reader = _Reader(urllib.request.Request(url, headers=headers or {}), socket_timeout=stall + 5.0)
     received = 0
+    told = on_answer is None
     window_start, window_bytes = time.monotonic(), 0
     last_said = time.monotonic()
     say(f"{what}: waiting for {host} to answer (gives up after {stall:g} s without data)")
@@ -197,6 +207,9 @@ def download(url: str, out: BinaryIO, *, what: str, stall: float, deadline: Dead
                 item = reader.items.get(timeout=min(0.25, max(0.01, deadline.left())))
             except queue.Empty:
                 item = b""
+            if not told and reader.answered.is_set():
+                told = True
+                on_answer(reader.status, reader.headers)
             if item is None:
                 break
             if item:
