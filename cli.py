@@ -56,7 +56,7 @@ def _status(message: str) -> None:
 
 def _fetch(args: argparse.Namespace) -> None:
     from .plugin.core.aoi import AreaOfInterest
-    from .plugin.core.fetch import check_size, estimate, fetch, format_estimate, size_limit_gb
+    from .plugin.core.fetch import check_size, estimate, fetch, format_estimate, size_limit_gb, source_options
 
     if args.source == "local" and not args.local_raster:
         raise InputError("--local-raster", "is required with --source local", "Give the embeddings raster to clip")
@@ -65,11 +65,7 @@ def _fetch(args: argparse.Namespace) -> None:
     if args.out:
         _check_outputs({"--out": args.out}, {"--local-raster": args.local_raster})
     aoi = AreaOfInterest(*args.aoi, crs=args.aoi_crs)
-    options = {"raster": args.local_raster} if args.source == "local" else {}
-    if args.source == "earthengine" and args.project:
-        options["project"] = args.project
-    if args.source == "cog" and args.base_url:
-        options["base_url"] = args.base_url
+    options = source_options(args.source, raster=args.local_raster, project=args.project, base_url=args.base_url)
     limit = size_limit_gb(args.max_gb)  # checked before anything (an index download) goes online
     allow = "Give --yes to go ahead, or --max-gb N to raise the limit"
     info = estimate(aoi, args.year, args.source, cache_dir=args.cache_dir, status=_status,
@@ -124,7 +120,7 @@ def _fetch_terrain(args: argparse.Namespace) -> None:
             with EmbeddingRaster(args.like) as raster:  # north-up even when stored bottom-up
                 grid = raster.grid
         else:
-            from .plugin.core.compare import read_height_grid
+            from .plugin.core.rasters import read_height_grid
 
             src, grid = read_height_grid(args.like)
             src.close()
@@ -299,7 +295,7 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 
 def _correct(args: argparse.Namespace) -> None:
-    from .training.bias import correct_bias
+    from .plugin.core.bias import correct_bias
 
     if bool(args.points) == bool(args.reference):
         raise InputError("correct", "needs exactly one source of reference heights",

@@ -6,10 +6,11 @@ differences symmetric about 0), so a map looks the same whichever front end made
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
-from qgis.core import (QgsColorRamp, QgsColorRampShader, QgsGradientColorRamp, QgsGradientStop, QgsProject,
+from qgis.core import (QgsColorRamp, QgsMapLayer, QgsProviderRegistry, QgsColorRampShader, QgsGradientColorRamp, QgsGradientStop, QgsProject,
                        QgsRasterBandStats, QgsRasterLayer, QgsRasterShader, QgsSingleBandPseudoColorRenderer,
                        QgsStyle)
 from qgis.PyQt.QtGui import QColor
@@ -22,6 +23,31 @@ TERRAIN_STOPS = ((0.15, "#0099ff"), (0.25, "#00cc66"), (0.5, "#ffff99"), (0.75, 
 DIFFERENCE_CUT = (2.0, 98.0)  # percent; a few outliers must not wash out the colours
 # Short, distinct layer names; the run's name is on the group holding them.
 HEIGHT_LAYER, DIFFERENCE_LAYER = "height", "difference"
+
+
+def layer_file(layer: Optional[QgsMapLayer], subject: str) -> str:
+    """The file behind a raster layer: core reads files with GDAL, not QGIS layers.
+
+    The one way a layer becomes a path (dock and Processing): the GDAL provider's URI
+    decoded to its file, which must still exist; other providers (WMS, PostGIS, memory)
+    have no file and are refused with the way out.
+    """
+    if layer is None:
+        raise InputError(subject, "is not chosen", f"Pick a raster layer for the {subject}")
+    if layer.providerType() != "gdal":
+        raise InputError(f"{subject} layer '{layer.name()}'", f"is a '{layer.providerType()}' layer, not a raster "
+                         "file", "Save it as a GeoTIFF first (Export > Save As)")
+    path = QgsProviderRegistry.instance().decodeUri(layer.providerType(), layer.source()).get("path") or layer.source()
+    return existing_file(path, f"{subject} layer '{layer.name()}' ({path})")
+
+
+def existing_file(path: str, subject: str) -> str:
+    """``path`` when it is a file; else the one-line error naming ``subject``."""
+    if not path:
+        raise InputError(subject, "is not set", "Choose a file")
+    if not os.path.isfile(path):
+        raise InputError(subject, "does not exist (moved or deleted?)", "Choose an existing file or re-link the layer")
+    return path
 
 
 def _interpolated() -> int:

@@ -167,20 +167,13 @@ def context_pixels(job: HeightJob, package: ModelPackage) -> int:
     return value
 
 
-def _source_options(job: HeightJob) -> dict[str, Any]:
-    options = dict(job.source_options)
-    if job.source == "local":
-        options["raster"] = job.embeddings
-    return options
-
-
 def _fetch_and_predict(job: HeightJob, package: ModelPackage, result: HeightJobResult, report: Progress,
                        cancel: Optional[CancelFn]) -> PredictionResult:
     """Fetch the AOI grown by the context (clipped at a local raster's edge), predict, crop to the AOI."""
-    from .fetch import context_grids, fetch
+    from .fetch import context_grids, fetch, source_options
     from .rasters import crop_to_grid, make_partial_dir
 
-    options = _source_options(job)
+    options = source_options(job.source, raster=job.embeddings, **job.source_options)
     aoi_grid, grown = context_grids(job.aoi, job.source, result.context, **options)
     scratch = make_partial_dir(result.predicted.with_name(result.predicted.stem + "-context"))
     try:
@@ -219,7 +212,7 @@ def _compare(job: HeightJob, result: HeightJobResult, prefix: Path) -> None:
     result.metrics_file = prefix.with_name(prefix.name + "_metrics.json")
     terrain = None
     if job.terrain:  # the terrain-alone baseline beside the model's figures
-        from .compare import read_height_grid
+        from .rasters import read_height_grid
         from .dem import resolve_terrain
 
         src, grid = read_height_grid(result.predicted)

@@ -15,6 +15,7 @@ from qgis.PyQt.QtCore import QCoreApplication
 
 from ..core.choices import DEVICES, TERRAIN_PRODUCTS
 from ..core.errors import InputError
+from ..layers import layer_file
 from .compat import ADVANCED, CAN_CANCEL, DOUBLE, INTEGER
 
 RASTER_SUFFIXES = (".tif", ".tiff")
@@ -141,10 +142,7 @@ class HeightAlgorithm(QgsProcessingAlgorithm):
         layer = self.parameterAsRasterLayer(parameters, name, context)
         if layer is None:
             raise QgsProcessingException(self.invalidRasterError(parameters, name))
-        if layer.providerType() != "gdal":
-            raise QgsProcessingException(f"{layer.name()}: is a '{layer.providerType()}' layer, not a raster file. "
-                                         "Save it as a GeoTIFF first (Export > Save As)")
-        return layer.source()
+        return layer_file(layer, self.parameterDefinition(name).description())
 
     def raster_output(self, parameters: dict, name: str, context: QgsProcessingContext) -> str:
         """The destination path of a raster output; core writes GeoTIFF only."""

@@ -3,8 +3,6 @@ Earth Engine, as one small AEF int8 GeoTIFF (core.fetch, the same code as the CL
 
 from __future__ import annotations
 
-from typing import Any
-
 from qgis.core import (QgsCoordinateReferenceSystem, QgsProcessingContext, QgsProcessingException,
                        QgsProcessingFeedback, QgsProcessingParameterEnum, QgsProcessingParameterExtent,
                        QgsProcessingParameterFile, QgsProcessingParameterRasterDestination,
@@ -61,11 +59,14 @@ class FetchEmbeddings(HeightAlgorithm):
         self.add(QgsProcessingParameterRasterDestination("OUTPUT", self.tr("Embeddings")))
 
     def execute(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
-        from ..core.fetch import estimate, fetch, format_estimate, size_limit_gb
+        from ..core.fetch import estimate, fetch, format_estimate, size_limit_gb, source_options
         from ..core.cancel import Cancelled
 
         source = SOURCES[self.parameterAsEnum(parameters, "SOURCE", context)]
-        options = self._source_options(source, parameters, context)
+        options = source_options(source, raster=self.raster_path(parameters, "INPUT", context)
+                                 if self.parameterAsRasterLayer(parameters, "INPUT", context) else None,
+                                 project=self.parameterAsString(parameters, "PROJECT", context),
+                                 base_url=self.parameterAsString(parameters, "BASE_URL", context))
         out = self.raster_output(parameters, "OUTPUT", context)
         aoi = self._aoi(parameters, context)
         year = self.parameterAsInt(parameters, "YEAR", context)
@@ -91,15 +92,6 @@ class FetchEmbeddings(HeightAlgorithm):
                           f"to {out}: {result.fetched} tiles fetched, {result.from_cache} from cache{damaged}, "
                           f"{result.valid_fraction:.0%} with data, {result.seconds:.1f} s")
         return {"OUTPUT": out}
-
-    def _source_options(self, source: str, parameters: dict, context: QgsProcessingContext) -> dict[str, Any]:
-        """Only the options the chosen source takes (core refuses the others)."""
-        if source == "local":
-            layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
-            return {"raster": self.raster_path(parameters, "INPUT", context) if layer is not None else None}
-        name, key = ("PROJECT", "project") if source == "earthengine" else ("BASE_URL", "base_url")
-        value = self.parameterAsString(parameters, name, context).strip()
-        return {key: value} if value else {}
 
     def _aoi(self, parameters: dict, context: QgsProcessingContext):
         """The extent as a core AreaOfInterest; an extent given without CRS is in the layer's."""

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import html
 import logging
-import os
 import traceback
 from pathlib import Path
 from typing import Optional
 
-from qgis.core import (Qgis, QgsApplication, QgsMapLayer, QgsMapLayerProxyModel, QgsProject, QgsProviderRegistry,
-                       QgsRasterLayer, QgsRectangle, QgsSettings, QgsTask)
+from qgis.core import (Qgis, QgsApplication, QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsRectangle,
+                       QgsSettings, QgsTask)
 from qgis.gui import (QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox, QgsMapTool, QgsMessageBarItem,
                       QgsMessageViewer)
 from qgis.PyQt.QtCore import QEvent, QObject, QSize, Qt, pyqtSignal
@@ -31,6 +30,7 @@ from ..core.aoi import AreaOfInterest, aoi_window, size_estimate
 from ..core.dem import ATTRIBUTION as DEM_ATTRIBUTION
 from ..core.dem import PRODUCTS as DEM_PRODUCTS
 from ..core.errors import InputError
+from ..core.fetch import source_options
 from ..core.job import HeightJob, HeightJobResult, safe_name
 from ..core.models import read_card
 from ..core.models import bundled_model_dir
@@ -38,7 +38,7 @@ from ..core.rasters import EmbeddingRaster
 from ..core.terrain import uses_terrain
 from ..core.worker import WorkerError
 from ..environment import PYTHON_OVERRIDE, ManagedEnvironment, profile_environment, worker_python
-from ..layers import add_result_layers
+from ..layers import add_result_layers, existing_file, layer_file
 from ..tasks import EnvironmentTask, HeightTask, relay_worker_log
 from .aoi_tool import AoiMapTool, AoiRubberBand, canvas_aoi, layer_aoi, qgs_crs, rectangle_aoi
 
@@ -146,22 +146,6 @@ def unique_stem(folder: Path, stem: str) -> str:
         n += 1
         candidate = f"{stem}_{n}"
     return candidate
-
-
-def layer_file(layer: Optional[QgsMapLayer], subject: str) -> str:
-    """The file behind a raster layer, which must still exist on disk."""
-    if layer is None:
-        raise InputError(subject, "is not chosen", f"Pick a raster layer for the {subject}")
-    path = QgsProviderRegistry.instance().decodeUri(layer.providerType(), layer.source()).get("path") or layer.source()
-    return existing_file(path, f"{subject} layer '{layer.name()}' ({path})")
-
-
-def existing_file(path: str, subject: str) -> str:
-    if not path:
-        raise InputError(subject, "is not set", "Choose a file")
-    if not os.path.isfile(path):
-        raise InputError(subject, "does not exist (moved or deleted?)", "Choose an existing file or re-link the layer")
-    return path
 
 
 def card_summary(card: dict) -> str:
@@ -547,14 +531,11 @@ class HeightDock(QgsDockWidget):
         The mirror has no widget: ``alphaearth_height/cog_base_url`` in QgsSettings, for
         those who must go through their own copy of the public COGs.
         """
-        key = self.source_combo.currentData()
-        if key == "earthengine":
-            project = self.project_edit.text().strip()
-            return {"project": project} if project else {}
-        if key == "cog":
-            mirror = str(self.settings.value(SETTINGS + "cog_base_url", "") or "").strip()
-            return {"base_url": mirror} if mirror else {}
-        return {}
+        source = FETCH_SOURCES[self.source_combo.currentData()]
+        if source == "local":  # the job carries the raster itself (HeightJob.embeddings)
+            return {}
+        return source_options(source, project=self.project_edit.text(),
+                              base_url=str(self.settings.value(SETTINGS + "cog_base_url", "") or ""))
 
     def reference_path(self) -> Optional[str]:
         layer = self.reference_combo.currentLayer()

@@ -35,6 +35,7 @@ MAX_GB_ENV = "ALPHAEARTH_HEIGHT_MAX_GB"
 DEFAULT_MAX_GB = 5.0
 
 __all__ = ["SOURCES", "FetchResult", "fetch", "context_grids", "estimate", "format_estimate", "make_source",
+           "source_options",
            "cache_size", "clear_cache", "default_cache_dir", "check_size", "size_limit_gb", "DEFAULT_MAX_GB"]
 
 
@@ -48,6 +49,22 @@ def check_year(year: Any) -> int:
         raise InputError(f"year {value}", f"is outside the AlphaEarth years ({FIRST_YEAR}-{last})",
                          f"Give a year from {FIRST_YEAR} to {last}")
     return value
+
+
+def source_options(source: str, *, raster: Optional[str | os.PathLike] = None, project: Optional[str] = None,
+                   base_url: Optional[str] = None) -> dict[str, Any]:
+    """The options ``source`` takes, from what a front end collected (blank text counts as not given).
+
+    Every front end passes all it has; each source gets only its own (the others would be
+    refused by ``make_source``). A local source always gets ``raster``, so a missing one is
+    its clear error, not an unexpected option.
+    """
+    check_choice(source, SOURCES, "source")
+    if source == "local":
+        return {"raster": str(raster) if raster else None}
+    key, value = ("project", project) if source == "earthengine" else ("base_url", base_url)
+    value = (value or "").strip()
+    return {key: value} if value else {}
 
 
 def make_source(source: str, cache_root: Optional[os.PathLike] = None, **options: Any) -> EmbeddingSource:
