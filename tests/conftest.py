@@ -18,7 +18,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("ALPHAEARTH_HEIGHT_PYTHON", sys.executable)
 
 from alphaearth_height.plugin.core import aef  # noqa: E402
-from alphaearth_height.plugin.core.compare import ReferenceOnGrid  # noqa: E402
+from alphaearth_height.plugin.core.resample import ReferenceOnGrid  # noqa: E402
 from alphaearth_height.plugin.core.demo_scene import generate_demo_scene  # noqa: E402
 from alphaearth_height.plugin.core.models import architecture_config, build_model, make_card, save_model  # noqa: E402
 

@@ -7,10 +7,11 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
-from alphaearth_height.plugin.core.compare import ReferenceOnGrid, compare_heights
+from alphaearth_height.plugin.core.compare import compare_heights
 from alphaearth_height.plugin.core.errors import InputError
 from alphaearth_height.plugin.core.rasters import float_profile
-from alphaearth_height.training.bias import choose_correction, correct_bias
+from alphaearth_height.plugin.core.bias import choose_correction, correct_bias
+from alphaearth_height.plugin.core.resample import ReferenceOnGrid
 
 
 @pytest.fixture(scope="module")

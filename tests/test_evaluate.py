@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from rasterio.windows import Window
 
-from alphaearth_height.plugin.core.compare import ReferenceOnGrid
+from alphaearth_height.plugin.core.resample import ReferenceOnGrid
 from alphaearth_height.plugin.core.errors import InputError
 from alphaearth_height.plugin.core.inference import predict_height
 from alphaearth_height.plugin.core.models import ModelPackage, architecture_config, load_model, make_card

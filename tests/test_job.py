@@ -12,7 +12,7 @@ from rasterio.windows import Window
 
 from alphaearth_height.plugin.core import aef
 from alphaearth_height.plugin.core.aoi import AreaOfInterest, aoi_window
-from alphaearth_height.plugin.core.compare import ReferenceOnGrid
+from alphaearth_height.plugin.core.resample import ReferenceOnGrid
 from alphaearth_height.plugin.core.errors import InputError
 from alphaearth_height.plugin.core.cancel import Cancelled
 from alphaearth_height.plugin.core.inference import predict_height

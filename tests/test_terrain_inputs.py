@@ -19,7 +19,7 @@ from rasterio.windows import Window
 from alphaearth_height.plugin.core import dem
 from alphaearth_height.plugin.core.aoi import AreaOfInterest
 from alphaearth_height.plugin.core.fetch.copernicus import aoi_grid
-from alphaearth_height.plugin.core.compare import ReferenceOnGrid
+from alphaearth_height.plugin.core.resample import ReferenceOnGrid
 from alphaearth_height.plugin.core.inference import predict_height
 from alphaearth_height.plugin.core.metrics import height_metrics
 from alphaearth_height.plugin.core.job import HeightJob, run_height_job

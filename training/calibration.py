@@ -20,7 +20,7 @@ from affine import Affine
 
 from ..plugin.core.inference import predict_height
 from ..plugin.core.models import ModelPackage
-from ..plugin.core.rasters import Grid, crop_to_grid, make_partial_dir, read_or_fail
+from ..plugin.core.rasters import Grid, crop_to_grid, make_partial_dir, read_height
 from ..plugin.core.uncertainty import predict_uncertainty
 from .splits import Areas
 
@@ -94,7 +94,7 @@ def calibrate_on_validation(package: ModelPackage, embeddings: str, target: np.n
             cropped, outer, oc, orow = Path(embeddings), grid, 0, 0
         predict_height(cropped, package, scratch / "prediction.tif", relative=True, device=device)
         predict_uncertainty(cropped, package, scratch / "spread.tif", device=device)
-        pred, spread = (_read(scratch / name) for name in ("prediction.tif", "spread.tif"))
+        pred, spread = (read_height(scratch / name) for name in ("prediction.tif", "spread.tif"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     window = np.s_[orow:orow + outer.height, oc:oc + outer.width]
@@ -107,13 +107,6 @@ def calibrate_on_validation(package: ModelPackage, embeddings: str, target: np.n
     log(f"uncertainty calibrated on the validation area: prediction ± {k:.2f} x spread is a "
         f"{LEVEL:.0%} interval ({result['pixels']} px)")
     return result
-
-
-def _read(path: Path) -> np.ndarray:
-    import rasterio
-
-    with rasterio.open(path) as src:
-        return read_or_fail(src, path, 1, masked=True).filled(np.nan).astype(np.float32)
 
 
 def interval_report(card: dict, pred: np.ndarray, spread: np.ndarray, reference: np.ndarray, areas: Areas,
@@ -145,7 +138,7 @@ def calibrate_model(model_dir: str | Path, embeddings: str, reference: str, terr
     import json
 
     from ..plugin.core.dem import resolve_terrain
-    from ..plugin.core.compare import ReferenceOnGrid
+    from ..plugin.core.resample import ReferenceOnGrid
     from ..plugin.core.errors import InputError
     from ..plugin.core.models import CARD_FILE, load_model
     from ..plugin.core.rasters import atomic_write

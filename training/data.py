@@ -9,7 +9,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from ..plugin.core.choices import DIRECTIONS, check_choice
-from ..plugin.core.compare import ReferenceOnGrid
+from ..plugin.core.resample import ReferenceOnGrid
 from ..plugin.core.errors import InputError
 from ..plugin.core.rasters import EmbeddingRaster, Grid, valid_mask
 

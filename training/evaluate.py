@@ -20,13 +20,14 @@ from typing import Callable, Optional
 import numpy as np
 from rasterio.windows import Window
 
-from ..plugin.core.compare import ReferenceOnGrid, compare_heights, read_height_grid
+from ..plugin.core.compare import compare_heights
 from ..plugin.core.dem import terrain_label
 from ..plugin.core.errors import InputError
 from ..plugin.core.metrics import binned_metrics, format_markdown_table, height_metrics, json_safe, nice_bin_edges
 from ..plugin.core.models import ModelPackage, load_model
 from ..plugin.core.plots import render_accuracy_plots, render_error_by_bin, render_maps
-from ..plugin.core.rasters import check_new_folder, make_partial_dir
+from ..plugin.core.rasters import check_new_folder, make_partial_dir, read_height
+from ..plugin.core.resample import ReferenceOnGrid
 from ..plugin.core.terrain import predict_surface, terrain_on_embeddings_grid
 from ..plugin.core.uncertainty import predict_uncertainty
 from .baseline import fit_on_area, predict_map
@@ -85,7 +86,7 @@ def _write_report(package: ModelPackage, pair, areas: Areas, spec: SplitSpec, fo
     if uncertainty:
         predict_uncertainty(pair.embeddings_path, package, folder / "uncertainty.tif", device=device)
     comparison = compare_heights(predicted, pair.reference_path, difference, plots_prefix=str(folder / "overall"))
-    pred = _read(predicted)
+    pred = read_height(predicted)
     valid = pair.label_mask & np.isfinite(pred)
     if not (areas.train & valid).any() or not (areas.test & valid).any():
         raise InputError(pair.reference_path, "has no valid pixel in the train or the test area of this split",
@@ -110,7 +111,7 @@ def _write_report(package: ModelPackage, pair, areas: Areas, spec: SplitSpec, fo
               "overall": comparison["overall"], "overall_bins": comparison["bins"], "areas": report_areas,
               "plots": sorted(REPORT_PLOTS), "uncertainty": "uncertainty.tif" if uncertainty and keep_rasters else None}
     if uncertainty:  # how often the reference lies within prediction ± k x spread (nominally 90 %)
-        report["uncertainty_interval"] = interval_report(package.card, pred, _read(folder / "uncertainty.tif"),
+        report["uncertainty_interval"] = interval_report(package.card, pred, read_height(folder / "uncertainty.tif"),
                                                          pair.reference, areas, valid)
     if ground is not None:  # the whole area, like the compare step's figures for the model
         report["overall_terrain"] = height_metrics(ground[valid], pair.reference[valid])
@@ -118,12 +119,6 @@ def _write_report(package: ModelPackage, pair, areas: Areas, spec: SplitSpec, fo
     (folder / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
     (folder / "report.md").write_text(report_markdown(report))
     return report
-
-
-def _read(path: Path) -> np.ndarray:
-    src, _ = read_height_grid(path)
-    with src:
-        return src.read(1, masked=True).filled(np.nan).astype(np.float32)
 
 
 def terrain_alone(terrain: str, pair) -> np.ndarray:

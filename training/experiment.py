@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 from rasterio.windows import Window
 
-from ..plugin.core.compare import ReferenceOnGrid
+from ..plugin.core.resample import ReferenceOnGrid
 from ..plugin.core.demo_scene import generate_demo_scene, write_coarse_dems
 from ..plugin.core.errors import InputError
 from ..plugin.core.metrics import binned_metrics, format_markdown_table, height_metrics, json_safe, nice_bin_edges

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 from rasterio.windows import Window
 
-from ..plugin.core.compare import ReferenceOnGrid
+from ..plugin.core.resample import ReferenceOnGrid
 from ..plugin.core.dem import resolve_terrain
 from ..plugin.core.errors import InputError
 from .data import AlignedPair

@@ -16,19 +16,19 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import rasterio
 from rasterio.crs import CRS
 from rasterio.errors import CRSError
 from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 
-from ..plugin.core.compare import BLOCK, ReferenceOnGrid, compare_heights, read_height_grid
-from ..plugin.core.errors import InputError
-from ..plugin.core.metrics import format_metrics_table, height_metrics
-from ..plugin.core.rasters import (OUTPUT_NODATA, Grid, atomic_write, check_output_path, describe_band,
-                                   GDAL_ERRORS, float_profile, iter_windows, read_or_fail)
+from .choices import BIAS_METHODS, check_choice
+from .compare import compare_heights
+from .errors import InputError
+from .metrics import format_metrics_table, height_metrics
+from .rasters import GDAL_ERRORS, Grid, check_output_path, map_height_raster, read_height, read_height_grid
+from .resample import ReferenceOnGrid
 
-METHODS = ("offset", "linear", "quantile")
+METHODS = tuple(m for m in BIAS_METHODS if m != "auto")  # the mappings 'auto' chooses among
 MIN_SAMPLES = {"offset": 1, "linear": 5, "quantile": 20}
 QUANTILES = 21
 FOLDS = 5
@@ -171,20 +171,41 @@ def read_csv_points(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np
     return values[:, 0], values[:, 1], values[:, 2]
 
 
-def read_points(path: str | os.PathLike, grid: Grid, crs: Optional[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows, cols) on ``grid`` and heights of a CSV with columns x, y, height."""
-    xs, ys, hs = read_csv_points(path)
+@dataclass(frozen=True)
+class PointHeights:
+    """Reference heights at points: x, y in ``crs`` (None: the prediction's CRS), heights in metres.
+
+    ``source`` names where they came from and ``crs_text`` how their CRS was given, for the
+    messages (a CSV with --points-crs on the command line, a layer's own CRS in QGIS).
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    height: np.ndarray
+    crs: Optional[str]
+    source: str
+    crs_text: str = ""
+    crs_fix: str = POINTS_CRS_FIX  # what to do when none of them lies inside the prediction
+
+    @classmethod
+    def from_csv(cls, path: str | os.PathLike, crs: Optional[str] = None) -> "PointHeights":
+        return cls(*read_csv_points(path), crs, str(path), f"--points-crs {crs}" if crs else "")
+
+
+def read_points(points: PointHeights, grid: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols) on ``grid`` and heights of reference points."""
+    xs, ys, hs, crs = points.x, points.y, points.height, points.crs
     if crs:
         try:
             source = CRS.from_user_input(crs)
         except CRSError as exc:
-            raise InputError(f"--points-crs {crs}", f"is not a CRS GDAL knows ({exc})",
+            raise InputError(points.crs_text or crs, f"is not a CRS GDAL knows ({exc})",
                              "Give the CRS of the CSV's x,y as EPSG:code, e.g. EPSG:2154 or EPSG:4326") from None
         try:
             xs, ys = (np.asarray(v) for v in transform_points(source, grid.crs, xs, ys))
         except (CRSError, ValueError, *GDAL_ERRORS) as exc:
-            raise InputError(path, f"has x,y that are not coordinates in --points-crs {crs} (GDAL: {exc})",
-                             POINTS_CRS_FIX) from None
+            raise InputError(points.source, f"has x,y that are not coordinates in {points.crs_text or crs} "
+                             f"(GDAL: {exc})", POINTS_CRS_FIX) from None
     cols, rows_ = ~grid.transform * (xs, ys)
     ok = np.isfinite(cols) & np.isfinite(rows_)
     rows_i = np.where(ok, np.floor(np.where(ok, rows_, -1)), -1).astype(np.int64)
@@ -193,10 +214,10 @@ def read_points(path: str | os.PathLike, grid: Grid, crs: Optional[str]) -> tupl
     if not inside.any():
         where = f"x {np.nanmin(xs):.10g}..{np.nanmax(xs):.10g}, y {np.nanmin(ys):.10g}..{np.nanmax(ys):.10g}" \
             if ok.any() else "no finite position"
-        crs_text = f"--points-crs {crs}" if crs else f"the prediction's CRS ({grid.crs.to_string()}), the default"
-        raise InputError(path, f"has none of its {len(xs)} point(s) inside the prediction (points at {where} "
-                         f"in {grid.crs.to_string()}, read as {crs_text}; the prediction covers "
-                         f"{_bounds_text(grid)})", POINTS_CRS_FIX)
+        crs_text = points.crs_text if crs else f"the prediction's CRS ({grid.crs.to_string()}), the default"
+        raise InputError(points.source, f"has none of its {len(xs)} point(s) inside the prediction (points at "
+                         f"{where} in {grid.crs.to_string()}, read as {crs_text}; the prediction covers "
+                         f"{_bounds_text(grid)})", points.crs_fix)
     return rows_i, cols_i, hs
 
 
@@ -205,12 +226,14 @@ def _bounds_text(grid: Grid) -> str:
     return f"x {left:.10g}..{right:.10g}, y {bottom:.10g}..{top:.10g}"
 
 
-def _samples(predicted: str | os.PathLike, points, points_crs, reference, window) -> tuple[np.ndarray, np.ndarray]:
+def _samples(predicted: str | os.PathLike, points: Optional[PointHeights], reference: Optional[str],
+             window: Optional[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted, reference) heights where both are known: at the points, or over the reference's window."""
     src, grid = read_height_grid(predicted)
-    with src:
-        pred = read_or_fail(src, predicted, 1, masked=True).filled(np.nan).astype(np.float32)
-    if points:
-        rows, cols, heights = read_points(points, grid, points_crs)
+    src.close()
+    pred = read_height(predicted)
+    if points is not None:
+        rows, cols, heights = read_points(points, grid)
         inside = (rows >= 0) & (rows < grid.height) & (cols >= 0) & (cols < grid.width)
         p, r = pred[rows[inside], cols[inside]], heights[inside]
     else:
@@ -220,22 +243,29 @@ def _samples(predicted: str | os.PathLike, points, points_crs, reference, window
         p = pred[w.toslices()].ravel()
     ok = np.isfinite(p) & np.isfinite(r)
     if not ok.any():
-        raise InputError(points or reference, "has no height where the prediction has data",
-                         "Give reference heights inside the predicted area")
+        raise InputError(points.source if points is not None else reference, "has no height where the prediction "
+                         "has data", "Give reference heights inside the predicted area")
     return p[ok].astype(np.float64), r[ok].astype(np.float64)
 
 
-def correct_bias(predicted: str | os.PathLike, out_path: str | os.PathLike, *, points: Optional[str] = None,
-                 points_crs: Optional[str] = None, reference: Optional[str] = None,
-                 window: Optional[list[int]] = None, method: str = "auto",
+def correct_bias(predicted: str | os.PathLike, out_path: str | os.PathLike, *,
+                 points: Optional[str | PointHeights] = None, points_crs: Optional[str] = None,
+                 reference: Optional[str] = None, window: Optional[list[int]] = None, method: str = "auto",
                  check_reference: Optional[str] = None) -> BiasResult:
-    """Fit a correction on the given reference heights and write the corrected raster."""
-    if method not in ("auto", *METHODS):
-        raise InputError(f"method '{method}'", "is not known", f"Use auto or one of: {', '.join(METHODS)}")
-    out = check_output_path(out_path, predicted, reference or "", check_reference or "")
-    p, r = _samples(predicted, points, points_crs, reference, window)
+    """Fit a correction on the given reference heights and write the corrected raster.
+
+    ``points`` is a CSV (x,y,height; its CRS ``points_crs``) or ``PointHeights``; otherwise
+    ``reference`` is sampled, within ``window`` [col, row, width, height] when given.
+    """
+    check_choice(method, BIAS_METHODS, "method")
+    out = check_output_path(out_path, predicted, reference or "", check_reference or "",
+                            points if isinstance(points, (str, os.PathLike)) else "")
+    if isinstance(points, (str, os.PathLike)):
+        points = PointHeights.from_csv(points, points_crs)
+    p, r = _samples(predicted, points, reference, window)
     correction, scores = choose_correction(p, r, method)
-    _write_corrected(predicted, out, correction, len(p), points or f"{reference} window {window or 'all'}")
+    source = points.source if points is not None else f"{reference} window {window or 'all'}"
+    _write_corrected(predicted, out, correction, len(p), source)
     result = BiasResult(out, correction, len(p), scores,
                         on_samples={"before": height_metrics(p, r), "after": height_metrics(correction.apply(p), r)})
     if check_reference:
@@ -244,14 +274,9 @@ def correct_bias(predicted: str | os.PathLike, out_path: str | os.PathLike, *, p
     return result
 
 
-def _write_corrected(predicted, out: Path, correction: Correction, samples: int, source: str) -> None:
-    src, grid = read_height_grid(predicted)
-    with src, atomic_write(out) as tmp:
-        with rasterio.open(tmp, "w", **float_profile(grid)) as dst:
-            describe_band(dst, "predicted surface height, bias-corrected", "m", PREDICTED=Path(predicted).name,
-                          BIAS_CORRECTION=json.dumps({"method": correction.method, **correction.params}),
-                          BIAS_SAMPLES=str(samples), BIAS_SOURCE=str(source))
-            for w in iter_windows(grid.width, grid.height, BLOCK):
-                values = read_or_fail(src, predicted, 1, window=w, masked=True).filled(np.nan).astype(np.float64)
-                fixed = correction.apply(values)
-                dst.write(np.where(np.isfinite(fixed), fixed, OUTPUT_NODATA).astype(np.float32), 1, window=w)
+def _write_corrected(predicted: str | os.PathLike, out: Path, correction: Correction, samples: int,
+                     source: str) -> None:
+    tags = {"PREDICTED": Path(predicted).name, "BIAS_SAMPLES": str(samples), "BIAS_SOURCE": str(source),
+            "BIAS_CORRECTION": json.dumps({"method": correction.method, **correction.params})}
+    map_height_raster(predicted, out, lambda values, _window: correction.apply(values.astype(np.float64)),
+                      "predicted surface height, bias-corrected", tags=tags)

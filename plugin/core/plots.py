@@ -7,21 +7,9 @@ from typing import Optional
 
 import numpy as np
 
-from .rasters import open_raster
+from .rasters import read_height
 
-MAX_SIDE = 1200
-
-
-def read_preview(path: str | os.PathLike) -> np.ndarray:
-    """Band 1 as float with NaN for nodata, decimated so neither side exceeds MAX_SIDE."""
-    with open_raster(path) as src:
-        scale = max(src.width, src.height) / MAX_SIDE
-        shape = (max(1, int(src.height / scale)), max(1, int(src.width / scale))) if scale > 1 else None
-        data = src.read(1, masked=True, out_shape=shape)
-        values = data.astype(np.float32).filled(np.nan)
-        if src.transform.e > 0:
-            values = values[::-1]
-        return values
+MAX_SIDE = 1200  # maps are decimated on read so neither side exceeds this
 
 
 def _limits(values: np.ndarray, symmetric: bool) -> tuple[float, float]:
@@ -90,13 +78,13 @@ def render_maps(out_png: str | os.PathLike, predicted: str | os.PathLike,
     or ``outline`` (a boolean mask on the raster's grid, e.g. the test area) is drawn dashed."""
     plt = _pyplot()
     panels = []
-    pred = read_preview(predicted)
+    pred = read_height(predicted, MAX_SIDE)
     lo, hi = _limits(pred if reference_on_grid is None else reference_on_grid, False)
     if reference_on_grid is not None:
         panels.append(("Reference DSM (m)", reference_on_grid, "terrain", lo, hi))
     panels.append(("Predicted height (m)", pred, "terrain", lo, hi))
     if difference is not None:
-        diff = read_preview(difference)
+        diff = read_height(difference, MAX_SIDE)
         dlo, dhi = _limits(diff, True)
         panels.append(("Predicted − reference (m)", diff, "RdBu_r", dlo, dhi))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.0), squeeze=False)

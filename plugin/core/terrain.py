@@ -12,17 +12,15 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import rasterio
 from rasterio.errors import RasterioError
 
-from .compare import BLOCK, ReferenceOnGrid, read_height_grid
 from .dem import is_product, resolve_terrain
 from .errors import InputError
 from .inference import PredictionResult, predict_height
 from .models import ModelPackage, open_package
-from .rasters import (OUTPUT_NODATA, EmbeddingRaster, atomic_write, check_output_path, describe_band, float_profile,
-                      iter_windows, make_partial_dir)
+from .rasters import EmbeddingRaster, check_output_path, make_partial_dir, map_height_raster, read_height_grid
+from .resample import ReferenceOnGrid
 
 
 def uses_terrain(card: dict) -> bool:
@@ -61,13 +59,10 @@ def predict_surface(embeddings: str | os.PathLike, model: str | os.PathLike | Mo
 
 def _add_terrain(relief: Path, terrain: str | os.PathLike, out: Path) -> None:
     src, grid = read_height_grid(relief)
-    with src, ReferenceOnGrid(terrain, grid) as ground, atomic_write(out) as tmp:
-        with rasterio.open(tmp, "w", **float_profile(grid)) as dst:
-            kept = {k: v for k, v in src.tags().items() if k not in ("ATTRIBUTION", "SOFTWARE", "AREA_OR_POINT")}
-            describe_band(dst, "predicted surface height", "m", **kept, **terrain_tags(terrain))
-            for window in iter_windows(grid.width, grid.height, BLOCK):
-                height = src.read(1, window=window, masked=True).filled(np.nan) + ground.read(window)
-                dst.write(np.where(np.isfinite(height), height, OUTPUT_NODATA).astype(np.float32), 1, window=window)
+    with src, ReferenceOnGrid(terrain, grid) as ground:
+        kept = {k: v for k, v in src.tags().items() if k not in ("ATTRIBUTION", "SOFTWARE", "AREA_OR_POINT")}
+        map_height_raster(relief, out, lambda relief_block, window: relief_block + ground.read(window),
+                          "predicted surface height", tags={**kept, **terrain_tags(terrain)})
 
 
 def terrain_on_embeddings_grid(terrain: Optional[str | os.PathLike], embeddings: str | os.PathLike, *,
