@@ -64,6 +64,7 @@ class Fault:
     status: int = 503
     interval: float = 5.0
     times: Optional[int] = None
+    ranged: Optional[bool] = None  # only requests with (True) or without (False) a Range header; None: all
     hits: int = 0
 
 
@@ -100,9 +101,11 @@ class RangeServer(ThreadingHTTPServer):
         self.stopping.set()
         self.shutdown()
 
-    def fault_for(self, path: str) -> Optional[Fault]:
+    def fault_for(self, path: str, ranged: bool = False) -> Optional[Fault]:
         with self.log.lock:
             for fault in self.faults:
+                if fault.ranged is not None and fault.ranged != ranged:
+                    continue
                 if path.split("?")[0].endswith(fault.suffix) and (fault.times is None or fault.hits < fault.times):
                     fault.hits += 1
                     return fault
@@ -148,7 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
         if agent.startswith("Python-urllib"):
             self._empty(403)
             return
-        fault = self.server.fault_for(self.path)
+        fault = self.server.fault_for(self.path, ranged=bool(rng))
         if fault is not None:
             self._misbehave(fault, body)
             return
@@ -188,7 +191,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(2)
             return
-        self.wfile.write(chunk)
+        try:
+            self.wfile.write(chunk)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up on the rest (a cancel, a retry)
+            self.close_connection = True
+            return
         log.served(self.path, len(chunk))
 
     def _misbehave(self, fault: Fault, body: bool) -> None:
