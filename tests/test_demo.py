@@ -15,12 +15,14 @@ def test_demo_writes_every_output_and_the_net_beats_ridge(tmp_path):
                  "metrics.json", "height_maps.png"):
         assert (tmp_path / name).is_file(), name
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["predicted"] == str(tmp_path / "predicted_height.tif")  # written in a staging folder, renamed
+    assert metrics["embeddings"] == str(tmp_path / "embeddings.tif")  # written in a staging folder, renamed
     assert not [p for p in tmp_path.parent.iterdir() if ".partial" in p.name]
-    net, ridge = metrics["regions"]["test"], metrics["baseline_ridge"]["test"]
-    assert net["r2"] >= ridge["r2"] + 0.2
-    assert metrics["regions"]["train"]["r2"] > net["r2"]  # the paper's train/test gap
+    test = metrics["areas"]["test"]
+    assert test["model"]["r2"] >= test["ridge"]["r2"] + 0.2
+    assert metrics["areas"]["train"]["model"]["r2"] > test["model"]["r2"]  # the paper's train/test gap
+    assert metrics["overall_bins"] and "height_maps.png" in metrics["plots"]
     assert "unetplusplus test" in result.table and "ridge test" in result.table
+    assert "![height_maps.png](height_maps.png)" in (tmp_path / "report.md").read_text()
     with rasterio.open(tmp_path / "predicted_height.tif") as pred, rasterio.open(tmp_path / "embeddings.tif") as emb:
         assert pred.crs == emb.crs and pred.transform == emb.transform and pred.shape == emb.shape
     image = np.asarray(Image.open(tmp_path / "height_maps.png").convert("RGB"))

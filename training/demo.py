@@ -1,4 +1,5 @@
-"""The demo: synthetic scene -> bundled model -> difference and metrics, next to ridge."""
+"""The demo: synthetic scene -> bundled model -> the evaluation report (difference, metrics
+per area of the model's split, plots), next to the per-pixel ridge baseline."""
 
 from __future__ import annotations
 
@@ -9,21 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
-
 from ..plugin.core import aef
-from ..plugin.core.compare import compare_heights
 from ..plugin.core.demo_scene import generate_demo_scene
-from ..plugin.core.inference import predict_height
-from ..plugin.core.metrics import format_metrics_table, height_metrics, json_safe
+from ..plugin.core.metrics import format_metrics_table, json_safe
 from ..plugin.core.models import bundled_model_dir, load_model
-from ..plugin.core.plots import render_maps
 from ..plugin.core.rasters import check_new_folder, ensure_free_space, make_partial_dir, raster_bytes
-from .baseline import RidgeBaseline, pixels
-from .data import load_pair
-
+from .evaluate import AREAS, write_report
 
 DEMO_SIZE = 1024  # generate_demo_scene's default side in pixels
+# the evaluation report's files under the names the demo has always written (README, make demo)
+DEMO_FILES = {"prediction": "predicted_height.tif", "maps": "height_maps.png", "report": "metrics.json"}
 
 
 @dataclass
@@ -31,13 +27,6 @@ class DemoResult:
     out_dir: Path
     metrics: dict
     table: str
-
-
-def _inside(mask: np.ndarray, window) -> np.ndarray:
-    """``mask`` restricted to a window of the grid."""
-    kept = np.zeros_like(mask)
-    kept[window.toslices()] = mask[window.toslices()]
-    return kept
 
 
 def demo_bytes(size: int = DEMO_SIZE) -> int:
@@ -86,31 +75,11 @@ def _run_demo(out: Path, final: Path, package, device: str, log: Callable[[str],
     """The demo written into ``out`` (the staging folder), recording ``final`` where paths are written."""
     log("generating the synthetic demo scene (AEF int8 embeddings, EPSG:32630; reference DSM, EPSG:2154 at 5 m)")
     scene = generate_demo_scene(out)
-    log(f"predicting with {package.name}")
-    predicted = out / "predicted_height.tif"
-    result = predict_height(scene.embeddings, package, predicted, device=device, progress=progress)
-    log(f"predicted {result.grid.width}x{result.grid.height} px in {result.seconds:.1f} s on {result.device}")
-    difference = out / "difference.tif"
-    regions = {"train": scene.train_window, "test": scene.test_window}
-    metrics = compare_heights(predicted, scene.reference, difference, regions=regions)
-
-    pair = load_pair(scene.embeddings, scene.reference)
-    ridge = RidgeBaseline().fit(*pixels(pair.embeddings, pair.reference, _inside(pair.label_mask, scene.train_window)))
-    baseline = {}
-    for name, window in regions.items():
-        features, heights = pixels(pair.embeddings, pair.reference, _inside(pair.label_mask, window))
-        baseline[name] = height_metrics(ridge.predict(features), heights)
-    metrics["baseline_ridge"] = baseline
-    metrics["model"] = {"name": package.name, "path": str(package.path), "device": result.device,
-                        "seconds": result.seconds}
-    metrics_file = out / "metrics.json"
-    metrics_file.write_text(json.dumps(json_safe(_moved(metrics, out, final)), indent=2) + "\n")
-
-    render_maps(out / "height_maps.png", predicted, difference, reference_on_grid=pair.reference,
-                split_fraction=scene.test_start_col / scene.grid.width,
-                title="Synthetic demo scene: training area left of the dashed line, test area right")
+    report = write_report(package, scene.embeddings, scene.reference, out, files=DEMO_FILES, device=device,
+                          progress=progress, log=log)
+    metrics = _moved(report, out, final)
+    (out / DEMO_FILES["report"]).write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
     label = package.card["model"]["architecture"]
-    rows = {f"{label} train": metrics["regions"]["train"], f"{label} test": metrics["regions"]["test"],
-            "ridge train": baseline["train"], "ridge test": baseline["test"]}
-    table = format_metrics_table(rows)
-    return DemoResult(out, metrics, table)
+    rows = {f"{who} {name}": report["areas"][name][key] for key, who in (("model", label), ("ridge", "ridge"))
+            for name in AREAS}
+    return DemoResult(out, metrics, format_metrics_table(rows))

@@ -33,7 +33,7 @@ from ..plugin.core.uncertainty import predict_uncertainty
 from .baseline import fit_on_area, predict_map
 from .calibration import interval_report
 from .data import load_pair
-from .splits import Areas, SplitSpec, make_areas
+from .splits import SplitSpec, make_areas
 
 AREAS = ("train", "validation", "test")
 # file -> (width, height) in pixels; sizes follow from each plot's figsize at 100 dpi
@@ -50,24 +50,28 @@ def split_from_card(card: dict) -> SplitSpec:
     return SplitSpec.from_dict(card.get("training", {}).get("split", {}))
 
 
+# What a report folder holds under which name (the demo gives some of them its own names)
+REPORT_FILES = {"prediction": "prediction.tif", "difference": "difference.tif", "uncertainty": "uncertainty.tif",
+                "maps": "maps.png", "report": "report.json", "markdown": "report.md"}
+RASTER_FILES = ("prediction", "difference", "uncertainty")
+
+
 def evaluate_model(model: str | os.PathLike | ModelPackage, embeddings: str | os.PathLike,
                    reference: str | os.PathLike, out_dir: str | os.PathLike, spec: Optional[SplitSpec] = None,
                    *, terrain: Optional[str] = None, device: str = "auto", keep_rasters: bool = True,
                    uncertainty: bool = False, log: Callable[[str], None] = print) -> dict:
     """Write the report folder and return the report (as written to report.json)."""
     package = model if isinstance(model, ModelPackage) else load_model(model)
-    spec = spec or split_from_card(package.card)
     out = Path(out_dir)
     check_new_folder(out, "the report")
-    pair = load_pair(embeddings, reference)
-    areas = make_areas(spec, pair.grid.height, pair.grid.width)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = make_partial_dir(out)
     try:
-        report = _write_report(package, pair, areas, spec, staging, terrain, device, uncertainty, keep_rasters, log)
+        report = write_report(package, embeddings, reference, staging, spec, terrain=terrain, device=device,
+                              uncertainty=uncertainty, keep_rasters=keep_rasters, log=log)
         if not keep_rasters:
-            for name in ("prediction.tif", "difference.tif", "uncertainty.tif"):
-                (staging / name).unlink(missing_ok=True)
+            for name in RASTER_FILES:
+                (staging / REPORT_FILES[name]).unlink(missing_ok=True)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
@@ -78,13 +82,23 @@ def evaluate_model(model: str | os.PathLike | ModelPackage, embeddings: str | os
     return report
 
 
-def _write_report(package: ModelPackage, pair, areas: Areas, spec: SplitSpec, folder: Path,
-                  terrain: Optional[str], device: str, uncertainty: bool, keep_rasters: bool, log) -> dict:
-    predicted, difference = folder / "prediction.tif", folder / "difference.tif"
+def write_report(package: ModelPackage, embeddings: str | os.PathLike, reference: str | os.PathLike, folder: Path,
+                 spec: Optional[SplitSpec] = None, *, terrain: Optional[str] = None, device: str = "auto",
+                 uncertainty: bool = False, keep_rasters: bool = True, files: Optional[dict[str, str]] = None,
+                 progress: Optional[Callable[[int, int], None]] = None, log: Callable[[str], None] = print) -> dict:
+    """Predict, compare and score the model against ridge (and the terrain alone) into an existing
+    ``folder``; return the report. ``files`` renames some of REPORT_FILES (the demo's names);
+    ``keep_rasters`` off only records that the caller removes the rasters afterwards."""
+    names = {**REPORT_FILES, **(files or {})}
+    spec = spec or split_from_card(package.card)
+    pair = load_pair(embeddings, reference)
+    areas = make_areas(spec, pair.grid.height, pair.grid.width)
+    predicted, difference = folder / names["prediction"], folder / names["difference"]
     log(f"evaluating {package.name}: predicting {pair.grid.width}x{pair.grid.height} px")
-    predict_surface(pair.embeddings_path, package, predicted, terrain, device=device)
+    result = predict_surface(pair.embeddings_path, package, predicted, terrain, device=device, progress=progress)
+    log(f"predicted in {result.seconds:.1f} s on {result.device}")
     if uncertainty:
-        predict_uncertainty(pair.embeddings_path, package, folder / "uncertainty.tif", device=device)
+        predict_uncertainty(pair.embeddings_path, package, folder / names["uncertainty"], device=device)
     comparison = compare_heights(predicted, pair.reference_path, difference, plots_prefix=str(folder / "overall"))
     pred = read_height(predicted)
     valid = pair.label_mask & np.isfinite(pred)
@@ -102,22 +116,23 @@ def _write_report(package: ModelPackage, pair, areas: Areas, spec: SplitSpec, fo
                          for name in ("train", "test") for key, label in BASELINE_LABELS if f"{key}_bins" in
                          report_areas[name]},
                         folder / "error_by_height.png", title=f"{package.name}: error by reference height")
-    render_maps(folder / "maps.png", predicted, difference, reference_on_grid=pair.reference, outline=areas.test,
+    render_maps(folder / names["maps"], predicted, difference, reference_on_grid=pair.reference, outline=areas.test,
                 title="Reference, prediction and difference; the test area is outlined")
+    plots = sorted(names["maps"] if name == REPORT_FILES["maps"] else name for name in REPORT_PLOTS)
     report = {"model": {"name": package.name, "path": str(package.path), "card_metrics": package.card.get("metrics")},
               "embeddings": str(pair.embeddings_path), "reference": str(pair.reference_path),
               "terrain": str(terrain) if terrain else None, "terrain_name": terrain_label(terrain),
               "split": {**spec.as_dict(), "pixels": areas.as_dict()},
               "overall": comparison["overall"], "overall_bins": comparison["bins"], "areas": report_areas,
-              "plots": sorted(REPORT_PLOTS), "uncertainty": "uncertainty.tif" if uncertainty and keep_rasters else None}
+              "plots": plots, "uncertainty": names["uncertainty"] if uncertainty and keep_rasters else None}
     if uncertainty:  # how often the reference lies within prediction ± k x spread (nominally 90 %)
-        report["uncertainty_interval"] = interval_report(package.card, pred, read_height(folder / "uncertainty.tif"),
+        report["uncertainty_interval"] = interval_report(package.card, pred, read_height(folder / names["uncertainty"]),
                                                          pair.reference, areas, valid)
     if ground is not None:  # the whole area, like the compare step's figures for the model
         report["overall_terrain"] = height_metrics(ground[valid], pair.reference[valid])
         report["overall_terrain_bins"] = binned_metrics(ground[valid], pair.reference[valid], edges)
-    (folder / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
-    (folder / "report.md").write_text(report_markdown(report))
+    (folder / names["report"]).write_text(json.dumps(json_safe(report), indent=2) + "\n")
+    (folder / names["markdown"]).write_text(report_markdown(report))
     return report
 
 
@@ -175,5 +190,5 @@ def report_markdown(report: dict) -> str:
                   f"`uncertainty.tif` holds the spread over flips and rotations (test-time augmentation); k from "
                   f"the {interval['k_from']}. Coverage: the share of pixels whose reference lies inside.", "",
                   format_markdown_table(cover, ("coverage", "median_half_width_m"))]
-    parts += ["", "## Plots", ""] + [f"![{name}]({name})" for name in sorted(REPORT_PLOTS)]
+    parts += ["", "## Plots", ""] + [f"![{name}]({name})" for name in report["plots"]]
     return "\n".join(parts) + "\n"
