@@ -201,3 +201,18 @@ def test_index_slice_of_a_zone_and_year_is_complete(big_mirror, tmp_path):
                 expected.append(row["path"])
     assert sorted(r["path"] for r in rows) == sorted(expected) and len(expected) >= 200
     assert not stats.whole and stats.bytes_read <= 0.10 * index_size
+
+
+def test_google_bucket_index_without_paths_is_refused_in_one_line(tmp_path):
+    """Google's bucket publishes the same tiles with an index that has no ``path`` column."""
+    from alphaearth_height.plugin.core.errors import InputError
+    from range_server import COLUMNS
+
+    index = tmp_path / PREFIX / "aef_index.csv"
+    index.parent.mkdir(parents=True)
+    columns = [c for c in COLUMNS if c != "path"]
+    index.write_text(",".join(columns) + "\n" + ",".join(["x"] * len(columns)) + "\n")
+    grid = output_grid(AreaOfInterest(-0.5, 45.0, -0.4, 45.1, "EPSG:4326"))
+    with RangeServer(tmp_path) as srv, pytest.raises(InputError) as err:
+        index_rows(f"{srv.url}/{PREFIX}", tmp_path / "c", grid, 2020)
+    assert "no path column" in err.value.problem and "Source Cooperative" in err.value.fix
