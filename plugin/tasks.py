@@ -12,7 +12,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 from qgis.core import QgsTask
 
@@ -22,6 +22,7 @@ from .core.worker import call_worker
 from .environment import InstallPlan, ManagedEnvironment, PackageSet, SetupError
 
 log = logging.getLogger(__name__)
+Outcome = Literal["success", "failed", "cancelled"]  # what a finished task reports
 worker_log = logging.getLogger(__name__.rsplit(".", 1)[0] + ".worker")
 
 
@@ -75,9 +76,11 @@ class HeightTask(QgsTask):
                 log.warning("Could not remove %s: %s", path, exc)
 
     @property
-    def cancelled(self) -> bool:
-        """Stopped by the user (as opposed to failed)."""
-        return self.isCanceled() and self.error is None
+    def outcome(self) -> Outcome:
+        """success (``result`` holds the outputs), failed (``error`` says why) or cancelled by the user."""
+        if self.result is not None:
+            return "success"
+        return "cancelled" if self.isCanceled() and self.error is None else "failed"
 
     def finished(self, ok: bool) -> None:
         if self.on_done is None:
@@ -116,6 +119,13 @@ class EnvironmentTask(QgsTask):
             log.error("%s", self.error)
             return False
         return True
+
+    @property
+    def outcome(self) -> Outcome:
+        """success, failed (``error`` says why, ``lines`` holds pip's output) or cancelled by the user."""
+        if not self.error:
+            return "success"
+        return "cancelled" if self.isCanceled() else "failed"
 
     def _line(self, line: str) -> None:
         if self.isCanceled():

@@ -19,9 +19,6 @@ if TYPE_CHECKING:
 
     from .rasters import Grid
 
-N_BANDS = 64                                   # aef.N_BANDS, without importing numpy here
-EARTH_ENGINE_BYTES_PER_PIXEL = N_BANDS * 4     # float32 from computePixels
-COG_BYTES_PER_PIXEL = N_BANDS                  # int8 public COGs
 
 
 @dataclass(frozen=True)
@@ -113,16 +110,6 @@ def work_crs(aoi: AreaOfInterest) -> str:
     """UTM zone of the AOI's centre."""
     lon0, lat0, lon1, lat1 = aoi.bounds_in("EPSG:4326")
     return utm_crs((lon0 + lon1) / 2, (lat0 + lat1) / 2)
-
-
-def size_estimate(aoi: AreaOfInterest, resolution: float = 10.0) -> dict:
-    """Area, pixel count at 10 m and embedding download size before anything is fetched."""
-    xmin, ymin, xmax, ymax = aoi.bounds_in(work_crs(aoi))
-    width, height = math.ceil((xmax - xmin) / resolution), math.ceil((ymax - ymin) / resolution)
-    pixels = width * height
-    return {"crs": work_crs(aoi), "area_km2": (xmax - xmin) * (ymax - ymin) / 1e6, "width": width,
-            "height": height, "pixels": pixels, "bytes_int8": pixels * COG_BYTES_PER_PIXEL,
-            "bytes_float32": pixels * EARTH_ENGINE_BYTES_PER_PIXEL}
 
 
 def aoi_window(grid: Grid, aoi: AreaOfInterest, source: object = "embeddings") -> Window:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from qgis.core import (Qgis, QgsApplication, QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsRectangle,
-                       QgsSettings, QgsTask)
+                       QgsTask)
 from qgis.gui import (QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox, QgsMapTool, QgsMessageBarItem,
                       QgsMessageViewer)
 from qgis.PyQt.QtCore import QEvent, QObject, QSize, Qt, pyqtSignal
@@ -26,7 +26,7 @@ from qgis.PyQt.QtWidgets import (QAbstractSpinBox, QButtonGroup, QCheckBox, QCom
 
 from ..core import choices
 from ..core.aef import N_BANDS as EMBEDDING_BANDS
-from ..core.aoi import AreaOfInterest, aoi_window, size_estimate
+from ..core.aoi import AreaOfInterest, aoi_window
 from ..core.dem import ATTRIBUTION as DEM_ATTRIBUTION
 from ..core.dem import PRODUCTS as DEM_PRODUCTS
 from ..core.errors import InputError
@@ -38,6 +38,7 @@ from ..core.rasters import EmbeddingRaster
 from ..core.terrain import uses_terrain
 from ..core.worker import WorkerError
 from ..environment import PYTHON_OVERRIDE, ManagedEnvironment, profile_environment, worker_python
+from .. import settings
 from ..layers import add_result_layers, existing_file, layer_file
 from ..tasks import EnvironmentTask, HeightTask, relay_worker_log
 from .aoi_tool import AoiMapTool, AoiRubberBand, canvas_aoi, layer_aoi, qgs_crs, rectangle_aoi
@@ -45,7 +46,6 @@ from .aoi_tool import AoiMapTool, AoiRubberBand, canvas_aoi, layer_aoi, qgs_crs,
 log = logging.getLogger(__name__)
 
 TITLE = "AlphaEarth Height"
-SETTINGS = "alphaearth_height/"
 # (dock key, label, core.fetch source, tooltip): two ways to pick a local raster, two remote sources.
 # (dock key, label, core.choices source, tooltip): the local source two ways (a file, or a layer).
 SOURCES = (("file", "Local raster file", "local", "A 64-band embeddings raster on disk"),
@@ -110,11 +110,6 @@ class BodyScrollArea(QScrollArea):
         return super().eventFilter(watched, event)
 
 
-def default_output_folder() -> str:
-    """A folder that survives a reboot (a temp folder would not, and QGIS treats layers there as temporary)."""
-    return str(Path.home() / "AlphaEarth Height")
-
-
 def human_bytes(count: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if count < 1000:
@@ -124,12 +119,22 @@ def human_bytes(count: float) -> str:
 
 
 def describe_estimate(aoi: AreaOfInterest) -> str:
-    """One line on size, shown before anything is fetched so huge areas are noticed early."""
-    est = size_estimate(aoi)
-    return (f"{est['area_km2']:,.2f} km² · {est['width']:,} × {est['height']:,} px at 10 m "
-            f"({est['pixels'] / 1e6:,.2f} Mpx, {est['crs']})\n"
-            f"Download ≈ {human_bytes(est['bytes_int8'])} (COG int8) / "
-            f"{human_bytes(est['bytes_float32'])} (Earth Engine float32)")
+    """One line on size, shown before anything is fetched so huge areas are noticed early.
+
+    Offline and instant: the grid ``fetch`` will write (core.fetch.output_grid), the COG
+    download as whole blocks of all bands at the published block size, Earth Engine's as
+    float32 pixels.
+    """
+    from ..core.fetch import output_grid
+    from ..core.fetch.cog import offline_download_bytes
+    from ..core.fetch.earthengine import BYTES_PER_PIXEL
+
+    grid = output_grid(aoi)
+    (res_x, res_y), pixels = grid.resolution, grid.width * grid.height
+    return (f"{pixels * res_x * res_y / 1e6:,.2f} km² · {grid.width:,} × {grid.height:,} px at 10 m "
+            f"({pixels / 1e6:,.2f} Mpx, {grid.crs.to_string()})\n"
+            f"Download ≈ {human_bytes(offline_download_bytes(grid.width, grid.height))} (COG int8 blocks) / "
+            f"{human_bytes(pixels * BYTES_PER_PIXEL)} (Earth Engine float32)")
 
 
 def aoi_stem(aoi: AreaOfInterest, year: int) -> str:
@@ -179,7 +184,6 @@ class HeightDock(QgsDockWidget):
         self.setObjectName("AlphaEarthHeightDock")
         self.iface = iface
         self.canvas = iface.mapCanvas()
-        self.settings = QgsSettings()
         self.aoi: Optional[AreaOfInterest] = None
         self.task: Optional[HeightTask] = None  # referenced while QGIS runs it
         self.environment: ManagedEnvironment = profile_environment()
@@ -366,7 +370,7 @@ class HeightDock(QgsDockWidget):
         layout = QVBoxLayout(group)
         self.output_folder = QgsFileWidget()
         self.output_folder.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
-        self.output_folder.setFilePath(default_output_folder())
+        self.output_folder.setFilePath(settings.default_output_folder())
         self.output_hint = QLabel()
         self.output_hint.setWordWrap(True)
         layout.addWidget(self.output_folder)
@@ -420,17 +424,15 @@ class HeightDock(QgsDockWidget):
     # ---- settings -----------------------------------------------------------------------
 
     def _restore_settings(self) -> None:
-        s = self.settings
-        index = self.source_combo.findData(s.value(SETTINGS + "source", "file"))
-        self.source_combo.setCurrentIndex(max(0, index))
-        self.year_spin.setValue(int(s.value(SETTINGS + "year", choices.DEFAULT_YEAR)))
-        self.embeddings_file.setFilePath(s.value(SETTINGS + "embeddings_file", ""))
-        self.project_edit.setText(s.value(SETTINGS + "ee_project", ""))
-        self.folder_radio.setChecked(s.value(SETTINGS + "model", "bundled") == "folder")
-        self.model_folder.setFilePath(s.value(SETTINGS + "model_folder", ""))
-        self.device_combo.setCurrentIndex(max(0, self.device_combo.findData(s.value(SETTINGS + "device", "auto"))))
-        self.output_folder.setFilePath(s.value(SETTINGS + "output_folder", default_output_folder()))
-        size = s.value(SETTINGS + "dock_size")
+        self.source_combo.setCurrentIndex(max(0, self.source_combo.findData(settings.read("source"))))
+        self.year_spin.setValue(int(settings.read("year")))
+        self.embeddings_file.setFilePath(settings.read_text("embeddings_file"))
+        self.project_edit.setText(settings.read_text("ee_project"))
+        self.folder_radio.setChecked(settings.read("model") == "folder")
+        self.model_folder.setFilePath(settings.read_text("model_folder"))
+        self.device_combo.setCurrentIndex(max(0, self.device_combo.findData(settings.read("device"))))
+        self.output_folder.setFilePath(settings.read_text("output_folder"))
+        size = settings.read("dock_size")
         if isinstance(size, QSize) and size.isValid():
             self.saved_size = size
             self.resize(size)
@@ -439,17 +441,13 @@ class HeightDock(QgsDockWidget):
         self._update_output_hint()
 
     def save_settings(self) -> None:
-        s = self.settings
-        s.setValue(SETTINGS + "source", self.source_combo.currentData())
-        s.setValue(SETTINGS + "year", self.year_spin.value())
-        s.setValue(SETTINGS + "embeddings_file", self.embeddings_file.filePath())
-        s.setValue(SETTINGS + "ee_project", self.project_edit.text().strip())
-        s.setValue(SETTINGS + "model", "folder" if self.folder_radio.isChecked() else "bundled")
-        s.setValue(SETTINGS + "model_folder", self.model_folder.filePath())
-        s.setValue(SETTINGS + "device", self.device_combo.currentData())
-        s.setValue(SETTINGS + "output_folder", self.output_folder.filePath())
+        settings.write(source=self.source_combo.currentData(), year=self.year_spin.value(),
+                       embeddings_file=self.embeddings_file.filePath(), ee_project=self.project_edit.text().strip(),
+                       model="folder" if self.folder_radio.isChecked() else "bundled",
+                       model_folder=self.model_folder.filePath(), device=self.device_combo.currentData(),
+                       output_folder=self.output_folder.filePath())
         if self.size_restored:  # a dock never shown has no size of its own yet
-            s.setValue(SETTINGS + "dock_size", self.size())
+            settings.write(dock_size=self.size())
 
     def showEvent(self, event) -> None:  # noqa: N802 - Qt API
         """On first show, give the dock the size it had last session (QGIS only restores its own docks)."""
@@ -535,7 +533,7 @@ class HeightDock(QgsDockWidget):
         if source == "local":  # the job carries the raster itself (HeightJob.embeddings)
             return {}
         return source_options(source, project=self.project_edit.text(),
-                              base_url=str(self.settings.value(SETTINGS + "cog_base_url", "") or ""))
+                              base_url=settings.read_text("cog_base_url"))
 
     def reference_path(self) -> Optional[str]:
         layer = self.reference_combo.currentLayer()
@@ -611,7 +609,7 @@ class HeightDock(QgsDockWidget):
         self.output_hint.setText(f"Layers 'height', 'difference' in group {aoi_stem(self.aoi, self.year_spin.value())}")
 
     def output_path(self) -> Path:
-        folder = Path(self.output_folder.filePath() or default_output_folder())
+        folder = Path(self.output_folder.filePath() or settings.default_output_folder())
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -668,32 +666,27 @@ class HeightDock(QgsDockWidget):
     def fetch_size_question(self, job: HeightJob) -> Optional[str]:
         """What the run's fetch would cost when that is over the size limit; None when it is not.
 
-        Offline and instant: the AOI at 10 m with the context around it, 64 bytes per pixel
-        written, downloaded as int8 (COGs) or float32 (Earth Engine). The limit is the
-        setting ``alphaearth_height/max_fetch_gb``, else $ALPHAEARTH_HEIGHT_MAX_GB, else 5 GB.
+        Offline (core.fetch.estimate, online=False): the grid the run fetches (the AOI with
+        the context around it), written as int8, downloaded as COG blocks or Earth Engine
+        float32. The limit is the setting ``alphaearth_height/max_fetch_gb``, else
+        $ALPHAEARTH_HEIGHT_MAX_GB, else 5 GB.
         """
         if job.aoi is None:
             return None
-        from ..core.fetch import check_size, size_limit_gb
+        from ..core.fetch import check_size, context_grids, estimate, size_limit_gb
         from ..core.job import DEFAULT_CONTEXT
 
-        raw = str(self.settings.value(SETTINGS + "max_fetch_gb", "") or "").strip()
+        raw = settings.read_text("max_fetch_gb")
         try:
             value = float(raw) if raw else None
         except ValueError:
-            raise InputError(f"setting {SETTINGS}max_fetch_gb={raw!r}", "is not a number of gigabytes",
+            raise InputError(f"setting {settings.PREFIX}max_fetch_gb={raw!r}", "is not a number of gigabytes",
                              "Give a number such as 5 in the QGIS settings, or remove it") from None
         limit = size_limit_gb(value)
-        est = size_estimate(job.aoi)
-        margin = 2 * (DEFAULT_CONTEXT if job.context is None else int(job.context))
-        width, height = est["width"] + margin, est["height"] + margin
-        pixels = width * height
-        tile = {"earthengine": 384, "cog": 512}.get(job.source)
-        info = {"source": job.source, "year": job.year, "width": width, "height": height,
-                "area_km2": pixels / 1e4, "output_bytes": pixels * EMBEDDING_BANDS,
-                "download_bytes": pixels * {"earthengine": 4 * EMBEDDING_BANDS, "cog": EMBEDDING_BANDS}.get(
-                    job.source, 0),
-                "requests": -(-width // tile) * -(-height // tile) if tile else 0}
+        options = source_options(job.source, raster=job.embeddings, **job.source_options)
+        context = DEFAULT_CONTEXT if job.context is None else int(job.context)
+        _, grown = context_grids(job.aoi, job.source, context, **options)
+        info = estimate(job.aoi, job.year, job.source, grid=grown, cache_dir=job.cache_dir, online=False, **options)
         try:
             check_size(info, limit, "")
         except InputError as exc:
@@ -728,10 +721,10 @@ class HeightDock(QgsDockWidget):
     def _on_task_done(self, task: HeightTask) -> None:
         task.on_done = None
         self._set_running(False)
-        ok = task.result is not None
+        ok = task.outcome == "success"
         if ok:
             ok = self._show_result(task.result, task.job.name)
-        elif task.cancelled:
+        elif task.outcome == "cancelled":
             self.progress.setValue(0)
             self.iface.messageBar().pushMessage(TITLE, "Run cancelled; nothing was written",
                                                 Qgis.MessageLevel.Info, 5)
@@ -884,7 +877,10 @@ class HeightDock(QgsDockWidget):
         self.refresh_environment()
         if task.action != "plan":
             self.progress.setValue(0)
-            if task.error:
+            if task.outcome == "cancelled":
+                self.iface.messageBar().pushMessage(TITLE, "Python environment set-up cancelled",
+                                                    Qgis.MessageLevel.Info, 5)
+            elif task.outcome == "failed":
                 self.report_error(RuntimeError(task.error), details="\n".join(task.lines[-60:]))
             else:
                 done = "installed" if task.action == "install" else "removed"

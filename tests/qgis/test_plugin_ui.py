@@ -268,7 +268,15 @@ def test_aoi_estimate_shown_before_fetching(dock):
     dock.set_aoi(AreaOfInterest(690_000, 4_970_000, 692_000, 4_971_000, "EPSG:32630"))
     text = dock.aoi_label.text()
     assert "2.00 km²" in text and "200 × 100 px" in text and "EPSG:32630" in text
-    assert "1.3 MB (COG int8)" in text and "5.1 MB (Earth Engine float32)" in text
+    # whole 1024² blocks of all 64 bands for the COGs (tens of MB even for a small area)
+    from alphaearth_height.plugin.core.fetch.cog import offline_download_bytes
+
+    cog = dock_module.human_bytes(offline_download_bytes(200, 100))
+    assert cog.endswith(" MB") and float(cog.split()[0]) > 20
+    assert f"{cog} (COG int8 blocks)" in text and "5.1 MB (Earth Engine float32)" in text
+    # the grid fetch writes: an area of 995 m is 100 px (snapped outwards), not 99
+    dock.set_aoi(AreaOfInterest(690_003, 4_970_000, 690_998, 4_970_995, "EPSG:32630"))
+    assert "100 × 100 px" in dock.aoi_label.text()
 
 
 def test_settings_persist(dock, iface, tiny_model, tmp_path):
@@ -842,3 +850,19 @@ def test_dock_grab_to_png(completed_run, artifacts_dir):
     path = artifacts_dir / "plugin_dock.png"
     assert body.grab().save(str(path))
     assert path.stat().st_size > 10_000
+
+
+def test_settings_are_declared_once_with_their_defaults(dock):
+    from alphaearth_height.plugin import settings
+
+    QgsSettings().remove("alphaearth_height/output_folder")
+    assert settings.read("output_folder") == settings.default_output_folder()  # the default when unset
+    QgsSettings().setValue("alphaearth_height/output_folder", "")
+    assert settings.read("output_folder") == settings.default_output_folder()  # and when blank
+    settings.write(year=2019)
+    assert int(QgsSettings().value("alphaearth_height/year")) == 2019
+    with pytest.raises(KeyError, match="undeclared setting 'colour'"):
+        settings.write(colour="red")
+    dock.save_settings()  # every key the dock stores is declared
+    stored = {key.split("/", 1)[1] for key in QgsSettings().allKeys() if key.startswith("alphaearth_height/")}
+    assert stored <= set(settings.DEFAULTS)

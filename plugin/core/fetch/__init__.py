@@ -29,13 +29,13 @@ from .base import EmbeddingSource
 from .cache import TileCache, cache_size, clear_cache, default_cache_dir, resolve_cache_dir
 from .engine import FetchResult
 from .network import StatusFn
-from .tiling import plan_tiles
+from .tiling import output_grid, plan_tiles
 
 MAX_GB_ENV = "ALPHAEARTH_HEIGHT_MAX_GB"
 DEFAULT_MAX_GB = 5.0
 
 __all__ = ["SOURCES", "FetchResult", "fetch", "context_grids", "estimate", "format_estimate", "make_source",
-           "source_options",
+           "output_grid", "source_options",
            "cache_size", "clear_cache", "default_cache_dir", "check_size", "size_limit_gb", "DEFAULT_MAX_GB"]
 
 
