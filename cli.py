@@ -208,6 +208,7 @@ def _compare(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     _dem_base_url(args)
+    from .training.splits import SplitSpec
     from .training.train import TrainConfig, resume_training, train_model
 
     bar = _Bar("training", unit="step")
@@ -233,9 +234,8 @@ def _train(args: argparse.Namespace) -> None:
             weight_decay=args.weight_decay, schedule=args.schedule, extra_pairs=args.pair or [],
             validation_embeddings=args.validation_embeddings, validation_reference=args.validation_reference,
             terrain=args.terrain, calibrate=not args.no_calibration, balance=args.balance, amp=not args.no_amp,
-            seed=args.seed, device=args.device,
-            keep_checkpoint=args.keep_checkpoint, name=args.name or "", region=args.region or "", year=args.year,
-            **_split_options(args, {}))
+            seed=args.seed, device=args.device, split=SplitSpec(seed=args.seed, **_split_options(args, {})),
+            keep_checkpoint=args.keep_checkpoint, name=args.name or "", region=args.region or "", year=args.year)
         try:
             train_model(config, log=bar.write, progress=bar)
         except KeyboardInterrupt:
@@ -247,8 +247,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _split_options(args: argparse.Namespace, base: dict) -> dict:
-    """TrainConfig split fields from the command line; unset ones keep ``base``'s values."""
-    names = {"split": "split", "test_fraction": "test_fraction", "validation_fraction": "validation_fraction",
+    """SplitSpec fields from the command line (--split is the kind); unset ones keep ``base``'s values."""
+    names = {"kind": "split", "test_fraction": "test_fraction", "validation_fraction": "validation_fraction",
              "direction": "direction", "block_size": "block_size", "buffer": "buffer",
              "validation_window": "validation_window"}
     options = dict(base)
@@ -266,10 +266,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     _check_outputs(folders={"--out": args.out}, inputs={"--embeddings": args.embeddings,
                                                         "--reference": args.reference, "--terrain": args.terrain})
     package = load_model(args.model or bundled_model_dir())
-    base = split_from_card(package.card).as_dict()
-    base["split"] = base.pop("kind")
-    options = _split_options(args, base)
-    options["kind"] = options.pop("split")
+    options = _split_options(args, split_from_card(package.card).as_dict())
     report = evaluate_model(package, args.embeddings, args.reference, args.out, SplitSpec.from_dict(options),
                             terrain=args.terrain, device=args.device, uncertainty=args.uncertainty)
     rows = {f"{label} {name}": report["areas"][name][who] for name in ("train", "test")
@@ -341,7 +338,7 @@ def _demo(args: argparse.Namespace) -> None:
     print("Accuracy on the synthetic demo scene (heights in m; diff = predicted - reference):")
     print(result.table)
     print(f"\noutputs in {result.out_dir}/: embeddings.tif, reference_dsm.tif, predicted_height.tif, "
-          "difference.tif, metrics.json, height_maps.png")
+          "difference.tif, metrics.json, report.md, height_maps.png and the report's other plots")
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:

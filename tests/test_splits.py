@@ -53,8 +53,8 @@ def test_a_validation_window_replaces_the_validation_strip():
 
 def test_the_sampler_draws_only_leak_free_patches_of_a_real_scene(small_scene):
     config = TrainConfig(embeddings=str(small_scene.embeddings), reference=str(small_scene.reference), out="unused",
-                         arch="unet", encoder_depth=3, decoder_channels=[16, 16, 8], patch_size=32, split="blocks",
-                         block_size=64, buffer=6, device="cpu")
+                         arch="unet", encoder_depth=3, decoder_channels=[16, 16, 8], patch_size=32,
+                         split=SplitSpec("blocks", block_size=64, buffer=6), device="cpu")
     trainer = _Trainer(config, log=lambda m: None, progress=None)
     scene = trainer.scenes[0]
     forbidden = near(scene.areas.test, 6)

@@ -1,4 +1,5 @@
 import csv
+from dataclasses import asdict
 import json
 
 import numpy as np
@@ -9,7 +10,8 @@ from alphaearth_height.plugin.core.errors import InputError
 from alphaearth_height.plugin.core.inference import predict_height
 from alphaearth_height.plugin.core.models import load_model
 from alphaearth_height.training.data import contiguous_split
-from alphaearth_height.training.train import TrainConfig, masked_loss, train_model
+from alphaearth_height.training.splits import SplitSpec
+from alphaearth_height.training.train import TrainConfig, _stored_config, masked_loss, train_model
 
 
 @pytest.mark.parametrize("direction", ["east", "west", "north", "south"])
@@ -98,7 +100,20 @@ def test_the_run_folder_holds_package_config_history_and_report(trained):
     assert {"model.json", "model.safetensors", "config.json", "history.csv", "evaluation"} <= names
     assert "checkpoint" not in names  # a finished run needs no resume state unless asked to keep it
     config = json.loads((trained.model_dir / "config.json").read_text())
-    assert config["epochs"] == 4 and config["split"] == "contiguous"
+    assert config["epochs"] == 4 and config["split"]["kind"] == "contiguous"
+
+
+def test_a_run_written_with_the_split_fields_flat_still_reads(small_scene, tmp_path):
+    """config.json of runs from before TrainConfig.split was nested: --resume must still read it."""
+    nested = _config(small_scene, tmp_path / "run", split=SplitSpec("blocks", 0.25, 0.15, "west", 64, 3, seed=7,
+                                                                     validation_window=[0, 0, 40, 40]), seed=7)
+    flat = {k: v for k, v in asdict(nested).items() if k != "split"}
+    flat.update(split="blocks", test_fraction=0.25, validation_fraction=0.15, direction="west", block_size=64,
+                buffer=3, validation_window=[0, 0, 40, 40])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(flat))
+    assert _stored_config(tmp_path / "run") == nested
+    assert TrainConfig.from_dict(json.loads(json.dumps(asdict(nested)))) == nested  # the current form
 
 
 def _config(scene, out, **changes) -> TrainConfig:

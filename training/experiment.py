@@ -75,6 +75,7 @@ def run_experiment(out_dir: str | os.PathLike, budget: ExperimentBudget = Experi
             encoder_depth=budget.encoder_depth, decoder_channels=list(budget.decoder_channels),
             patch_size=budget.patch_size, batch_size=budget.batch_size, epochs=budget.epochs,
             steps_per_epoch=budget.steps_per_epoch, patience=budget.epochs, seed=budget.seed, device=device,
+            split=SplitSpec(seed=budget.seed),
             name=f"{label} (ResNet-18) - experiment", region="synthetic demo scene (not real data)", year=2020)
         train_model(config, log=log)
         reports[label] = json.loads((out / folder / "evaluation" / "report.json").read_text())

@@ -37,6 +37,11 @@ Log = Callable[[str], None]
 Progress = Callable[[int, int], None]
 
 
+# the split's fields as config.json held them, flat, before TrainConfig.split was a SplitSpec
+LEGACY_SPLIT_FIELDS = ("test_fraction", "validation_fraction", "direction", "block_size", "buffer",
+                       "validation_window")
+
+
 @dataclass
 class TrainConfig:
     embeddings: str
@@ -56,13 +61,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     schedule: str = "cosine"
-    split: str = "contiguous"
-    test_fraction: float = 0.3
-    validation_fraction: float = 0.1
-    direction: str = "east"
-    block_size: int = 128
-    buffer: int = 0
-    validation_window: Optional[list[int]] = None
+    split: SplitSpec = field(default_factory=SplitSpec)
     extra_pairs: list[list[str]] = field(default_factory=list)
     validation_embeddings: Optional[str] = None
     validation_reference: Optional[str] = None
@@ -106,9 +105,21 @@ class TrainConfig:
             paths[f"pair {i} embeddings"], paths[f"pair {i} reference"] = emb, ref
         return {k: v for k, v in paths.items() if v}
 
-    def split_spec(self) -> SplitSpec:
-        return SplitSpec(self.split, self.test_fraction, self.validation_fraction, self.direction,
-                         self.block_size, self.buffer, self.seed, self.validation_window)
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """A config from its JSON form (config.json, the worker's parameters).
+
+        Runs written before the split was nested hold its fields flat, the kind as
+        ``split`` and the training seed as the split's: they are read into a SplitSpec
+        so such a run still resumes.
+        """
+        values = dict(values)
+        split = values.get("split")
+        if not isinstance(split, dict):
+            flat = {name: values.pop(name) for name in LEGACY_SPLIT_FIELDS if name in values}
+            split = {**flat, "kind": values.pop("split", "contiguous"), "seed": values.get("seed", 0)}
+        values["split"] = split if isinstance(split, SplitSpec) else SplitSpec.from_dict(split)
+        return cls(**values)
 
 
 @dataclass
@@ -151,7 +162,7 @@ def masked_loss(pred, target, mask, kind: str = "mse"):
 
 def load_scenes(config: TrainConfig) -> list[Scene]:
     """Training pairs split into areas, plus the separate validation pair when given."""
-    spec = config.split_spec()
+    spec = config.split
     separate = bool(config.validation_embeddings)
     scenes = []
     for emb, ref in [(config.embeddings, config.reference), *[tuple(p) for p in config.extra_pairs]]:
@@ -337,7 +348,7 @@ def _stored_config(out: Path) -> TrainConfig:
     """The run's config.json; paths written relative by older versions must still be found from here."""
     path = out / "config.json"
     try:
-        config = TrainConfig(**json.loads(path.read_text()))
+        config = TrainConfig.from_dict(json.loads(path.read_text()))
     except (ValueError, TypeError) as exc:
         raise InputError(path, f"is damaged or not a training configuration ({exc})",
                          "Start a new run; the checkpoint cannot be used without it") from None
@@ -375,7 +386,7 @@ def _card(trainer: _Trainer, out: Path) -> dict:
             "extra_pairs": [[Path(p).name for p in pair_] for pair_ in c.extra_pairs],
             "region": c.region, "year": c.year, "crs": pair.grid.crs.to_string(),
             "bounds": [left, bottom, right, top], "resolution_m": pair.grid.resolution[0],
-            "split": {**c.split_spec().as_dict(), "pixels": trainer.scenes[0].areas.as_dict()},
+            "split": {**c.split.as_dict(), "pixels": trainer.scenes[0].areas.as_dict()},
             "loss": c.loss, "optimizer": {"name": "AdamW", "lr": c.lr, "weight_decay": c.weight_decay},
             "schedule": c.schedule, "patch_size": c.patch_size, "batch_size": c.batch_size,
             "accumulate": c.accumulate, "balanced_sampling": c.balance, "epochs_run": len(trainer.history),
@@ -414,7 +425,7 @@ def _save_and_evaluate(model, card: dict, trainer: _Trainer, out: Path) -> dict:
             if calibration:
                 card["uncertainty"] = calibration
     report = evaluate_model(ModelPackage(model, card, out), c.embeddings, c.reference, out / "evaluation",
-                            c.split_spec(), terrain=c.terrain, device=c.device, keep_rasters=False,
+                            c.split, terrain=c.terrain, device=c.device, keep_rasters=False,
                             uncertainty="uncertainty" in card, log=trainer.log)
     metrics = {name: report["areas"][name]["model"] for name in ("train", "test")}
     card["metrics"] = metrics

@@ -138,7 +138,7 @@ def _train(params: dict, channel: Channel) -> dict:
     def progress(done: int, total: int) -> None:
         channel.steps(done, total)
 
-    result = train_model(TrainConfig(**params), log=logging.getLogger("training").info, progress=progress)
+    result = train_model(TrainConfig.from_dict(params), log=logging.getLogger("training").info, progress=progress)
     return {"model_dir": str(result.model_dir), "metrics": result.metrics}
 
 

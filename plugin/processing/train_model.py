@@ -71,7 +71,7 @@ class TrainModel(HeightAlgorithm):
         return {"OUTPUT": result["model_dir"], "TEST_R2": test["r2"], "TEST_RMSE": test["rmse"]}
 
     def _config(self, parameters: dict, context: QgsProcessingContext, out: str) -> dict:
-        """TrainConfig's fields, sent to the worker (training imports torch, which QGIS never does)."""
+        """TrainConfig's fields (the split as SplitSpec's), sent to the worker (training imports torch, which QGIS never does)."""
         def number(name: str) -> int:
             return self.parameterAsInt(parameters, name, context)
 
@@ -82,10 +82,11 @@ class TrainModel(HeightAlgorithm):
             encoder=self.parameterAsString(parameters, "ENCODER", context).strip() or "resnet18",
             encoder_depth=number("ENCODER_DEPTH"), patch_size=number("PATCH_SIZE"),
             batch_size=number("BATCH_SIZE"), epochs=number("EPOCHS"), steps_per_epoch=number("STEPS_PER_EPOCH"),
-            test_fraction=self.parameterAsDouble(parameters, "TEST_FRACTION", context),
-            direction=self.enum_text(parameters, "DIRECTION", context, DIRECTIONS), seed=number("SEED"),
-            split=self.enum_text(parameters, "SPLIT", context, SPLIT_KINDS), block_size=number("BLOCK_SIZE"),
-            buffer=number("BUFFER"), loss=self.enum_text(parameters, "LOSS", context, LOSSES),
+            split=dict(kind=self.enum_text(parameters, "SPLIT", context, SPLIT_KINDS),
+                       test_fraction=self.parameterAsDouble(parameters, "TEST_FRACTION", context),
+                       direction=self.enum_text(parameters, "DIRECTION", context, DIRECTIONS),
+                       block_size=number("BLOCK_SIZE"), buffer=number("BUFFER"), seed=number("SEED")),
+            seed=number("SEED"), loss=self.enum_text(parameters, "LOSS", context, LOSSES),
             schedule=self.enum_text(parameters, "SCHEDULE", context, SCHEDULES), accumulate=number("ACCUMULATE"),
             balance=self.parameterAsBoolean(parameters, "BALANCE", context),
             terrain=self.terrain_input(parameters, context),
