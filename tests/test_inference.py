@@ -225,3 +225,20 @@ def test_size_limit(scene, tiny_model, tmp_path):
     assert list(tmp_path.iterdir()) == []
     predict_height(path, tiny_model, tmp_path / "h.tif", device="cpu", max_mpx=0.05)
     predict_height(path, tiny_model, tmp_path / "h2.tif", device="cpu", max_mpx=None)
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_training_and_inference_share_one_precision_policy(tiny_model, amp):
+    """Mixed precision and channels-last only on CUDA, for the trainer and the torch runner alike."""
+    import torch
+
+    from alphaearth_height.plugin.core.device import precision_policy
+    from alphaearth_height.plugin.core.inference import TorchRunner
+    from alphaearth_height.plugin.core.models import load_model
+
+    assert precision_policy(torch.device("cpu"), amp) == (None, False)
+    runner = TorchRunner(load_model(tiny_model), "cpu", amp, None)
+    assert (runner.amp, runner.channels_last) == (False, False)
+    if torch.cuda.is_available():
+        dtype, channels_last = precision_policy(torch.device("cuda"), amp)
+        assert channels_last and (dtype in (torch.bfloat16, torch.float16) if amp else dtype is None)

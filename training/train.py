@@ -23,7 +23,7 @@ import numpy as np
 from ..plugin.core.choices import LOSSES, SCHEDULES, check_choice
 from ..plugin.core.dem import ATTRIBUTION as DEM_ATTRIBUTION
 from ..plugin.core.dem import is_product, product
-from ..plugin.core.device import describe_device, select_device
+from ..plugin.core.device import describe_device, precision_policy, select_device
 from ..plugin.core.errors import InputError
 from ..plugin.core.models import architecture_config, build_model, make_card, save_model, size_multiple
 from ..plugin.core.rasters import check_new_folder, check_outputs
@@ -199,10 +199,9 @@ class _Trainer:
         self.sampler = PatchSampler(self.scenes, config.patch_size, config.balance)
         self.val_origins = validation_origins(self.scenes, config.patch_size)
         self.device = select_device(config.device)
-        cuda = self.device.type == "cuda"
-        self.amp = config.amp and cuda
-        self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
-        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        self.amp_dtype, channels_last = precision_policy(self.device, config.amp)
+        self.amp = self.amp_dtype is not None
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         self.model = build_model(self.model_config).to(self.device, memory_format=self.memory_format)

@@ -39,3 +39,19 @@ def describe_device(device) -> str:
     if device.type == "cpu":
         return f"cpu ({torch.get_num_threads()} threads)"
     return str(device)
+
+
+def precision_policy(device, amp: bool) -> tuple[object, bool]:
+    """How torch runs on ``device``, for training and inference alike: (autocast dtype, or None
+    for full precision; whether tensors go channels-last).
+
+    Both only on CUDA: mixed precision there is bfloat16 where the GPU has it (no loss scaling
+    needed), else float16; channels-last is the layout its tensor cores want for convolutions.
+    On CPU and MPS the float32 default layout is kept (ONNX Runtime runs CPU inference anyway).
+    """
+    import torch
+
+    if device.type != "cuda":
+        return None, False
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if amp else None
+    return dtype, True

@@ -19,9 +19,9 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from .cancel import CancelFn, Cancelled, ProgressFn  # noqa: F401 - re-exported for callers
+from .cancel import CancelFn, Cancelled, ProgressFn
 from .choices import BACKENDS, check_choice
-from .device import describe_device, select_device
+from .device import describe_device, precision_policy, select_device
 from .errors import InputError
 from .models import ONNX_FILE, ModelPackage, open_package
 from .rasters import (OUTPUT_NODATA, EmbeddingRaster, Grid, atomic_write, check_output_path,
@@ -72,9 +72,9 @@ class TorchRunner:
         self.torch = torch
         self.device = select_device(device_name)
         self.description = describe_device(self.device)
-        self.channels_last = self.device.type != "mps" if channels_last is None else channels_last
-        self.amp = amp and self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype, default_layout = precision_policy(self.device, amp)
+        self.amp = self.amp_dtype is not None
+        self.channels_last = default_layout if channels_last is None else channels_last
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.module = package.torch_module().to(self.device, memory_format=memory_format).eval()
         self.mean, self.std = package.target_mean, package.target_std
