@@ -139,4 +139,4 @@ def test_installed_copy_imports_on_its_own(release, tmp_path):
             "print(provider.AlphaEarthHeightProvider().id(), len(provider.ALGORITHMS))")
     done = subprocess.run([sys.executable, "-c", code, str(plugins)], check=True, capture_output=True, text=True,
                           env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
-    assert done.stdout.split() == ["alphaearth_height", "4"]
+    assert done.stdout.split() == ["alphaearth_height", "5"]

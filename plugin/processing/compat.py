@@ -6,8 +6,8 @@ ones. Resolving each member here once lets the algorithms use one spelling every
 
 from __future__ import annotations
 
-from qgis.core import (Qgis, QgsProcessingAlgorithm, QgsProcessingParameterDefinition, QgsProcessingParameterFile,
-                       QgsProcessingParameterNumber)
+from qgis.core import (Qgis, QgsProcessing, QgsProcessingAlgorithm, QgsProcessingParameterDefinition,
+                       QgsProcessingParameterFile, QgsProcessingParameterNumber)
 
 
 def _member(new: tuple[object, str, str], old: tuple[object, str, str]) -> object:
@@ -30,3 +30,5 @@ ADVANCED = _member((Qgis, "ProcessingParameterFlag", "Advanced"),
                    (QgsProcessingParameterDefinition, "Flag", "FlagAdvanced"))
 CAN_CANCEL = _member((Qgis, "ProcessingAlgorithmFlag", "CanCancel"),
                      (QgsProcessingAlgorithm, "Flag", "FlagCanCancel"))
+VECTOR_POINT = _member((Qgis, "ProcessingSourceType", "VectorPoint"),
+                       (QgsProcessing, "SourceType", "TypeVectorPoint"))

@@ -8,16 +8,17 @@ from qgis.PyQt.QtGui import QIcon
 from ... import __version__
 from ..core.package_data import resource
 from .compare_heights import CompareHeights
+from .correct_bias import CorrectBias
 from .fetch_embeddings import FetchEmbeddings
 from .predict_height import PredictHeight
 from .train_model import TrainModel
 
 ICON = resource("icon.png")
-ALGORITHMS = (FetchEmbeddings, PredictHeight, CompareHeights, TrainModel)
+ALGORITHMS = (FetchEmbeddings, PredictHeight, CompareHeights, CorrectBias, TrainModel)
 
 
 class AlphaEarthHeightProvider(QgsProcessingProvider):
-    """Fetch, predict, compare and train: the dock's steps as Processing algorithms."""
+    """Fetch, predict, compare, correct and train: the dock's steps (and bias correction) as Processing algorithms."""
 
     def id(self) -> str:
         return "alphaearth_height"

@@ -13,7 +13,7 @@ from rasterio.windows import Window
 from .desktop_harness import clean_environment, make_profile, qgis_process_command
 
 ALGORITHMS = ("alphaearth_height:predictheight", "alphaearth_height:compareheights",
-              "alphaearth_height:fetchembeddings", "alphaearth_height:trainmodel")
+              "alphaearth_height:correctbias", "alphaearth_height:fetchembeddings", "alphaearth_height:trainmodel")
 
 
 @pytest.fixture(scope="module")

@@ -76,9 +76,9 @@ def three_band_raster(path: Path) -> Path:
     return path
 
 
-def test_provider_lists_the_four_algorithms(provider):
+def test_provider_lists_the_five_algorithms(provider):
     ids = sorted(alg.name() for alg in provider.algorithms())
-    assert ids == ["compareheights", "fetchembeddings", "predictheight", "trainmodel"]
+    assert ids == ["compareheights", "correctbias", "fetchembeddings", "predictheight", "trainmodel"]
     assert provider.id() == "alphaearth_height" and not provider.icon().isNull()
     for alg in provider.algorithms():
         assert alg.shortHelpString() and alg.group() and alg.outputDefinitions()
@@ -323,3 +323,64 @@ def test_fetch_over_the_size_limit_is_refused_unless_raised(run, small_scene, tm
     out.unlink()
     run("fetchembeddings", {**params, "MAX_GB": 1})
     assert out.exists()
+
+
+@pytest.fixture(scope="module")
+def shifted(small_scene, tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """A 'prediction' that is the reference on the grid raised by 35 m, and that reference."""
+    from rasterio.windows import Window
+
+    from alphaearth_height.plugin.core.rasters import OUTPUT_NODATA, float_profile
+    from alphaearth_height.plugin.core.resample import ReferenceOnGrid
+
+    grid = small_scene.grid
+    with ReferenceOnGrid(small_scene.reference, grid) as ref:
+        truth = ref.read(Window(0, 0, grid.width, grid.height))
+    path = tmp_path_factory.mktemp("bias") / "shifted.tif"
+    with rasterio.open(path, "w", **float_profile(grid)) as dst:
+        dst.write(np.where(np.isfinite(truth), truth + 35.0, OUTPUT_NODATA).astype(np.float32), 1)
+    return path, truth
+
+
+def test_correct_bias_with_a_point_layer_in_another_crs(run, shifted, small_scene, tmp_path):
+    from qgis.core import QgsFeature, QgsGeometry, QgsPointXY, QgsVectorLayer
+    from rasterio.warp import transform
+
+    from alphaearth_height.plugin.core.choices import BIAS_METHODS
+    from alphaearth_height.plugin.core.compare import compare_heights
+
+    path, truth = shifted
+    rows, cols = np.random.default_rng(0).integers(20, 230, (2, 12))
+    keep = np.isfinite(truth[rows, cols])
+    xs, ys = small_scene.grid.transform * (cols[keep] + 0.5, rows[keep] + 0.5)
+    lons, lats = transform(UTM, "EPSG:4326", list(xs), list(ys))
+    layer = QgsVectorLayer("Point?crs=EPSG:4326&field=h:double", "heights", "memory")
+    features = []
+    for lon, lat, height in zip(lons, lats, truth[rows[keep], cols[keep]]):
+        feature = QgsFeature(layer.fields())
+        feature.setGeometry(QgsGeometry.fromPointXY(QgsPointXY(lon, lat)))
+        feature.setAttribute("h", float(height))
+        features.append(feature)
+    assert layer.dataProvider().addFeatures(features)
+    out = tmp_path / "corrected.tif"
+    result = run("correctbias", {"PREDICTED": str(path), "POINTS": layer, "HEIGHT_FIELD": "h",
+                                 "METHOD": BIAS_METHODS.index("offset"), "OUTPUT": str(out)})
+    assert result["OUTPUT"] == str(out) and result["METHOD_USED"] == "offset"
+    with rasterio.open(out) as src:
+        assert json.loads(src.tags()["BIAS_CORRECTION"])["offset"] == pytest.approx(-35.0, abs=0.01)
+    assert abs(compare_heights(out, small_scene.reference)["overall"]["median_diff"]) < 0.5
+
+
+def test_correct_bias_with_a_reference_window_and_one_source_only(run, shifted, small_scene, tmp_path):
+    path, _ = shifted
+    out = tmp_path / "corrected.tif"
+    params = {"PREDICTED": str(path), "REFERENCE": str(small_scene.reference), "WINDOW": "100 100 40 40",
+              "OUTPUT": str(out)}
+    result = run("correctbias", params)
+    assert result["METHOD_USED"] in ("offset", "linear", "quantile")
+    with rasterio.open(out) as src:
+        assert src.tags()["BIAS_SAMPLES"] == "1600" and "window [100, 100, 40, 40]" in src.tags()["BIAS_SOURCE"]
+    with pytest.raises(QgsProcessingException, match="needs exactly one source of reference heights"):
+        run("correctbias", {**params, "REFERENCE": None, "OUTPUT": str(tmp_path / "none.tif")})
+    with pytest.raises(QgsProcessingException, match="needs 4 whole numbers"):
+        run("correctbias", {**params, "WINDOW": "100 100 40", "OUTPUT": str(tmp_path / "bad.tif")})
