@@ -17,7 +17,7 @@ from alphaearth_height.plugin.core.errors import InputError
 from alphaearth_height.plugin.core.fetch import cache_size, clear_cache, estimate, fetch
 from alphaearth_height.plugin.core.fetch import cog as cog_module
 from alphaearth_height.plugin.core.fetch.tiling import output_grid
-from alphaearth_height.plugin.core.inference import Cancelled
+from alphaearth_height.plugin.core.cancel import Cancelled
 from range_server import PREFIX, RangeServer, ServerLog, build_mirror, expected_output
 
 

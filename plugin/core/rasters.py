@@ -36,7 +36,7 @@ GDAL_ERRORS = (RasterioError, RasterioIOError, CPLE_BaseError)
 from rasterio.windows import Window
 
 from . import aef
-from .errors import InputError
+from .errors import InputError, RasterReadError
 
 OUTPUT_NODATA = -9999.0
 # Float embeddings are unit-length vectors (components in [-1, 1]); a little slack for
@@ -95,15 +95,15 @@ def open_raster(path: str | os.PathLike) -> rasterio.DatasetReader:
         return rasterio.open(path)
     except RasterioIOError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else "unknown GDAL error"
-        raise InputError(path, f"cannot be read as a raster ({reason})",
-                         "Give a GeoTIFF or another raster GDAL can open") from None
+        raise RasterReadError(path, f"cannot be read as a raster ({reason})",
+                              "Give a GeoTIFF or another raster GDAL can open") from None
 
 
-def unreadable(path: object, exc: BaseException) -> InputError:
+def unreadable(path: object, exc: BaseException) -> RasterReadError:
     """The one-line error for a raster whose header opened but whose pixels cannot be read."""
     reason = " ".join(str(exc).split()).replace("Read or write failed. ", "").replace(f"{path}, ", "")
-    return InputError(path, f"cannot be read: GDAL failed on its pixel data ({reason or type(exc).__name__})",
-                      "The file is truncated or corrupt: copy or fetch it again")
+    return RasterReadError(path, f"cannot be read: GDAL failed on its pixel data ({reason or type(exc).__name__})",
+                           "The file is truncated or corrupt: copy or fetch it again")
 
 
 def read_or_fail(ds: rasterio.DatasetReader, path: object, *args, **kwargs) -> np.ndarray:

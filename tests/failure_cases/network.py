@@ -121,7 +121,7 @@ def _stale_html_in_cache(ws):
 
 
 def _index_replaced(ws, stdout: str, stderr: str) -> None:
-    assert "downloading it again" in stderr, stderr
+    assert "deleted, reading it again" in stderr, stderr
     indexes = list((ws.root / "cache").rglob("*aef_index.csv"))
     assert len(indexes) == 1 and indexes[0].read_text().startswith("WKT,"), indexes
 

@@ -91,7 +91,7 @@ def fetch(aoi: AreaOfInterest, year: int, source: str, out_path: str | os.PathLi
     """Fetch the AOI's embeddings for ``year`` from ``source`` into ``out_path``.
 
     progress(done, total) counts tiles; cancel() returning True stops the fetch with
-    core.inference.Cancelled, leaving no output but keeping finished tiles cached.
+    core.cancel.Cancelled, leaving no output but keeping finished tiles cached.
     status(message) hears what the fetch is waiting for (index download, retries);
     without it those lines go to the log. Refuses to start, in one line, when the
     output and the tiles still to cache cannot fit on their disks.

@@ -42,8 +42,8 @@ from rasterio.windows import Window
 
 from .. import aef
 from ..aoi import AreaOfInterest
-from ..errors import InputError
-from ..inference import CancelFn
+from ..errors import InputError, RasterReadError, SourceError
+from ..cancel import CancelFn
 from ..rasters import EmbeddingRaster, Grid
 from .base import EmbeddingSource
 from ..sizes import positive_from_env
@@ -61,8 +61,8 @@ _HTTP_CODE = re.compile(r"HTTP response code: (\d{3})\b")
 
 
 def _gdal_failure(exc: BaseException) -> bool:
-    """A GDAL open or read failure (raw, or as core.rasters' one-line 'cannot be read' error)."""
-    return isinstance(exc, RasterioIOError) or isinstance(exc, InputError) and "cannot be read" in exc.problem
+    """A GDAL open or read failure (raw, or as core.rasters' one-line RasterReadError)."""
+    return isinstance(exc, (RasterioIOError, RasterReadError))
 
 
 def _transient(exc: BaseException) -> bool:
@@ -318,16 +318,16 @@ class CogSource(EmbeddingSource):
                                 cancel=cancel, deadline=deadline, min_attempt=self.limits.stall,
                                 on_retry=retrying)
         except GaveUp as exc:
-            raise InputError(url, f"could not be read ({met(exc.last)}; gave up within the "
+            raise SourceError(url, f"could not be read ({met(exc.last)}; gave up within the "
                                   f"{self.limits.tile_deadline:g} s tile deadline after {exc.attempts} attempt(s))",
                              fix) from None
         except (RasterioIOError, InputError) as exc:
             if not _gdal_failure(exc):
                 raise
             if not _transient(exc):
-                raise InputError(url, f"was refused by the server ({_gdal_reason(exc, url)})",
+                raise SourceError(url, f"was refused by the server ({_gdal_reason(exc, url)})",
                                  "Check the COG base URL (default " + DEFAULT_BASE_URL + ") and the year") from None
-            raise InputError(url, f"could not be read ({met(exc)}; {attempts[0]} attempt(s))", fix) from None
+            raise SourceError(url, f"could not be read ({met(exc)}; {attempts[0]} attempt(s))", fix) from None
 
     def _sample(self, url: str, tile: Grid, request_timeout: float, retry: bool = False) -> np.ndarray:
         options = self.gdal_options(request_timeout, url if retry else None)

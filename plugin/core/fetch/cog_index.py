@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import http.client
-import importlib.metadata
 import json
 import math
 import os
@@ -26,8 +25,9 @@ from typing import Callable, Iterable, Optional
 from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
 
-from ..errors import InputError
-from ..inference import CancelFn
+from ..errors import InputError, SourceError
+from ..package_data import version
+from ..cancel import CancelFn
 from ..rasters import Grid
 from .network import (DEFAULT_INDEX_DEADLINE, DEFAULT_STALL, Deadline, DeadlineExceeded, NetworkError, StatusFn,
                       download, log_status)
@@ -41,17 +41,8 @@ _MARKER = "v1/annual/"
 
 
 def user_agent() -> str:
-    """alphaearth-height/<version>, from the installed package or the plugin's metadata.txt."""
-    try:
-        version = importlib.metadata.version("alphaearth-height")
-    except importlib.metadata.PackageNotFoundError:
-        version = "dev"
-        metadata = Path(__file__).resolve().parents[3] / "metadata.txt"
-        if metadata.is_file():
-            for line in metadata.read_text(encoding="utf-8").splitlines():
-                if line.startswith("version="):
-                    version = line.split("=", 1)[1].strip()
-    return f"alphaearth-height/{version}"
+    """alphaearth-height/<version>: the one version (metadata.txt), in a wheel, an editable install or QGIS."""
+    return f"alphaearth-height/{version()}"
 
 
 @dataclass(frozen=True)
@@ -139,7 +130,7 @@ def _check_download(url: str, path: Path, content_type: str) -> None:
         start = handle.read(4096).lower()
     if content_type == "text/html" or b"<html" in start or b"<!doctype html" in start:
         problem = f"answered an HTML page (status 200, {content_type}), not the AEF tile index CSV"
-    raise InputError(url, problem, "Check the COG base URL, and any proxy or captive portal (open the URL "
+    raise SourceError(url, problem, "Check the COG base URL, and any proxy or captive portal (open the URL "
                      "in a browser); nothing was cached, so the next run downloads it again")
 
 
@@ -255,12 +246,12 @@ def _reason(exc: BaseException) -> str:
 
 def _download_error(url: str, exc: BaseException, tail: str) -> InputError:
     if isinstance(exc, urllib.error.HTTPError) and not _transient(exc):
-        return InputError(url, f"was refused by the server (HTTP {exc.code}){tail}",
+        return SourceError(url, f"was refused by the server (HTTP {exc.code}){tail}",
                           "Check the COG base URL (default " + DEFAULT_BASE_URL + ")")
     if isinstance(exc, OSError) and not isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError)):
         return InputError(url, f"could not be saved in the cache ({exc})",
                           "Check the cache folder (--cache-dir) and its free space")
-    return InputError(url, f"could not be downloaded ({_reason(exc)}{tail})",
+    return SourceError(url, f"could not be downloaded ({_reason(exc)}{tail})",
                       "Check the internet connection (or proxy) and the COG base URL, then run again")
 
 
@@ -349,6 +340,7 @@ class RemoteIndex:
         self.url, self.stall, self.deadline, self.cancel = url, stall, deadline, cancel
         self.say, self.retries, self.retry_delay, self.stats = status, retries, retry_delay, stats
         self.size = 0
+        self.failures: list[BaseException] = []  # what the retried attempts met, in order
         self.header: list[str] = []
         self.data_start = 0
 
@@ -375,6 +367,7 @@ class RemoteIndex:
             return buf.getvalue()
 
         def retrying(exc: BaseException, delay: float, attempt: int) -> None:
+            self.failures.append(exc)
             self.say(f"{_reason(exc)}; trying again in {delay:.0f} s (attempt {attempt + 1} of {self.retries})")
 
         return with_retries(once, transient=_transient, attempts=self.retries, base_delay=self.retry_delay,
@@ -394,7 +387,7 @@ class RemoteIndex:
         except UnicodeDecodeError:
             self.header = []
         if b"<html" in first[:4096].lower() or b"<!doctype html" in first[:4096].lower():
-            raise InputError(self.url, "answered an HTML page, not the AEF tile index CSV",
+            raise SourceError(self.url, "answered an HTML page, not the AEF tile index CSV",
                              "Check the COG base URL, and any proxy or captive portal (open the URL in a browser)")
         _check_columns(self.url, self.header, head)
         if b"\n" not in first:
@@ -599,9 +592,13 @@ def index_rows(base_url: str, cache_root: Path, grid: Grid, year: int, *, cancel
     folder = _slice_folder(base_url, cache_root)
     layout_file = folder / "layout.json"
     full = index_path(base_url, cache_root)
-    if full.is_file() and index_problem(full) is None:
-        stats.whole = stats.from_cache = True
-        return _full_rows(full), stats
+    if full.is_file():
+        problem = index_problem(full)
+        if problem is None:
+            stats.whole = stats.from_cache = True
+            return _full_rows(full), stats
+        say(f"the cached tile index {full} {problem}: deleted, reading it again")  # e.g. an HTML page kept by
+        full.unlink()                                                               # an older version
     if layout_file.is_file():
         layout = json.loads(layout_file.read_text(encoding="utf-8"))
         zones = target_zones(grid, lambda n, h: _spell(layout, n, h))
@@ -621,9 +618,10 @@ def index_rows(base_url: str, cache_root: Path, grid: Grid, year: int, *, cancel
             finder = SectionFinder(remote).sample()
             zones = target_zones(grid, finder.zone_text)
             sections = {z: finder.section(z, year) for z in zones}
-        except (GaveUp, DeadlineExceeded) as exc:
-            last = exc.last if isinstance(exc, GaveUp) else exc
-            raise _download_error(url, last, f"; gave up within the {deadline:g} s deadline") from None
+        except (GaveUp, DeadlineExceeded) as exc:  # the deadline cut an attempt: say what the earlier ones met
+            last = exc.last if isinstance(exc, GaveUp) else (remote.failures or [exc])[-1]
+            raise _download_error(url, last, f"; gave up within the {deadline:g} s deadline after "
+                                             f"{len(remote.failures) + 1} attempt(s)") from None
         except (urllib.error.URLError, http.client.HTTPException, NetworkError) as exc:
             raise _download_error(url, exc, "") from None
     except IndexShapeError as exc:

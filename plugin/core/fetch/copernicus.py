@@ -48,7 +48,7 @@ from rasterio.windows import Window
 from ..aoi import AreaOfInterest, work_crs
 from ..cancel import Cancelled, CancelFn, ProgressFn
 from ..dem import ATTRIBUTION, LICENCE, MARGIN_PX, SEA_NOTE, VERTICAL_DATUM, DemProduct
-from ..errors import InputError
+from ..errors import InputError, SourceError
 from ..rasters import (OUTPUT_NODATA, Grid, atomic_write, check_output_path, float_profile, grow_grid,
                        remove_stale_partials_once, replace_when_done)
 from .cache import resolve_cache_dir
@@ -261,7 +261,7 @@ def _read_remote(url: str, want: Callable[[TileInfo], list[Window]], retries: in
             code = _http_code(exc)
             reason = f"HTTP {code}" if code else " ".join(str(exc).replace(f"/vsicurl/{url}", "the file").split())
             reason = reason.replace("CURL error: ", "")
-            raise InputError(url, f"could not be read ({reason})",
+            raise SourceError(url, f"could not be read ({reason})",
                              "Check the network and the Copernicus DEM base URL, then run again: "
                              "blocks already read are cached") from None
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import aef
 from ..aoi import AreaOfInterest
-from ..errors import InputError
+from ..errors import InputError, SourceError
 from ..cancel import CancelFn, Cancelled
 from ..rasters import Grid
 from .base import EmbeddingSource
@@ -78,18 +78,18 @@ def explain(exc: BaseException, project: Optional[str]) -> InputError:
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     if "earthengine authenticate" in low or "authorize access" in low or "credentials" in low \
             or "unauthenticated" in low or "invalid_grant" in low:
-        return InputError("Earth Engine", "is not authenticated on this computer", _AUTH_FIX)
+        return SourceError("Earth Engine", "is not authenticated on this computer", _AUTH_FIX)
     if "no project found" in low or "project" in low and ("not registered" in low or "has not been used" in low
                                                           or "permission" in low or "denied" in low):
         what = f"cannot use Cloud project {project!r}" if project else "needs a Google Cloud project"
-        return InputError("Earth Engine", f"{what} ({first})", _PROJECT_FIX)
+        return SourceError("Earth Engine", f"{what} ({first})", _PROJECT_FIX)
     if "request size" in low or "must be less than or equal to" in low:
-        return InputError("Earth Engine", f"refused a request as too large ({first})",
+        return SourceError("Earth Engine", f"refused a request as too large ({first})",
                           "Give a smaller tile size (the default 384 px fits the 48 MB limit)")
     if "invalid argument" in low or "invalid_argument" in low:
-        return InputError("Earth Engine", f"refused a request as invalid ({first})",
+        return SourceError("Earth Engine", f"refused a request as invalid ({first})",
                           "Check the area and year; report it if it persists")
-    return InputError("Earth Engine", f"failed: {first}",
+    return SourceError("Earth Engine", f"failed: {first}",
                       "Check the network and your quota, then run again: finished tiles are cached")
 
 
