@@ -1,8 +1,8 @@
 """One height-mapping job: fetch embeddings -> prediction -> (difference, metrics, plots).
 
-The QGIS dock's task, the Processing algorithms and the CLI all run this, and the
-embeddings come through core.fetch like everywhere else, so there is one code path
-from an embedding source to layers.
+The dock's task runs it, in the worker process (core.worker). Processing and the CLI
+call the same pieces it is made of (core.fetch, core.inference, core.compare) one step
+at a time, so there is one code path from an embedding source to a height layer.
 
 An AOI is predicted with ``context`` pixels of embeddings around it (the model needs to
 see past the edge: without it, heights within a few pixels of the edge are off by
