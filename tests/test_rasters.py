@@ -130,3 +130,22 @@ def test_temporary_folders_honour_the_umask(umask, tmp_path):
     assert mode(folder) == 0o700
     honour_umask(folder, directory=True)
     assert mode(folder) == 0o777 & ~umask
+
+
+def test_crop_of_a_bottom_up_raster_is_north_up(tmp_path):
+    """Bottom-up files (as the public AEF COGs) are cropped as they are read everywhere: north-up."""
+    from affine import Affine
+
+    from alphaearth_height.plugin.core.rasters import Grid, crop_to_grid
+
+    north_up = np.arange(3 * 40 * 30, dtype=np.float32).reshape(3, 40, 30)
+    src = tmp_path / "bottom_up.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=30, height=40, count=3, dtype="float32", crs="EPSG:32630",
+                       transform=Affine(10, 0, 500_000, 0, 10, 4_000_000)) as ds:  # y grows with the row
+        ds.write(north_up[:, ::-1, :])
+    top = 4_000_000 + 40 * 10
+    grid = Grid(rasterio.crs.CRS.from_epsg(32630), Affine(10, 0, 500_050, 0, -10, top - 70), 12, 9)
+    crop_to_grid(src, tmp_path / "crop.tif", grid)
+    with rasterio.open(tmp_path / "crop.tif") as out:
+        assert out.transform == grid.transform and out.transform.e < 0
+        assert np.array_equal(out.read(), north_up[:, 7:16, 5:17])

@@ -88,10 +88,7 @@ def calibrate_on_validation(package: ModelPackage, embeddings: str, target: np.n
     scratch = make_partial_dir((workdir or Path(embeddings).parent) / "calibration")
     try:
         cropped = scratch / "embeddings.tif"
-        try:
-            crop_to_grid(embeddings, cropped, outer)
-        except ValueError:  # stored bottom-up: predict the whole raster instead
-            cropped, outer, oc, orow = Path(embeddings), grid, 0, 0
+        crop_to_grid(embeddings, cropped, outer)
         predict_height(cropped, package, scratch / "prediction.tif", relative=True, device=device)
         predict_uncertainty(cropped, package, scratch / "spread.tif", device=device)
         pred, spread = (read_height(scratch / name) for name in ("prediction.tif", "spread.tif"))

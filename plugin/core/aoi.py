@@ -82,6 +82,11 @@ class AreaOfInterest:
         return crs
 
 
+def bounds_overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """Whether two (xmin, ymin, xmax, ymax) boxes in the same CRS share some area (touching is not enough)."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 def parse_crs(value: object, subject: str) -> CRS:
     """A rasterio CRS from anything GDAL understands; otherwise a one-line input error."""
     from rasterio.crs import CRS

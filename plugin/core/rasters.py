@@ -769,7 +769,10 @@ def _offset_in(outer: Grid, inner: Grid) -> tuple[int, int]:
 
 def crop_to_grid(src_path: str | os.PathLike, out_path: str | os.PathLike, grid: Grid,
                  block: int = 1024) -> Path:
-    """Copy the window of a north-up raster that ``grid`` covers into ``out_path``.
+    """Copy the window of a raster that ``grid`` covers into ``out_path``, north-up.
+
+    A bottom-up source (as the public AEF files) is read as north-up, like everywhere
+    else (``_north_up``), so the output is north-up whatever the input's row order.
 
     All bands, data type, nodata, tags and band descriptions are kept; the output gets
     ``grid``'s transform exactly. Band statistics tags (``STATISTICS_*``, ``VALID_PIXELS``,
@@ -778,8 +781,8 @@ def crop_to_grid(src_path: str | os.PathLike, out_path: str | os.PathLike, grid:
     """
     out = check_output_path(out_path, src_path)
     with open_raster(src_path) as src:
-        own = Grid(src.crs, src.transform, src.width, src.height)
-        col, row = _offset_in(own, grid)
+        transform, bottom_up = _north_up(src.transform, src.height)
+        col, row = _offset_in(Grid(src.crs, transform, src.width, src.height), grid)
         if col < 0 or row < 0 or col + grid.width > src.width or row + grid.height > src.height:
             raise ValueError(f"grid {grid} is not inside {src_path}")
         profile = dict(src.profile)
@@ -804,8 +807,12 @@ def crop_to_grid(src_path: str | os.PathLike, out_path: str | os.PathLike, grid:
                     except (AttributeError, ValueError):
                         pass
                 for window in iter_windows(grid.width, grid.height, block):
-                    source = Window(window.col_off + col, window.row_off + row, window.width, window.height)
-                    values = src.read(window=source)
+                    top = window.row_off + row
+                    if bottom_up:  # north-up rows [top, top + h) are file rows [H - top - h, H - top), reversed
+                        top = src.height - top - window.height
+                    values = src.read(window=Window(window.col_off + col, top, window.width, window.height))
+                    if bottom_up:
+                        values = values[:, ::-1, :]
                     dst.write(values, window=window)
                     for band in restat:
                         v = values[band - 1].astype(np.float64)

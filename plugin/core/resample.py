@@ -17,12 +17,9 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
+from .aoi import bounds_overlap
 from .errors import InputError
 from .rasters import Grid, open_raster, read_or_fail
-
-
-def _overlap(a: tuple, b: tuple) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def reference_resampling(reference: rasterio.DatasetReader, grid: Grid) -> Resampling:
@@ -56,7 +53,7 @@ class ReferenceOnGrid:
             raise InputError(path, "has no coordinate reference system",
                              "Assign one, e.g. gdal_edit.py -a_srs EPSG:2154 FILE")
         bounds = transform_bounds(self._src.crs, grid.crs, *self._src.bounds, densify_pts=21)
-        if not _overlap(bounds, grid.bounds):
+        if not bounds_overlap(bounds, grid.bounds):
             self._src.close()
             raise InputError(path, f"does not overlap the target area (reference {_fmt(bounds)} vs "
                              f"target {_fmt(grid.bounds)} in {grid.crs.to_string()})",

@@ -41,7 +41,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from .. import aef
-from ..aoi import AreaOfInterest
+from ..aoi import AreaOfInterest, bounds_overlap
 from ..errors import InputError, RasterReadError, SourceError
 from ..cancel import CancelFn
 from ..rasters import EmbeddingRaster, Grid
@@ -288,7 +288,7 @@ class CogSource(EmbeddingSource):
         hits = []
         for entry in self._entries or ():
             b = transform_bounds(tile.crs, entry.crs, *tile.bounds, densify_pts=5)
-            if b[0] < entry.bounds[2] and b[2] > entry.bounds[0] and b[1] < entry.bounds[3] and b[3] > entry.bounds[1]:
+            if bounds_overlap(b, entry.bounds):
                 hits.append(entry)
         return sorted(hits, key=lambda e: (e.crs != tile.crs, e.url))
 

@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Optional
 from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
 
+from ..aoi import bounds_overlap
 from ..errors import InputError, SourceError
 from ..package_data import version
 from ..cancel import CancelFn
@@ -260,10 +261,6 @@ def _crs(value: str) -> CRS:
     return CRS.from_epsg(int(value)) if value.isdigit() else CRS.from_user_input(value)
 
 
-def _overlaps(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    return a[0] < b[2] and a[2] > b[0] and a[1] < b[3] and a[3] > b[1]
-
-
 def select_entries(index: Path, base_url: str, year: int, grid: Grid) -> list[IndexEntry]:
     """Index rows of ``year`` in the whole index CSV ``index`` whose footprint meets the grid."""
     return select_rows(_full_rows(index), base_url, year, grid)
@@ -278,12 +275,12 @@ def select_rows(rows: Iterable[dict], base_url: str, year: int, grid: Grid) -> l
         if row["year"].strip() != str(year):
             continue
         wgs84 = tuple(float(row[f"wgs84_{s}"]) for s in ("west", "south", "east", "north"))
-        if not _overlaps(wgs84, lon_lat):
+        if not bounds_overlap(wgs84, lon_lat):
             continue
         if row["crs"] not in in_crs:
             in_crs[row["crs"]] = transform_bounds(grid.crs, _crs(row["crs"]), *grid.bounds, densify_pts=21)
         utm = tuple(float(row[f"utm_{s}"]) for s in ("west", "south", "east", "north"))
-        if _overlaps(utm, in_crs[row["crs"]]):
+        if bounds_overlap(utm, in_crs[row["crs"]]):
             entries.append(IndexEntry(tile_url(row["path"], base_url), _crs(row["crs"]), utm))
     return entries
 
