@@ -82,7 +82,7 @@ def test_backend_choice(tiny_model, tmp_path):
     assert resolve_backend(package, "auto", "cuda") == "torch"  # GPUs run on torch
     with pytest.raises(InputError, match="CPU only"):
         resolve_backend(package, "onnx", "cuda")
-    with pytest.raises(InputError, match="is not a backend"):
+    with pytest.raises(InputError, match="backend 'tensorrt': is not known"):
         resolve_backend(package, "tensorrt", "cpu")
     bare = tmp_path / "bare"
     shutil.copytree(tiny_model, bare)

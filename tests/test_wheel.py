@@ -127,7 +127,7 @@ def test_the_demo_runs_from_a_folder_outside_the_checkout(venv, tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, env=_clean_env(), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == sorted(DEMO_OUTPUTS)
+    assert set(DEMO_OUTPUTS) <= {p.name for p in out.iterdir()}  # plus the evaluation report's plots
     with rasterio.open(out / "predicted_height.tif") as src:
         heights = src.read(1, masked=True)
         assert src.crs.to_string() == "EPSG:32630" and src.width == src.height == 1024

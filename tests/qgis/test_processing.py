@@ -305,8 +305,8 @@ def test_cancel_offered_where_core_can_cancel(provider):
     from alphaearth_height.plugin.processing.compat import CAN_CANCEL
 
     cancellable = {alg.name(): bool(alg.flags() & CAN_CANCEL) for alg in provider.algorithms()}
-    assert cancellable == {"compareheights": False, "fetchembeddings": True, "predictheight": True,
-                           "trainmodel": False}
+    assert cancellable == {"compareheights": False, "correctbias": False, "fetchembeddings": True,
+                           "predictheight": True, "trainmodel": False}
 
 
 def test_fetch_over_the_size_limit_is_refused_unless_raised(run, small_scene, tmp_path, monkeypatch):
