@@ -22,6 +22,7 @@ except ImportError:
 
 from .core.package_data import resource
 from .log import install_log_handler, uninstall_log_handler
+from .tasks import BackgroundWork
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class AlphaEarthHeightPlugin:
         self.action: Optional[QAction] = None
         self.dock = None
         self.provider = None
+        self.work = BackgroundWork()  # the tasks (runs, environment set-up, GPU probe): ours, not the dock's
 
     def initGui(self) -> None:  # noqa: N802 - QGIS API name
         install_log_handler()
@@ -93,7 +95,7 @@ class AlphaEarthHeightPlugin:
             return False
         from .ui.dock import HeightDock
 
-        self.dock = HeightDock(self.iface, self.iface.mainWindow())
+        self.dock = HeightDock(self.iface, self.iface.mainWindow(), work=self.work)
         self.dock.visibilityChanged.connect(self._sync_action)
         self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
         return True
@@ -106,6 +108,7 @@ class AlphaEarthHeightPlugin:
 
     def unload(self) -> None:
         """Undo everything initGui and the dock added, so a reload starts clean."""
+        self.work.cancel_all()
         if self.dock is not None:
             self.dock.shutdown()
             self.iface.removeDockWidget(self.dock)

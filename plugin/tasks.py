@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
-from qgis.core import QgsTask
+from qgis.core import QgsApplication, QgsTask
 
 from .core.cancel import Cancelled
 from .core.job import HeightJob, HeightJobResult, remove_outputs, safe_name
@@ -142,3 +142,82 @@ class EnvironmentTask(QgsTask):
                 self.on_done(self)
             except Exception:  # noqa: BLE001 - never into QGIS's event loop
                 log.error("Handling the end of the environment task failed", exc_info=True)
+
+
+def _probe_device(_task: QgsTask, python: str) -> str:
+    """What runs would use, asked of the worker environment (torch is imported there, never in QGIS)."""
+    info = call_worker("environment", {}, python=python, on_log=relay_worker_log)
+    if info.get("gpu"):
+        return info["gpu"]
+    onnx = f"ONNX Runtime {info['onnxruntime']}" if info.get("onnxruntime") else "no ONNX Runtime"
+    return f"cpu ({onnx}; {'PyTorch' if info.get('torch_device') else 'no PyTorch, so no GPU'})"
+
+
+class BackgroundWork:
+    """The plugin's tasks: at most one height run, one environment step and one GPU probe at a time.
+
+    The plugin object owns this (the dock only asks for work and shows outcomes), keeps
+    each task referenced while QGIS runs it, and cancels what is left when it unloads.
+    """
+
+    def __init__(self) -> None:
+        self.height: Optional[HeightTask] = None
+        self.environment: Optional[EnvironmentTask] = None
+        self.probe: Optional[QgsTask] = None
+
+    def height_running(self) -> bool:
+        return self.height is not None and self.height.on_done is not None
+
+    def start_height(self, job: HeightJob, python: str, on_done: Callable[[HeightTask], None],
+                     on_progress: Callable[[float], None]) -> Optional[HeightTask]:
+        """Start a run unless one is running; ``on_done`` gets the task (its ``outcome``) on the main thread."""
+        if self.height_running():
+            return None
+
+        def done(task: HeightTask) -> None:
+            task.on_done = None
+            on_done(task)
+
+        self.height = HeightTask(job, python, done)
+        self.height.progressChanged.connect(on_progress)
+        log.info("Starting height job %s (%s %d)", job.name, job.source, job.year)
+        QgsApplication.taskManager().addTask(self.height)
+        return self.height
+
+    def start_environment(self, environment: ManagedEnvironment, action: str, package_set: PackageSet,
+                          on_done: Callable[[EnvironmentTask], None],
+                          on_progress: Optional[Callable[[float], None]] = None) -> Optional[EnvironmentTask]:
+        """Plan, install or remove the environment unless a step is under way."""
+        if self.environment is not None:
+            return None
+
+        def done(task: EnvironmentTask) -> None:
+            self.environment = None
+            on_done(task)
+
+        self.environment = EnvironmentTask(environment, action, package_set, done)
+        if on_progress is not None:
+            self.environment.progressChanged.connect(on_progress)
+        QgsApplication.taskManager().addTask(self.environment)
+        return self.environment
+
+    def start_probe(self, python: str, on_done: Callable[[Optional[BaseException], str], None]) -> bool:
+        """Ask the worker environment which device runs would use; False when a probe is under way."""
+        if self.probe is not None:
+            return False
+
+        def done(exception: Optional[BaseException], description: str = "") -> None:
+            self.probe = None
+            on_done(exception, description)
+
+        self.probe = QgsTask.fromFunction("AlphaEarth Height: detecting GPU", _probe_device, python,
+                                          on_finished=done)
+        QgsApplication.taskManager().addTask(self.probe)
+        return True
+
+    def cancel_all(self) -> None:
+        """Unload: no callback into a dock that is going away; cancel what still runs."""
+        for task in (self.height, self.environment):
+            if task is not None and task.on_done is not None:
+                task.on_done = None
+                task.cancel()

@@ -13,8 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from qgis.core import (Qgis, QgsApplication, QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsRectangle,
-                       QgsTask)
+from qgis.core import Qgis, QgsApplication, QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsRectangle
 from qgis.gui import (QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox, QgsMapTool, QgsMessageBarItem,
                       QgsMessageViewer)
 from qgis.PyQt.QtCore import QEvent, QObject, QSize, Qt, pyqtSignal
@@ -40,7 +39,7 @@ from ..core.worker import WorkerError
 from ..environment import PYTHON_OVERRIDE, ManagedEnvironment, profile_environment, worker_python
 from .. import settings
 from ..layers import add_result_layers, existing_file, layer_file
-from ..tasks import EnvironmentTask, HeightTask, relay_worker_log
+from ..tasks import BackgroundWork, EnvironmentTask, HeightTask
 from .aoi_tool import AoiMapTool, AoiRubberBand, canvas_aoi, layer_aoi, qgs_crs, rectangle_aoi
 
 log = logging.getLogger(__name__)
@@ -179,17 +178,16 @@ class HeightDock(QgsDockWidget):
     runFinished = pyqtSignal(bool)
     environmentChanged = pyqtSignal(bool)  # after an install or removal: whether runs can start
 
-    def __init__(self, iface, parent: Optional[QWidget] = None) -> None:
+    def __init__(self, iface, parent: Optional[QWidget] = None, work: Optional[BackgroundWork] = None) -> None:
         super().__init__(TITLE, parent)
         self.setObjectName("AlphaEarthHeightDock")
         self.iface = iface
         self.canvas = iface.mapCanvas()
         self.aoi: Optional[AreaOfInterest] = None
-        self.task: Optional[HeightTask] = None  # referenced while QGIS runs it
+        self._owns_work = work is None  # a dock on its own (tests) owns its tasks; in QGIS the plugin does
+        self.work = work or BackgroundWork()
         self.environment: ManagedEnvironment = profile_environment()
-        self.env_task: Optional[EnvironmentTask] = None
         self._plan_text: Optional[str] = None
-        self.probe_task: Optional[QgsTask] = None
         self.last_result: Optional[HeightJobResult] = None
         self.details_viewer: Optional[QgsMessageViewer] = None  # the last error's Details window
         self.saved_size: Optional[QSize] = None  # applied on first show, once the dock is placed
@@ -590,15 +588,12 @@ class HeightDock(QgsDockWidget):
     def detect_device(self) -> None:
         """Ask the worker environment what it runs on (torch is imported there, never in QGIS)."""
         python = worker_python(self.environment)
-        if self.probe_task is not None or python is None:
+        if self.work.probe is not None or python is None:
             return
         self.device_label.setText("GPU: detecting…")
-        self.probe_task = QgsTask.fromFunction("AlphaEarth Height: detecting GPU", _probe_device, python,
-                                               on_finished=self._on_probe_done)
-        QgsApplication.taskManager().addTask(self.probe_task)
+        self.work.start_probe(python, self._on_probe_done)
 
     def _on_probe_done(self, exception: Optional[BaseException], description: str = "") -> None:
-        self.probe_task = None
         self.device_label.setText(f"Auto uses: {description}" if exception is None
                                   else f"GPU detection failed: {exception}")
 
@@ -657,11 +652,8 @@ class HeightDock(QgsDockWidget):
             return
         self.save_settings()
         self._show_metrics({})
-        self.task = HeightTask(job, python, self._on_task_done)
-        self.task.progressChanged.connect(self._on_progress)
         self._set_running(True)
-        log.info("Starting height job %s (%s %d)", job.name, job.source, job.year)
-        QgsApplication.taskManager().addTask(self.task)
+        self.work.start_height(job, python, self._on_task_done, self._on_progress)
 
     def fetch_size_question(self, job: HeightJob) -> Optional[str]:
         """What the run's fetch would cost when that is over the size limit; None when it is not.
@@ -703,11 +695,11 @@ class HeightDock(QgsDockWidget):
         return answer == QMessageBox.StandardButton.Yes
 
     def is_running(self) -> bool:
-        return self.task is not None and self.task.on_done is not None
+        return self.work.height_running()
 
     def cancel(self) -> None:
         if self.is_running():
-            self.task.cancel()
+            self.work.height.cancel()
 
     def _on_progress(self, value: float) -> None:
         self.progress.setValue(int(value))
@@ -719,7 +711,6 @@ class HeightDock(QgsDockWidget):
             self.progress.setValue(0)
 
     def _on_task_done(self, task: HeightTask) -> None:
-        task.on_done = None
         self._set_running(False)
         ok = task.outcome == "success"
         if ok:
@@ -828,7 +819,7 @@ class HeightDock(QgsDockWidget):
     def refresh_environment(self) -> None:
         """Say where runs happen and what installing would add; Run needs the environment."""
         env, python = self.environment, worker_python(self.environment)
-        busy = self.env_task is not None
+        busy = self.work.environment is not None
         if python is not None and not env.is_ready():
             text = f"Runs use the Python set by ${PYTHON_OVERRIDE}: {python}"
         elif python is not None:
@@ -859,18 +850,15 @@ class HeightDock(QgsDockWidget):
         self._start_env_task("remove", "inference")
 
     def _start_env_task(self, action: str, package_set: str) -> None:
-        if self.env_task is not None:
+        started = self.work.start_environment(self.environment, action, package_set, self._on_env_task_done,
+                                              self._on_progress if action == "install" else None)
+        if started is None:
             return
-        self.env_task = EnvironmentTask(self.environment, action, package_set, self._on_env_task_done)
-        if action == "install":
-            self.env_task.progressChanged.connect(self._on_progress)
-        QgsApplication.taskManager().addTask(self.env_task)
         self.refresh_environment()
         if action == "install":
             self.env_label.setText(f"Installing the {package_set} packages… (pip's output is in the log panel)")
 
     def _on_env_task_done(self, task: EnvironmentTask) -> None:
-        self.env_task = None
         if task.action == "plan":
             self._plan_text = ("Install will " + task.plan.describe() + "." if task.plan is not None
                                else f"Could not check the download size ({task.error}).")
@@ -892,10 +880,8 @@ class HeightDock(QgsDockWidget):
     def shutdown(self) -> None:
         """Remember choices, stop background work, take our items off the canvas (unload)."""
         self.save_settings()
-        for task in (self.task, self.env_task):
-            if task is not None and task.on_done is not None:
-                task.on_done = None
-                task.cancel()
+        if self._owns_work:
+            self.work.cancel_all()
         self.canvas.mapToolSet.disconnect(self._on_map_tool_set)
         QgsProject.instance().layersAdded.disconnect(self._filter_layer_pickers)
         QgsProject.instance().layersRemoved.disconnect(self._filter_layer_pickers)
@@ -903,13 +889,3 @@ class HeightDock(QgsDockWidget):
             self.canvas.unsetMapTool(self.map_tool)
         self.map_tool.deleteLater()  # the tool owns its own drawing band on the canvas
         self.rubber_band.remove()
-
-
-def _probe_device(_task: QgsTask, python: str) -> str:
-    from ..core.worker import call_worker
-
-    info = call_worker("environment", {}, python=python, on_log=relay_worker_log)
-    if info.get("gpu"):
-        return info["gpu"]
-    onnx = f"ONNX Runtime {info['onnxruntime']}" if info.get("onnxruntime") else "no ONNX Runtime"
-    return f"cpu ({onnx}; {'PyTorch' if info.get('torch_device') else 'no PyTorch, so no GPU'})"

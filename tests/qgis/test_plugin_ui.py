@@ -197,6 +197,7 @@ def test_plugin_loads_and_unloads_cleanly(iface):
     assert plugin.dock is None, "the dock is built lazily"
     dock = open_dock(plugin)
     assert dock is not None and dock.isVisible() and plugin.action.isChecked()
+    assert dock.work is plugin.work and not dock._owns_work  # the plugin owns the tasks, the dock asks
     assert iface.window.findChildren(dock_module.HeightDock) == [dock]
     dock.draw_button.click()
     assert iface.canvas.mapTool() is dock.map_tool
@@ -406,7 +407,7 @@ def test_large_fetch_asks_before_starting(dock, iface, small_scene, tiny_model, 
     QgsSettings().setValue("alphaearth_height/max_fetch_gb", 0.0001)
     asked = []
     monkeypatch.setattr(dock, "confirm_large_fetch", lambda question: asked.append(question) or False)
-    assert run_and_wait(dock) is None and dock.task is None
+    assert run_and_wait(dock) is None and dock.work.height is None
     assert len(asked) == 1 and "write ~" in asked[0] and "over the 0.0001 GB limit" in asked[0]
     assert "Run not started" in iface.messages()[-1]
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
@@ -432,7 +433,7 @@ def test_device_detection_runs_in_background(dock):
     assert "not checked" in dock.device_label.text(), "no torch import while building the dock"
     dock.detect_button.click()
     deadline = time.monotonic() + 60
-    while dock.probe_task is not None and time.monotonic() < deadline:
+    while dock.work.probe is not None and time.monotonic() < deadline:
         QgsApplication.processEvents()
         time.sleep(0.01)
     assert dock.device_label.text().startswith("Auto uses: ")
@@ -666,7 +667,7 @@ def test_cancel_mid_run_leaves_no_output(dock, iface, small_scene, tiny_model, t
     manager = QgsApplication.taskManager()
 
     def cancel_once_predicting(_task_id) -> None:
-        task = dock.task  # set before addTask, which announces it before starting it
+        task = dock.work.height  # set before addTask, which announces it before starting it
         task.progressChanged.connect(lambda value: value > FETCH_END and task.cancel(),
                                      Qt.ConnectionType.DirectConnection)
 
@@ -689,7 +690,7 @@ def test_remote_source_without_aoi_is_refused(source, dock, iface, tiny_model, t
     dock.source_combo.setCurrentIndex(dock.source_combo.findData(source))
     dock.output_folder.setFilePath(str(tmp_path))
     assert dock.aoi is None
-    assert run_and_wait(dock) is None and dock.task is None
+    assert run_and_wait(dock) is None and dock.work.height is None
     assert "area of interest: is not chosen" in iface.messages()[-1]
     assert iface.bar.items()[-1].level() == Qgis.MessageLevel.Critical
     assert list(tmp_path.iterdir()) == []
@@ -713,7 +714,7 @@ def test_run_from_the_public_cogs(dock, iface, tiny_model, tmp_path, monkeypatch
         QgsSettings().setValue("alphaearth_height/cog_base_url", f"{server.url}/{PREFIX}")
         assert run_and_wait(dock) is True, iface.messages()
         assert any(path.endswith(".tiff") for _, path, _, _ in server.log.requests)
-    assert dock.task.job.source == "cog" and dock.task.job.source_options == {"base_url": f"{server.url}/{PREFIX}"}
+    assert dock.work.height.job.source == "cog" and dock.work.height.job.source_options == {"base_url": f"{server.url}/{PREFIX}"}
     outputs = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert [name.split("_")[-1] for name in outputs] == ["embeddings.tif", "height.tif"]
     assert len(result_layers()) == 1
@@ -795,7 +796,7 @@ def test_run_adds_styled_layers(completed_run):
     assert run.ok is True
     assert any("Height layers added" in m for m in run.iface.messages())
     group = QgsProject.instance().layerTreeRoot().children()[0]
-    assert group.name().startswith("aeh_2020_x") and group.name() == run.dock.task.job.name
+    assert group.name().startswith("aeh_2020_x") and group.name() == run.dock.work.height.job.name
     assert [child.name() for child in group.children()] == ["difference", "height"]
     assert [child.layer() for child in group.children()] == [run.difference, run.height]
     for layer in (run.height, run.difference):
