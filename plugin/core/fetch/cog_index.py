@@ -28,6 +28,7 @@ from rasterio.warp import transform_bounds
 from ..aoi import bounds_overlap
 from ..errors import InputError, SourceError
 from ..package_data import version
+from ..rasters import replace_when_done
 from ..cancel import CancelFn
 from ..rasters import Grid
 from .network import (DEFAULT_INDEX_DEADLINE, DEFAULT_STALL, Deadline, DeadlineExceeded, NetworkError, StatusFn,
@@ -558,12 +559,10 @@ def _slice_path(folder: Path, zone: str, year: int) -> Path:
 
 def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     """Atomically: a half-written slice must never pass for the rows of a zone."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with replace_when_done(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -652,14 +651,9 @@ def _spell(layout: dict, number: int, hemisphere: str) -> str:
 def _keep_whole(url: str, data: bytes, full: Path) -> Iterable[dict]:
     """Cache an index that arrived whole (validated like a download) and read its rows."""
     full.parent.mkdir(parents=True, exist_ok=True)
-    tmp = full.with_name(f".{full.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    try:
-        _check_download(url, tmp, "text/csv")
-        os.replace(tmp, full)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with replace_when_done(full) as tmp:
+        Path(tmp).write_bytes(data)
+        _check_download(url, Path(tmp), "text/csv")
     return _full_rows(full)
 
 

@@ -19,7 +19,6 @@ deadline allows; other HTTP errors (403, 404) are answers and are not retried.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import socket
 import threading
@@ -28,7 +27,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
 from ..cancel import CancelFn, Cancelled
@@ -243,30 +241,3 @@ def _stall_text(what: str, host: str, stall: float, received: int, answered: boo
     if not answered:
         return f"{host} accepted the connection but did not answer {what} within {stall:g} s"
     return f"{what} stalled: less than 1 KB arrived from {host} in {stall:g} s ({received:,} bytes in all)"
-
-
-def download_file(url: str, target: Path, *, what: str, stall: float, deadline: Deadline,
-                  cancel: Optional[CancelFn] = None, status: Optional[StatusFn] = None,
-                  headers: Optional[dict] = None,
-                  validate: Optional[Callable[[Path, str], None]] = None) -> Path:
-    """``download`` into a temporary file beside ``target``, renamed into place only once
-    complete and accepted by ``validate(path, content_type)`` (which raises to refuse it)."""
-    import contextlib
-    import tempfile
-
-    from ..rasters import honour_umask, partial_tag, remove_stale_partials_once
-
-    remove_stale_partials_once(target.parent)  # downloads of runs killed outright
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=partial_tag(), dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            honour_umask(tmp)
-            _, content_type = download(url, out, what=what, stall=stall, deadline=deadline, cancel=cancel,
-                                       status=status, headers=headers)
-        if validate is not None:
-            validate(Path(tmp), content_type)
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-    return target
