@@ -188,6 +188,7 @@ class HeightDock(QgsDockWidget):
         self.work = work or BackgroundWork()
         self.environment: ManagedEnvironment = profile_environment()
         self._plan_text: Optional[str] = None
+        self._env_size: Optional[int] = None  # bytes on disk of the environment, measured once
         self.last_result: Optional[HeightJobResult] = None
         self.details_viewer: Optional[QgsMessageViewer] = None  # the last error's Details window
         self.saved_size: Optional[QSize] = None  # applied on first show, once the dock is placed
@@ -824,7 +825,9 @@ class HeightDock(QgsDockWidget):
             text = f"Runs use the Python set by ${PYTHON_OVERRIDE}: {python}"
         elif python is not None:
             torch = "training" in env.installed_sets()
-            text = (f"Ready: {env.folder} ({env.size_bytes() / 1e6:,.0f} MB). " +
+            if self._env_size is None:  # walking the folder takes a while: once per install or removal
+                self._env_size = env.size_bytes()
+            text = (f"Ready: {env.folder} ({self._env_size / 1e6:,.0f} MB). " +
                     ("Training and GPU inference available (PyTorch)." if torch else
                      "CPU inference with ONNX Runtime. Training and GPU inference need PyTorch "
                      "(~0.8 GB CPU build, ~5 GB with CUDA): 'Add training'."))
@@ -859,6 +862,7 @@ class HeightDock(QgsDockWidget):
             self.env_label.setText(f"Installing the {package_set} packages… (pip's output is in the log panel)")
 
     def _on_env_task_done(self, task: EnvironmentTask) -> None:
+        self._env_size = None
         if task.action == "plan":
             self._plan_text = ("Install will " + task.plan.describe() + "." if task.plan is not None
                                else f"Could not check the download size ({task.error}).")
