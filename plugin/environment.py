@@ -47,6 +47,7 @@ def _import_to_requirement(*lists: str) -> dict[str, str]:
 # runs in this environment.
 INFERENCE: dict[str, str] = _import_to_requirement("core", "earthengine")
 TRAINING: dict[str, str] = _import_to_requirement("train", "onnx")
+SETS: dict[str, dict[str, str]] = {"inference": INFERENCE, "training": TRAINING}
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 LineFn = Callable[[str], None]
 
@@ -91,10 +92,15 @@ class ManagedEnvironment:
         return self._base_python or system_python()
 
     def installed_sets(self) -> list[str]:
+        """The sets installed with today's requirement lists: a set installed by an older version
+        whose list has grown since (e.g. the Earth Engine client) counts as missing, so the dock
+        offers Install again, which adds only what is new."""
         try:
-            return list(json.loads((self.folder / READY_FILE).read_text())["sets"])
-        except (OSError, ValueError, KeyError):
+            marker = json.loads((self.folder / READY_FILE).read_text())
+            sets, recorded = list(marker["sets"]), set(marker.get("requirements", []))
+        except (OSError, ValueError, KeyError, TypeError):
             return []
+        return [name for name in sets if name in SETS and set(SETS[name].values()) <= recorded]
 
     def is_ready(self, package_set: PackageSet = "inference") -> bool:
         return self.python.is_file() and package_set in self.installed_sets()
@@ -181,7 +187,9 @@ class ManagedEnvironment:
         check = "import " + ", ".join(wanted)
         _run([str(self.python), "-c", check], log)
         sets = sorted(set(self.installed_sets()) | {"inference", package_set})
-        (self.folder / READY_FILE).write_text(json.dumps({"sets": sets, "python": self.base_python}) + "\n")
+        recorded = sorted({req for name in sets for req in SETS[name].values()})
+        (self.folder / READY_FILE).write_text(json.dumps({"sets": sets, "python": self.base_python,
+                                                          "requirements": recorded}) + "\n")
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=False)

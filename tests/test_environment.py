@@ -121,3 +121,19 @@ def test_a_failing_pip_is_one_line(tmp_path, monkeypatch):
 def test_plan_text_without_sizes():
     plan = InstallPlan([("onnxruntime", "1.32.0", 28_000_000), ("protobuf", "7.36.2", None)])
     assert plan.total_bytes is None and "size unknown" in plan.describe()
+
+
+def test_a_set_installed_before_its_list_grew_is_offered_again(tmp_path):
+    """An environment made by an older version (its marker lacks a requirement added since, such as the
+    Earth Engine client) is not ready, so the dock shows Install, which adds what is new."""
+    env = ManagedEnvironment(tmp_path / "env", base_python=system_python())
+    env.python.parent.mkdir(parents=True)
+    env.python.write_text("")  # stands for the interpreter: only its presence is checked here
+    marker = env.folder / "alphaearth_height_ready.json"
+    marker.write_text(json.dumps({"sets": ["inference"], "python": "/usr/bin/python3"}))  # the old marker
+    assert not env.is_ready() and env.installed_sets() == []
+    marker.write_text(json.dumps({"sets": ["inference"], "requirements": sorted(INFERENCE.values())}))
+    assert env.is_ready() and env.installed_sets() == ["inference"]
+    grown = sorted(set(INFERENCE.values()) - {INFERENCE["ee"]})
+    marker.write_text(json.dumps({"sets": ["inference"], "requirements": grown}))
+    assert not env.is_ready()
