@@ -7,7 +7,7 @@ import rasterio
 
 from alphaearth_height.plugin.core.errors import InputError
 from alphaearth_height.plugin.core.cancel import Cancelled
-from alphaearth_height.plugin.core.inference import blend_weights, predict_height, tile_starts
+from alphaearth_height.plugin.core.inference import blend_weights, predict_height, tile_layout
 from alphaearth_height.plugin.core.rasters import OUTPUT_NODATA
 
 from conftest import ORIGIN, unit_embeddings, write_embeddings
@@ -26,9 +26,17 @@ def scene(tmp_path_factory):
     return write_embeddings(folder / "emb.tif", values), values
 
 
-def test_tile_plan_covers_and_ends_flush():
-    assert tile_starts(200, 64, 48) == [0, 48, 96, 136]
-    assert tile_starts(50, 64, 48) == [0]
+def test_tile_layout_covers_keeps_the_overlap_and_wastes_little():
+    assert tile_layout(200, 64, 16, 8) == (64, [0, 45, 90, 136])
+    assert tile_layout(50, 64, 16, 8) == (56, [0])  # shrunk to the raster, rounded up to the multiple
+    # 1024 px with 512 px tiles: three tiles of 384 px, not three of 512 (the last flush at 512)
+    assert tile_layout(1024, 512, 64, 32) == (384, [0, 320, 640])
+    for length in range(100, 3000, 37):
+        size, starts = tile_layout(length, 512, 64, 32)
+        assert size <= 512 and size % 32 == 0 and starts[0] == 0 and starts[-1] + size >= length
+        if len(starts) > 1:
+            assert starts[-1] + size == length and len(starts) * size <= 1.3 * length
+            assert all(b - a <= size - 64 for a, b in zip(starts, starts[1:]))  # overlap of at least 64 px
     w = blend_weights(64, 64, 16)
     assert w.max() == 1.0 and w.min() > 0 and w[0, 0] < 0.01 and w[32, 32] == 1.0
 
@@ -49,7 +57,7 @@ def test_output_is_georeferenced_on_the_embedding_grid(scene, tiny_model, tmp_pa
     assert tags["MODEL"] == "tiny test U-Net"
     assert band_tags["UNITS"] == "m" and descriptions[0] == "predicted surface height"
     assert float(band_tags["STATISTICS_MINIMUM"]) <= float(band_tags["STATISTICS_MAXIMUM"])
-    assert result.tiles == len(tile_starts(200, 64, 48)) * len(tile_starts(232, 64, 48))
+    assert result.tiles == len(tile_layout(200, 64, 16, 8)[1]) * len(tile_layout(232, 64, 16, 8)[1])
 
 
 def test_bottom_up_input_gives_the_same_north_up_output(scene, tiny_model, tmp_path):
@@ -79,9 +87,10 @@ def test_tiled_prediction_has_no_seam_and_matches_one_window(tiny_model, tmp_pat
     predict_height(path, tiny_model, tmp_path / "tiled.tif", tile=96, overlap=32, device="cpu")
     predict_height(path, tiny_model, tmp_path / "hard.tif", tile=96, overlap=0, device="cpu")
     whole, tiled, hard = (_read(tmp_path / f"{n}.tif")[0] for n in ("whole", "tiled", "hard"))
-    starts = tile_starts(224, 96, 64)
-    assert _seam_ratio(tiled, starts, 96) < 1.5
-    assert _seam_ratio(hard, tile_starts(224, 96, 96), 96) > _seam_ratio(tiled, starts, 96)
+    size, starts = tile_layout(224, 96, 32, 8)
+    hard_size, hard_starts = tile_layout(224, 96, 0, 8)
+    assert _seam_ratio(tiled, starts, size) < 1.5
+    assert _seam_ratio(hard, hard_starts, hard_size) > _seam_ratio(tiled, starts, size)
     spread = whole.std()
     assert np.abs(tiled - whole).mean() < np.abs(hard - whole).mean()
     # Where one tile sees all the context the network uses, tiling changes nothing.

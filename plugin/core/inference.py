@@ -1,19 +1,26 @@
 """Tiled, streaming height prediction over an embeddings raster of any size.
 
 Tiles overlap and are blended with weights that fall to ~0 at tile edges, so no seam
-shows. The raster is processed in column bands, each top to bottom with a rolling
-accumulator one tile high: memory depends on tile, batch and band width, never on the
-area. The output appears under its name only once complete.
+shows. Along each axis the fewest tiles that keep the overlap are spread evenly and
+shrunk to just cover the raster, so little input is computed twice. The raster is
+processed in column bands, each top to bottom with a rolling accumulator one tile high:
+memory depends on tile, batch and band width, never on the area. Reading and
+de-quantising the next batches (a reader thread) and checking and writing finished
+strips (a writer thread) overlap with the model, which releases the GIL. The output
+appears under its name only once complete.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import queue
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import rasterio
@@ -41,12 +48,22 @@ class PredictionResult:
     stats: dict = field(default_factory=dict)
 
 
-def tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Start offsets of tiles of size ``tile`` covering ``length``; the last one is flush."""
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
+def tile_layout(length: int, tile: int, overlap: int, multiple: int) -> tuple[int, list[int]]:
+    """Tile size and start offsets along one axis of ``length`` px.
+
+    The fewest tiles of at most ``tile`` px that overlap by at least ``overlap`` cover the
+    axis; the size is then shrunk to the smallest multiple of ``multiple`` that still
+    covers with that many tiles, and the starts spread evenly (first flush with 0, last
+    with the end). A fixed stride with a flush last tile would compute up to a whole
+    tile twice at the end of every axis: with 512 px tiles on 1024 px, 3 tiles of 512
+    (1.5 input px per output px) instead of 3 of 384 (1.125).
+    """
+    size = min(tile, _round_up(length, multiple))
+    if length <= size:
+        return size, [0]
+    count = -(-(length - overlap) // (tile - overlap))
+    size = min(tile, _round_up(-(-(length + (count - 1) * overlap) // count), multiple))
+    return size, [i * (length - size) // (count - 1) for i in range(count)]
 
 
 def blend_weights(rows: int, cols: int, overlap: int) -> np.ndarray:
@@ -64,7 +81,11 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 class TorchRunner:
-    """Holds the torch model on its device and turns batches of embeddings into heights."""
+    """Holds the torch model on its device and turns batches of finite embeddings into heights.
+
+    NaN/Inf are replaced by the reader thread (``_read_batches``), not here, so that copy
+    overlaps with the model instead of delaying it.
+    """
 
     def __init__(self, package: ModelPackage, device_name: str, amp: bool, channels_last: Optional[bool]) -> None:
         import torch
@@ -81,7 +102,7 @@ class TorchRunner:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
-        x = torch.from_numpy(np.nan_to_num(batch, nan=0.0, posinf=0.0, neginf=0.0)).to(self.device)
+        x = torch.from_numpy(batch).to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
@@ -90,7 +111,10 @@ class TorchRunner:
 
 
 class OnnxRunner:
-    """The package's ONNX graph on ONNX Runtime's CPU provider: no torch, a few tens of MB."""
+    """The package's ONNX graph on ONNX Runtime's CPU provider: no torch, a few tens of MB.
+
+    Takes batches of finite embeddings, like ``TorchRunner``.
+    """
 
     def __init__(self, package: ModelPackage) -> None:
         import onnxruntime as ort
@@ -107,7 +131,7 @@ class OnnxRunner:
         self.description = f"cpu (ONNX Runtime {ort.__version__}, {threads} threads)"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(np.nan_to_num(batch, nan=0.0, posinf=0.0, neginf=0.0), dtype=np.float32)
+        x = np.ascontiguousarray(batch, dtype=np.float32)
         y = self.session.run(None, {self.input: x})[0][:, 0]
         return y * np.float32(self.std) + np.float32(self.mean)
 
@@ -226,19 +250,25 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
                 describe_band(dst, description, "m", MODEL=package.name,
                               SOURCE_EMBEDDINGS=Path(embeddings).name, TILE=str(tile), OVERLAP=str(overlap))
                 done = 0
-                for c0, c1 in plan.bands():
-                    for finished in _predict_band(source, runner, plan, c0, c1, batch_size, cancel):
-                        window, values, n_tiles = finished
-                        stats.add(values)
-                        if stats.non_finite:
-                            raise InputError(package.path, f"gave {stats.non_finite} non-finite height(s) for valid "
-                                             f"embeddings (in the window at column {window.col_off}, row "
-                                             f"{window.row_off})", "Run in full precision (--no-amp, or untick "
-                                             "'Mixed precision') or check the model's weights")
-                        dst.write(values, 1, window=window)
-                        done += n_tiles
-                        if progress:
-                            progress(done, plan.total_tiles)
+                batches = _prefetched(_read_batches(source, plan, batch_size))
+                strips = _predict_strips(batches, runner, plan, cancel)
+                # One writer thread: statistics, the non-finite check and the (compressing) write of
+                # a strip overlap with the model's next batches; at most one strip is in flight.
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-writer") as writer:
+                    pending: Optional[Future] = None
+                    try:
+                        for window, values, n_tiles in strips:
+                            if pending is not None:
+                                pending.result()
+                            pending = writer.submit(_check_and_write, dst, stats, window, values, package.path)
+                            done += n_tiles
+                            if progress:
+                                progress(done, plan.total_tiles)
+                        if pending is not None:
+                            pending.result()
+                    finally:  # stop and join the reader before the source closes, also on cancel or error
+                        strips.close()
+                        batches.close()
                 if not stats.n:
                     raise InputError(embeddings, f"has no valid pixel in its {grid.width} x {grid.height} px "
                                      "(every pixel is nodata, NaN or infinite)",
@@ -249,9 +279,20 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
                             runner.description, stats.summary())
 
 
+def _check_and_write(dst: rasterio.io.DatasetWriter, stats: "_Stats", window: Window, values: np.ndarray,
+                     model_path: Path) -> None:
+    """Count a finished strip into the statistics, refuse non-finite heights, write it."""
+    stats.add(values)
+    if stats.non_finite:
+        raise InputError(model_path, f"gave {stats.non_finite} non-finite height(s) for valid embeddings (in the "
+                         f"window at column {window.col_off}, row {window.row_off})",
+                         "Run in full precision (--no-amp, or untick 'Mixed precision') or check the model's weights")
+    dst.write(values, 1, window=window)
+
+
 @dataclass
 class TilePlan:
-    """Tile geometry: tile height/width (shrunk for small rasters), overlaps and bands."""
+    """Tile geometry: tile height/width (see ``tile_layout``), start offsets, weights and bands."""
 
     grid: Grid
     tile: int
@@ -260,12 +301,15 @@ class TilePlan:
     band_width: int
 
     def __post_init__(self) -> None:
-        self.th = min(self.tile, _round_up(self.grid.height, self.multiple))
-        self.tw = min(self.tile, _round_up(self.grid.width, self.multiple))
-        self.rows = tile_starts(self.grid.height, self.th, max(1, self.th - self.overlap))
-        self.cols = tile_starts(self.grid.width, self.tw, max(1, self.tw - self.overlap))
+        self.th, self.rows = tile_layout(self.grid.height, self.tile, self.overlap, self.multiple)
+        self.tw, self.cols = tile_layout(self.grid.width, self.tile, self.overlap, self.multiple)
         self.weights = blend_weights(self.th, self.tw, self.overlap)
         self.total_tiles = sum(len(self.band_cols(c0, c1)) for c0, c1 in self.bands()) * len(self.rows)
+
+    @property
+    def input_per_output(self) -> float:
+        """Input pixels the model computes per output pixel (tiles run twice at band edges included)."""
+        return self.total_tiles * self.th * self.tw / (self.grid.width * self.grid.height)
 
     def bands(self) -> list[tuple[int, int]]:
         width = self.grid.width
@@ -274,42 +318,137 @@ class TilePlan:
     def band_cols(self, c0: int, c1: int) -> list[int]:
         return [c for c in self.cols if c < c1 and c + self.tw > c0]
 
+    def batches(self, batch_size: int) -> Iterator[tuple[int, int, int, list[int]]]:
+        """(band, row index, row offset, column offsets) of every batch, in prediction order."""
+        for b, (c0, c1) in enumerate(self.bands()):
+            cols = self.band_cols(c0, c1)
+            for k, r in enumerate(self.rows):
+                for first in range(0, len(cols), batch_size):
+                    yield b, k, r, cols[first:first + batch_size]
 
-def _predict_band(source: EmbeddingRaster, runner: ModelRunner, plan: TilePlan, c0: int, c1: int,
-                  batch_size: int, cancel: Optional[CancelFn]):
-    """Yield (window, heights, tiles done) strips of the band [c0, c1), top to bottom."""
-    cols = plan.band_cols(c0, c1)
-    left = cols[0]
-    span = cols[-1] + plan.tw - left
-    num = np.zeros((plan.th, span), dtype=np.float32)
-    den = np.zeros((plan.th, span), dtype=np.float32)
-    valid = np.zeros((plan.th, span), dtype=bool)
-    for k, r in enumerate(plan.rows):
-        for first in range(0, len(cols), batch_size):
-            if cancel and cancel():
-                raise Cancelled("prediction cancelled")
-            chunk = cols[first:first + batch_size]
-            tiles = [source.read(Window(c, r, plan.tw, plan.th)) for c in chunk]
-            masks = [valid_mask(emb) for emb in tiles]
-            live = [i for i, mask in enumerate(masks) if mask.any()]  # all-nodata tiles: no model run
-            heights = runner(np.stack([tiles[i] for i in live])) if live else []
-            for i, h in zip(live, heights):
-                sl = np.s_[:, chunk[i] - left:chunk[i] - left + plan.tw]
-                num[sl] += h * plan.weights
-                den[sl] += plan.weights
-            for c, mask in zip(chunk, masks):
-                valid[:, c - left:c - left + plan.tw] |= mask
+
+class _Batch(NamedTuple):
+    """One batch as the reader thread prepared it: de-quantised tiles and validity masks."""
+
+    band: int
+    row: int
+    r: int
+    cols: list[int]
+    masks: list[np.ndarray]
+    live: list[int]            # indices into cols of tiles with at least one valid pixel
+    stack: Optional[np.ndarray]  # those tiles, (n, 64, th, tw), NaN-free; None if none is live
+
+
+def _read_batches(source: EmbeddingRaster, plan: TilePlan, batch_size: int) -> Iterator[_Batch]:
+    """Read, de-quantise and mask every batch in order; the model gets finite values only."""
+    for band, k, r, cols in plan.batches(batch_size):
+        tiles = [source.read(Window(c, r, plan.tw, plan.th)) for c in cols]
+        masks = [valid_mask(emb) for emb in tiles]
+        live = [i for i, mask in enumerate(masks) if mask.any()]  # all-nodata tiles: no model run
+        stack = None
+        if live:
+            stack = np.stack([tiles[i] for i in live])
+            np.nan_to_num(stack, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        yield _Batch(band, k, r, cols, masks, live, stack)
+
+
+def _prefetched(items: Iterator[_Batch], depth: int = 1) -> Iterator[_Batch]:
+    """Run ``items`` on a reader thread, ``depth`` batches ahead of the consumer.
+
+    Reading and de-quantising the next batch then overlaps with the model (torch and
+    ONNX Runtime release the GIL). An error in the reader is raised here; when the
+    consumer stops early (cancel, error), the reader stops at its next batch.
+    """
+    handoff: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+
+    reader = threading.Thread(target=work, name="predict-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = handoff.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join()
+
+
+def _predict_strips(batches: Iterator[_Batch], runner: ModelRunner, plan: TilePlan,
+                    cancel: Optional[CancelFn]) -> Iterator[tuple[Window, np.ndarray, int]]:
+    """Yield (window, heights, tiles done) strips, band by band, each band top to bottom."""
+    bands = plan.bands()
+    acc: Optional[_Accumulator] = None
+    for batch in batches:
+        if cancel and cancel():
+            raise Cancelled("prediction cancelled")
+        if acc is None or acc.band != batch.band:
+            acc = _Accumulator(plan, batch.band, *bands[batch.band])
+        heights = runner(batch.stack) if batch.stack is not None else []
+        for i, h in zip(batch.live, heights):
+            acc.add(batch.cols[i], h)
+        for c, mask in zip(batch.cols, batch.masks):
+            acc.mark_valid(c, mask)
+        if batch.cols[-1] == acc.cols[-1]:  # the row of tiles is complete
+            yield acc.finish_row(batch.row)
+
+
+class _Accumulator:
+    """Weighted sum of heights, weights and validity for one band, one tile high, rolling down."""
+
+    def __init__(self, plan: TilePlan, band: int, c0: int, c1: int) -> None:
+        self.plan, self.band, self.c0, self.c1 = plan, band, c0, c1
+        self.cols = plan.band_cols(c0, c1)
+        self.left = self.cols[0]
+        span = self.cols[-1] + plan.tw - self.left
+        self.num = np.zeros((plan.th, span), dtype=np.float32)
+        self.den = np.zeros((plan.th, span), dtype=np.float32)
+        self.valid = np.zeros((plan.th, span), dtype=bool)
+
+    def add(self, c: int, heights: np.ndarray) -> None:
+        sl = np.s_[:, c - self.left:c - self.left + self.plan.tw]
+        self.num[sl] += heights * self.plan.weights
+        self.den[sl] += self.plan.weights
+
+    def mark_valid(self, c: int, mask: np.ndarray) -> None:
+        self.valid[:, c - self.left:c - self.left + self.plan.tw] |= mask
+
+    def finish_row(self, k: int) -> tuple[Window, np.ndarray, int]:
+        """The rows no later tile touches, as a strip to write; the accumulator moves down past them."""
+        plan, r = self.plan, self.plan.rows[k]
         next_r = plan.rows[k + 1] if k + 1 < len(plan.rows) else min(r + plan.th, plan.grid.height)
         n = next_r - r
-        a, b = c0 - left, c1 - left
+        a, b = self.c0 - self.left, self.c1 - self.left
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            ratio = (num[:n, a:b] / den[:n, a:b]).astype(np.float32)
+            ratio = (self.num[:n, a:b] / self.den[:n, a:b]).astype(np.float32)
         # NaN marks a valid pixel whose height is not finite: _Stats counts it, the caller refuses
-        values = np.where(valid[:n, a:b], np.where(np.isfinite(ratio), ratio, np.float32(np.nan)), OUTPUT_NODATA)
-        values = values.astype(np.float32)
-        yield Window(c0, r, c1 - c0, n), values, len(cols)
-        for buf in (num, den, valid):
+        values = np.where(self.valid[:n, a:b], np.where(np.isfinite(ratio), ratio, np.float32(np.nan)),
+                          OUTPUT_NODATA).astype(np.float32)
+        for buf in (self.num, self.den, self.valid):
             _shift_up(buf, n)
+        return Window(self.c0, r, self.c1 - self.c0, n), values, len(self.cols)
 
 
 def _shift_up(buf: np.ndarray, n: int) -> None:
