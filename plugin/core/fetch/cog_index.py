@@ -619,7 +619,8 @@ def index_rows(base_url: str, cache_root: Path, grid: Grid, year: int, *, cancel
             raise _download_error(url, last, f"; gave up within the {deadline:g} s deadline after "
                                              f"{len(remote.failures) + 1} attempt(s)") from None
         except (urllib.error.URLError, http.client.HTTPException, NetworkError) as exc:
-            raise _download_error(url, exc, "") from None
+            tail = f"; {len(remote.failures) + 1} attempt(s)" if remote.failures else ""
+            raise _download_error(url, exc, tail) from None
     except IndexShapeError as exc:
         stats.whole = True
         size = f" ({stats.index_size / 1e6:,.0f} MB)" if stats.index_size else ""
