@@ -2,7 +2,7 @@
 # Creates the venv from the system Python (so PyQGIS, GDAL and rasterio from Debian
 # are visible) and installs the PyPI packages and this package (editable) into it.
 # The package lists are the ones pyproject.toml reads (resources/requirements/): core and
-# every extra (train, onnx, earthengine), plus pytest; only the pins below are added here.
+# every extra (train, onnx, earthengine, dask), plus pytest; only the pins below are added here.
 set -euo pipefail
 venv="$1"
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -29,9 +29,9 @@ else
 fi
 echo "python packages: installing into $venv (Python $pyver, $arch)"
 "$py" -m pip install -q --disable-pip-version-check -c "$constraints" \
-  -r "$reqs/core.txt" -r "$reqs/train.txt" -r "$reqs/onnx.txt" -r "$reqs/earthengine.txt" "pytest>=7"
+  -r "$reqs/core.txt" -r "$reqs/train.txt" -r "$reqs/onnx.txt" -r "$reqs/earthengine.txt" -r "$reqs/dask.txt" "pytest>=7"
 # strict: a link tree of exactly what the wheel ships (tests/, bench/, scripts/ are not importable
 # as alphaearth_height.tests…); a new module needs this again, which the Makefile does.
 "$py" -m pip install -q --disable-pip-version-check -c "$constraints" --no-deps \
   --config-settings editable_mode=strict -e "$root"
-"$py" -c "import alphaearth_height, torch, segmentation_models_pytorch, rasterio, onnx, onnxruntime, ee; print('python packages: ready (torch', torch.__version__ + ')')"
+"$py" -c "import alphaearth_height, torch, segmentation_models_pytorch, rasterio, onnx, onnxruntime, ee, distributed; print('python packages: ready (torch', torch.__version__ + ')')"

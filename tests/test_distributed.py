@@ -1,0 +1,172 @@
+"""Prediction and fetch on a real Dask LocalCluster (2 worker processes on 127.0.0.1).
+
+The chunked result must equal the single-process prediction within 0.01 m: that only
+holds when each chunk runs exactly the whole raster's tiles around it, so the geometry
+is tested on its own too. Resume, a worker killed mid-run and a chunk that keeps failing
+are run for real on the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from alphaearth_height.plugin.core.distributed import (Layout, assemble, check_distributed_output, chunk_folder,
+                                                       fetch_distributed, open_client, plan_chunks, predict_chunk,
+                                                       predict_distributed)
+from alphaearth_height.plugin.core.errors import InputError
+from alphaearth_height.plugin.core.inference import predict_height, tile_layout
+
+distributed = pytest.importorskip("distributed")
+
+CHUNK = 100   # not a multiple of the tile spacing: chunk edges fall inside tiles
+
+
+@pytest.fixture(scope="module")
+def client():
+    with open_client(workers=2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def single(small_scene, tiny_model, tmp_path_factory) -> np.ndarray:
+    """The single-process prediction everything is compared with."""
+    out = tmp_path_factory.mktemp("single") / "single.tif"
+    predict_height(small_scene.embeddings, tiny_model, out, device="cpu")
+    return _read(out)
+
+
+def _read(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read(1)
+
+
+@pytest.mark.parametrize("width,height,tile,overlap,multiple,chunk",
+                         [(256, 256, 64, 16, 8, 100), (1000, 700, 256, 64, 32, 300), (97, 50, 64, 16, 8, 64),
+                          (300, 301, 64, 1, 1, 64)])
+def test_chunks_run_exactly_the_whole_rasters_tiles_around_their_interior(width, height, tile, overlap,
+                                                                           multiple, chunk):
+    """Every whole-raster tile touching a chunk is in its list, no other; interiors cover the raster once."""
+    layout = Layout.of(width, height, tile, overlap, multiple)
+    assert layout == Layout(*tile_layout(height, tile, overlap, multiple)[:1],
+                            tuple(tile_layout(height, tile, overlap, multiple)[1]),
+                            *tile_layout(width, tile, overlap, multiple)[:1],
+                            tuple(tile_layout(width, tile, overlap, multiple)[1]))
+    covered = np.zeros((height, width), dtype=int)
+    for c in plan_chunks(width, height, chunk, layout):
+        r0, c0, h, w = int(c.inner.row_off), int(c.inner.col_off), int(c.inner.height), int(c.inner.width)
+        covered[r0:r0 + h, c0:c0 + w] += 1
+        assert list(c.rows) == [r for r in layout.rows if r < r0 + h and r + layout.th > r0]
+        assert list(c.cols) == [k for k in layout.cols if k < c0 + w and k + layout.tw > c0]
+        # the context read holds every such tile, and the interior
+        assert c.outer.row_off <= r0 and c.outer.row_off + c.outer.height >= r0 + h
+        assert c.outer.row_off + c.outer.height == c.rows[-1] + layout.th
+    assert (covered == 1).all()
+
+
+def test_chunk_plan_names_and_refusals():
+    layout = Layout.of(256, 256, 64, 16, 8)
+    chunks = plan_chunks(256, 256, CHUNK, layout)
+    assert [c.name for c in chunks[:4]] == ["chunk-r000-c000", "chunk-r000-c001", "chunk-r000-c002",
+                                            "chunk-r001-c000"]
+    middle = chunks[4]
+    assert (middle.inner.col_off, middle.inner.width) == (100, 100)
+    assert middle.outer.col_off <= 100 - layout.tw + 1 + 16  # context reaches back about a tile
+    with pytest.raises(InputError, match="smaller than the prediction tile"):
+        plan_chunks(256, 256, 32, layout)
+    with pytest.raises(InputError, match="--cog does not apply"):
+        check_distributed_output("x.vrt", cog=True)
+
+
+def test_distributed_prediction_equals_single_process_and_resumes(client, small_scene, tiny_model, single, tmp_path):
+    from osgeo import gdal
+
+    out = tmp_path / "height.vrt"
+    result = predict_distributed(small_scene.embeddings, tiny_model, out, client=client, chunk_size=CHUNK,
+                                 device="cpu")
+    assert (result.chunks, result.done, result.skipped) == (9, 9, 0)
+    assert len(list(chunk_folder(out).glob("chunk-*.tif"))) == 9
+    got = _read(out)
+    assert got.shape == single.shape
+    assert np.array_equal(got == -9999.0, single == -9999.0)
+    assert np.nanmax(np.abs(got - single)) <= 0.01
+
+    again = predict_distributed(small_scene.embeddings, tiny_model, out, client=client, chunk_size=CHUNK,
+                                device="cpu")
+    assert (again.done, again.skipped) == (0, 9)
+
+    cog = assemble(sorted(chunk_folder(out).glob("chunk-*.tif")), tmp_path / "height.tif", cog=True, block=64)
+    info = gdal.Info(str(cog), format="json")
+    assert info["metadata"]["IMAGE_STRUCTURE"]["LAYOUT"] == "COG"
+    assert [o["size"] for o in info["bands"][0]["overviews"]] == [[128, 128], [64, 64]]
+    assert np.nanmax(np.abs(_read(cog) - single)) <= 0.01
+
+    (chunk_folder(out) / "chunk-r001-c002.tif").unlink()
+    third = predict_distributed(small_scene.embeddings, tiny_model, out, client=client, chunk_size=CHUNK,
+                                device="cpu")
+    assert (third.done, third.skipped) == (1, 8)
+    assert np.nanmax(np.abs(_read(out) - single)) <= 0.01
+
+
+def _dies_once(marker: str, victim: str):
+    """A chunk task whose worker process dies (os._exit) the first time it reaches ``victim``."""
+    def task(**job):
+        if job["name"] == victim and not Path(marker).exists():
+            Path(marker).touch()
+            os._exit(1)
+        return predict_chunk(**job)
+    return task
+
+
+def test_a_worker_killed_mid_run_still_gives_the_whole_cog(client, small_scene, tiny_model, single, tmp_path):
+    from osgeo import gdal
+
+    marker = tmp_path / "died"
+    out = tmp_path / "height.tif"
+    result = predict_distributed(small_scene.embeddings, tiny_model, out, client=client, chunk_size=CHUNK,
+                                 cog=True, device="cpu", task=_dies_once(str(marker), "chunk-r001-c001"))
+    assert marker.exists()  # the worker did die
+    assert result.done == 9
+    assert np.nanmax(np.abs(_read(out) - single)) <= 0.01
+    assert gdal.Info(str(out), format="json")["metadata"]["IMAGE_STRUCTURE"]["LAYOUT"] == "COG"
+    assert not chunk_folder(out).exists()  # one file asked for: the chunks are gone
+
+
+def _always_fails(victim: str):
+    def task(**job):
+        if job["name"] == victim:
+            raise RuntimeError("disk on fire")
+        return predict_chunk(**job)
+    return task
+
+
+def test_a_chunk_that_keeps_failing_is_named_and_the_others_are_kept(client, small_scene, tiny_model, tmp_path):
+    out = tmp_path / "height.vrt"
+    with pytest.raises(InputError, match=r"chunk-r002-c000: failed after 2 tries \(RuntimeError: disk on fire\)"):
+        predict_distributed(small_scene.embeddings, tiny_model, out, client=client, chunk_size=CHUNK,
+                            device="cpu", retries=1, task=_always_fails("chunk-r002-c000"))
+    assert len(list(chunk_folder(out).glob("chunk-*.tif"))) == 8
+    assert not out.exists()
+
+
+def test_distributed_fetch_of_a_local_raster_equals_the_single_fetch(client, small_scene, tmp_path):
+    from alphaearth_height.plugin.core.aoi import AreaOfInterest
+    from alphaearth_height.plugin.core.fetch import fetch
+
+    with rasterio.open(small_scene.embeddings) as src:
+        left, bottom, right, top = src.bounds
+        crs = src.crs.to_string()
+    aoi = AreaOfInterest(left + 205, bottom + 305, right - 415, top - 95, crs=crs)
+    single = fetch(aoi, 2020, "local", tmp_path / "single.tif", raster=str(small_scene.embeddings))
+    result = fetch_distributed(aoi, 2020, "local", tmp_path / "chunked.vrt", client=client, chunk_size=CHUNK,
+                               raster=str(small_scene.embeddings))
+    assert result.chunks > 1
+    with rasterio.open(single.path) as a, rasterio.open(result.path) as b:
+        assert (a.width, a.height, a.transform, a.crs) == (b.width, b.height, b.transform, b.crs)
+        assert np.array_equal(a.read(), b.read())
+        assert b.nodata == a.nodata and b.dtypes == a.dtypes
+        assert b.tags().get("ATTRIBUTION") == a.tags().get("ATTRIBUTION") is not None
