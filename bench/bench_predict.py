@@ -1,12 +1,14 @@
 """Predict throughput and peak memory, measured in one run (no timed assertions anywhere).
 
-For two area sizes and each backend (ONNX Runtime, torch) it prints end-to-end
-`predict` throughput (read, de-quantise, model, blend, write) next to model-only forward
-throughput on the very same tiles, and the peak resident memory of a fresh process
-predicting that area. Memory should barely grow with the area, since inference streams
-by tiles. It also checks the two backends' heights agree (max |difference|).
+For each area size and backend (ONNX Runtime, torch) it prints the default tiling's
+overhead (input pixels the model computes per output pixel), end-to-end `predict`
+throughput (read, de-quantise, model, blend, write) next to model-only forward throughput
+on the very same batches, and the peak resident memory of a fresh process predicting
+that area; then, per backend, the memory ratio of the largest area to the smallest.
+Memory should barely grow with the area, since inference streams by tiles. It also
+checks the two backends' heights agree (max |difference|).
 
-    .venv/bin/python bench/bench_predict.py [--sizes 1024 2048] [--device auto] [--backends onnx torch]
+    .venv/bin/python bench/bench_predict.py [--sizes 1024 4096] [--device auto] [--backends onnx torch]
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import rasterio
 from affine import Affine
 
 from alphaearth_height.plugin.core import aef
-from alphaearth_height.plugin.core.inference import TilePlan, make_runner, predict_height
+from alphaearth_height.plugin.core.inference import (DEFAULT_BAND_WIDTH, TilePlan, _read_batches, make_runner,
+                                                     predict_height)
 from alphaearth_height.plugin.core.models import bundled_model_dir, open_package
 from alphaearth_height.plugin.core.rasters import EmbeddingRaster
 from rasterio.windows import Window
 
+BATCH_SIZE = 4  # predict's default
 
 def write_area(path: Path, side: int, block: int = 512) -> None:
     """An AEF-like int8 raster of side x side px, written block by block."""
@@ -46,24 +50,32 @@ def write_area(path: Path, side: int, block: int = 512) -> None:
                 dst.write(q, window=Window(c, r, block, block))
 
 
+def default_plan(path: Path) -> TilePlan:
+    """The plan predict makes with the bundled model's defaults."""
+    package = open_package(bundled_model_dir())
+    with EmbeddingRaster(path) as src:
+        return TilePlan(src.grid, package.default("tile", 256), package.default("overlap", 64), package.multiple,
+                        DEFAULT_BAND_WIDTH)
+
+
 def model_only(path: Path, device: str, backend: str) -> tuple[float, int]:
-    """Seconds spent in forward passes alone over the tiles predict would run
-    (tiles are read outside the timed part, batch by batch)."""
+    """Seconds spent in forward passes alone over the batches predict would run (read and
+    de-quantised by predict's own reader, outside the timed part, one batch at a time)."""
     package = open_package(bundled_model_dir())
     runner = make_runner(package, backend, device)
+    plan = default_plan(path)
+    seconds, warm = 0.0, False
     with EmbeddingRaster(path) as src:
-        plan = TilePlan(src.grid, package.default("tile", 256), package.default("overlap", 64), package.multiple,
-                        4096)
-        origins = [(r, c) for r in plan.rows for c in plan.cols]
-        batches = [origins[i:i + 4] for i in range(0, len(origins), 4)]
-        runner(np.stack([src.read(Window(c, r, plan.tw, plan.th)) for r, c in batches[0]]))  # warm-up
-        seconds = 0.0
-        for batch in batches:
-            tiles = np.stack([src.read(Window(c, r, plan.tw, plan.th)) for r, c in batch])
+        for batch in _read_batches(src, plan, BATCH_SIZE):
+            if batch.stack is None:
+                continue
+            if not warm:
+                runner(batch.stack)  # warm-up (graph optimisation, allocator), as predict's first batch pays
+                warm = True
             start = time.perf_counter()
-            runner(tiles)
+            runner(batch.stack)
             seconds += time.perf_counter() - start
-    return seconds, len(origins)
+    return seconds, plan.total_tiles
 
 
 def child(path: str, out: str, device: str, backend: str) -> None:
@@ -72,7 +84,7 @@ def child(path: str, out: str, device: str, backend: str) -> None:
     package = open_package(bundled_model_dir())
     make_runner(package, backend, device)  # imports and graph/module load, outside predict's own timing
     load_seconds = time.perf_counter() - start
-    result = predict_height(path, package, out, device=device, backend=backend)
+    result = predict_height(path, package, out, device=device, backend=backend, batch_size=BATCH_SIZE)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": result.seconds, "load_seconds": load_seconds, "tiles": result.tiles,
                       "peak_mb": peak_mb, "device": result.device}))
@@ -80,7 +92,7 @@ def child(path: str, out: str, device: str, backend: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--backends", nargs="+", default=["onnx", "torch"])
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -88,11 +100,14 @@ def main() -> None:
     if args.child:
         child(*args.child[:2], args.device, args.child[2])
         return
-    rows = []
+    rows, tiling = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for side in args.sizes:
             emb = Path(tmp) / f"e{side}.tif"
             write_area(emb, side)
+            plan = default_plan(emb)
+            tiling.append(f"{side}x{side}: {plan.total_tiles} tiles of {plan.tw}x{plan.th} px (tile {plan.tile}, "
+                          f"overlap {plan.overlap}): {plan.input_per_output:.3f} input px per output px")
             heights = {}
             for backend in args.backends:
                 out = Path(tmp) / f"h{side}-{backend}.tif"
@@ -108,6 +123,9 @@ def main() -> None:
             if len(heights) == 2:
                 a, b = heights.values()
                 print(f"{side}x{side}: backends agree within {np.abs(a - b).max():.4f} m (max |difference|)")
+    print("default tiling of the bundled model (the model computes each input pixel of each tile):")
+    for line in tiling:
+        print("  " + line)
     print("bundled model; throughput = output megapixels (10 m) per second; load = imports + model load, "
           "before the timed predict")
     print(f"{'area (px)':>11} {'backend':>8} {'tiles':>6} {'load s':>7} {'predict s':>10} {'end-to-end Mpx/s':>17} "
@@ -119,7 +137,9 @@ def main() -> None:
         mine = [row for row in rows if row[1] == backend]
         if len(mine) > 1:
             a, b = mine[0], mine[-1]
-            print(f"{backend}: area x{(b[0] / a[0]) ** 2:.0f} -> peak memory x{b[7] / a[7]:.2f}")
+            print(f"{backend}: peak RSS {a[0]}x{a[0]} {a[7]:.0f} MB, {b[0]}x{b[0]} {b[7]:.0f} MB: "
+                  f"area x{(b[0] / a[0]) ** 2:.0f} -> peak memory x{b[7] / a[7]:.2f}")
+        print(f"{backend}: end-to-end / model-only " + ", ".join(f"{row[0]}x{row[0]} {row[6]:.2f}" for row in mine))
 
 
 if __name__ == "__main__":

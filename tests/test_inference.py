@@ -4,11 +4,12 @@ import threading
 import numpy as np
 import pytest
 import rasterio
+from rasterio.crs import CRS
 
 from alphaearth_height.plugin.core.errors import InputError
 from alphaearth_height.plugin.core.cancel import Cancelled
-from alphaearth_height.plugin.core.inference import blend_weights, predict_height, tile_layout
-from alphaearth_height.plugin.core.rasters import OUTPUT_NODATA
+from alphaearth_height.plugin.core.inference import TilePlan, blend_weights, predict_height, tile_layout
+from alphaearth_height.plugin.core.rasters import OUTPUT_NODATA, Grid
 
 from conftest import ORIGIN, unit_embeddings, write_embeddings
 
@@ -37,6 +38,14 @@ def test_tile_layout_covers_keeps_the_overlap_and_wastes_little():
         if len(starts) > 1:
             assert starts[-1] + size == length and len(starts) * size <= 1.3 * length
             assert all(b - a <= size - 64 for a, b in zip(starts, starts[1:]))  # overlap of at least 64 px
+
+
+def test_batches_hold_the_pixels_of_batch_size_256_px_tiles_at_most():
+    grid = Grid(CRS.from_epsg(32630), rasterio.Affine(10, 0, 0, 0, -10, 0), 4096, 4096)
+    assert TilePlan(grid, 512, 64, 32, 4096).tiles_per_batch(4) == 1
+    assert TilePlan(grid, 512, 64, 32, 4096).tiles_per_batch(8) == 2
+    assert TilePlan(grid, 256, 64, 32, 4096).tiles_per_batch(4) == 4
+    assert TilePlan(grid, 64, 16, 8, 4096).tiles_per_batch(3) == 3  # never more than asked
     w = blend_weights(64, 64, 16)
     assert w.max() == 1.0 and w.min() > 0 and w[0, 0] < 0.01 and w[32, 32] == 1.0
 
@@ -118,6 +127,8 @@ def test_cancel_leaves_no_output(scene, tiny_model, tmp_path):
     with pytest.raises(Cancelled):
         predict_height(path, tiny_model, tmp_path / "h.tif", device="cpu", batch_size=1, cancel=cancel)
     assert list(tmp_path.iterdir()) == []
+    # the reader thread (prefetching batches) and the writer thread stopped with the prediction
+    assert not [t for t in threading.enumerate() if t.name.startswith(("predict-reader", "predict-writer"))]
 
 
 @pytest.mark.parametrize("kwargs, expected", [

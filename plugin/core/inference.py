@@ -26,6 +26,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
+from . import aef
 from .cancel import CancelFn, Cancelled, ProgressFn
 from .choices import BACKENDS, check_choice
 from .device import describe_device, precision_policy, select_device
@@ -36,6 +37,7 @@ from .rasters import (OUTPUT_NODATA, EmbeddingRaster, Grid, atomic_write, check_
 from .sizes import check_size, format_bytes
 
 DEFAULT_BAND_WIDTH = 4096
+BATCH_TILE_PX = 256 * 256  # a batch holds at most batch_size tiles and batch_size x this many pixels
 
 
 @dataclass
@@ -221,6 +223,8 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
     (set by ``core.terrain``, which adds the terrain back). Rasters above ``max_mpx``
     megapixels are refused before any work (``too_large_fix`` says how to allow them);
     so is a raster with no valid pixel (tiles without one are never run through the model).
+    ``batch_size`` tiles go to the model at once, fewer when tiles are larger than 256 px
+    (``TilePlan.tiles_per_batch``), so memory does not grow with the tile size.
     """
     started = time.perf_counter()
     package = model if isinstance(model, ModelPackage) else open_package(model)
@@ -318,8 +322,18 @@ class TilePlan:
     def band_cols(self, c0: int, c1: int) -> list[int]:
         return [c for c in self.cols if c < c1 and c + self.tw > c0]
 
+    def tiles_per_batch(self, batch_size: int) -> int:
+        """``batch_size`` tiles, fewer when tiles are larger than 256 x 256 px (one 512 px tile for 4).
+
+        A batch's input, the model's activations and the batches in flight scale with its
+        pixels: counting them keeps memory per batch that of ``batch_size`` 256 px tiles
+        whatever the tile size, and the CPU runs as fast with 1 x 512² as with 4 x 256².
+        """
+        return max(1, min(batch_size, batch_size * BATCH_TILE_PX // (self.th * self.tw)))
+
     def batches(self, batch_size: int) -> Iterator[tuple[int, int, int, list[int]]]:
         """(band, row index, row offset, column offsets) of every batch, in prediction order."""
+        batch_size = self.tiles_per_batch(batch_size)
         for b, (c0, c1) in enumerate(self.bands()):
             cols = self.band_cols(c0, c1)
             for k, r in enumerate(self.rows):
@@ -342,12 +356,15 @@ class _Batch(NamedTuple):
 def _read_batches(source: EmbeddingRaster, plan: TilePlan, batch_size: int) -> Iterator[_Batch]:
     """Read, de-quantise and mask every batch in order; the model gets finite values only."""
     for band, k, r, cols in plan.batches(batch_size):
-        tiles = [source.read(Window(c, r, plan.tw, plan.th)) for c in cols]
-        masks = [valid_mask(emb) for emb in tiles]
+        stack = np.empty((len(cols), aef.N_BANDS, plan.th, plan.tw), dtype=np.float32)
+        masks = []
+        for j, c in enumerate(cols):
+            stack[j] = source.read(Window(c, r, plan.tw, plan.th))
+            masks.append(valid_mask(stack[j]))
         live = [i for i, mask in enumerate(masks) if mask.any()]  # all-nodata tiles: no model run
-        stack = None
-        if live:
-            stack = np.stack([tiles[i] for i in live])
+        if len(live) < len(cols):
+            stack = stack[live] if live else None
+        if stack is not None:
             np.nan_to_num(stack, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         yield _Batch(band, k, r, cols, masks, live, stack)
 
