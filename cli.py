@@ -54,6 +54,13 @@ def _status(message: str) -> None:
     tqdm.write(f"{PROG}: {message}", file=sys.stderr)
 
 
+def _check_cluster_args(args: argparse.Namespace) -> None:
+    """fetch/predict: --chunk-size and --cog only mean something on a cluster."""
+    if (args.chunk_size is not None or args.cog) and not (args.workers or args.scheduler):
+        raise InputError("--chunk-size/--cog", "only apply to a run on a Dask cluster",
+                         "Add --workers N (this machine) or --scheduler tcp://HOST:PORT, or leave them out")
+
+
 def _fetch(args: argparse.Namespace) -> None:
     from .plugin.core.aoi import AreaOfInterest
     from .plugin.core.fetch import check_size, estimate, fetch, format_estimate, size_limit_gb, source_options
@@ -64,6 +71,7 @@ def _fetch(args: argparse.Namespace) -> None:
         raise InputError("fetch", "has nowhere to write", "Give --out, or --estimate-only for the size alone")
     if args.out:
         _check_outputs({"--out": args.out}, {"--local-raster": args.local_raster})
+    _check_cluster_args(args)
     aoi = AreaOfInterest(*args.aoi, crs=args.aoi_crs)
     options = source_options(args.source, raster=args.local_raster, project=args.project, base_url=args.base_url)
     limit = size_limit_gb(args.max_gb)  # checked before anything (an index download) goes online
@@ -76,6 +84,20 @@ def _fetch(args: argparse.Namespace) -> None:
             check_size(info, limit, allow)
         except InputError as exc:
             print(f"note: fetching this needs --yes or --max-gb: {exc.problem}")
+        return
+    if args.workers or args.scheduler:
+        from .plugin.core.distributed import DEFAULT_CHUNK, fetch_distributed, open_client
+
+        bar = _Bar("fetching", unit="chunk")
+        try:
+            with open_client(args.workers, args.scheduler) as client:
+                result = fetch_distributed(aoi, args.year, args.source, args.out, client=client,
+                                           chunk_size=args.chunk_size or DEFAULT_CHUNK, cog=args.cog,
+                                           cache_dir=args.cache_dir, progress=bar, **options)
+        finally:
+            bar.close()
+        print(f"wrote {result.path} ({result.grid.width}x{result.grid.height} px, {result.chunks} chunks: "
+              f"{result.done} run, {result.skipped} already done; {result.seconds:.1f} s)")
         return
     bar = _Bar("fetching")
     try:
@@ -155,7 +177,28 @@ def _predict(args: argparse.Namespace) -> None:
                                  "to a smaller area first")
     _check_outputs({"--out": args.out, "--uncertainty": args.uncertainty},
                    {"--embeddings": args.embeddings, "--terrain": args.terrain})
+    _check_cluster_args(args)
     package = open_package(args.model or bundled_model_dir())
+    if args.workers or args.scheduler:
+        from .plugin.core.distributed import DEFAULT_CHUNK, open_client, predict_distributed
+
+        if args.terrain or args.uncertainty:
+            raise InputError("--terrain/--uncertainty", "do not run on a cluster yet",
+                             "Run them without --workers/--scheduler")
+        bar = _Bar("predicting", unit="chunk")
+        try:
+            with open_client(args.workers, args.scheduler) as client:
+                result = predict_distributed(args.embeddings, package.path, args.out, client=client,
+                                             chunk_size=args.chunk_size or DEFAULT_CHUNK, cog=args.cog,
+                                             tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
+                                             device=args.device, amp=not args.no_amp, backend=args.backend,
+                                             max_mpx=max_mpx, progress=bar)
+        finally:
+            bar.close()
+        kept = f", chunks in {result.folder}" if result.folder else ""
+        print(f"wrote {result.path} ({result.grid.width}x{result.grid.height} px, {result.chunks} chunks: "
+              f"{result.done} run, {result.skipped} already done{kept}; {result.seconds:.1f} s)")
+        return
     bar = _Bar("predicting")
     try:
         result = predict_surface(args.embeddings, package, args.out, args.terrain, progress=bar,
@@ -398,6 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gb", type=float, metavar="GB",
                    help="size limit in GB downloaded or written; larger fetches need --yes "
                         "(default: $ALPHAEARTH_HEIGHT_MAX_GB or 5)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="run on a Dask LocalCluster of N worker processes on this machine (needs the [dask] extra)")
+    p.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="run on an existing Dask cluster (its scheduler)")
+    p.add_argument("--chunk-size", type=int, metavar="PX",
+                   help="with --workers/--scheduler: chunk side in px, one task each (default 2048)")
+    p.add_argument("--cog", action="store_true",
+                   help="with --workers/--scheduler and a .tif --out: one Cloud-Optimized GeoTIFF with overviews "
+                        "(a .vrt --out is a VRT over the chunk files in OUT.chunks/)")
     p.set_defaults(run=_fetch)
 
     p = sub.add_parser("fetch-terrain", help="the Copernicus DEM (GLO-30/GLO-90, public COGs) for an area, "
@@ -436,6 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_MAX_MPX:g}, 100 km x 100 km at 10 m)")
     p.add_argument("--yes", action="store_true", help="run whatever the size (no --max-mpx limit)")
     _add_device(p)
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="run on a Dask LocalCluster of N worker processes on this machine (needs the [dask] extra)")
+    p.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="run on an existing Dask cluster (its scheduler)")
+    p.add_argument("--chunk-size", type=int, metavar="PX",
+                   help="with --workers/--scheduler: chunk side in px, one task each (default 2048)")
+    p.add_argument("--cog", action="store_true",
+                   help="with --workers/--scheduler and a .tif --out: one Cloud-Optimized GeoTIFF with overviews "
+                        "(a .vrt --out is a VRT over the chunk files in OUT.chunks/)")
     p.set_defaults(run=_predict)
 
     p = sub.add_parser("export-onnx", help="add the ONNX graph (for ONNX Runtime) to an existing model folder")

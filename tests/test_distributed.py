@@ -170,3 +170,26 @@ def test_distributed_fetch_of_a_local_raster_equals_the_single_fetch(client, sma
         assert np.array_equal(a.read(), b.read())
         assert b.nodata == a.nodata and b.dtypes == a.dtypes
         assert b.tags().get("ATTRIBUTION") == a.tags().get("ATTRIBUTION") is not None
+
+
+def test_cli_predict_with_workers_writes_the_same_heights(small_scene, tiny_model, single, tmp_path, capsys):
+    """The command line starts its own 2-worker LocalCluster; a .tif --out is one GeoTIFF, chunks removed."""
+    from alphaearth_height.cli import main
+
+    out = tmp_path / "cli.tif"
+    assert main(["predict", "--embeddings", str(small_scene.embeddings), "--model", str(tiny_model),
+                 "--out", str(out), "--device", "cpu", "--workers", "2", "--chunk-size", "128"]) == 0
+    assert "4 chunks: 4 run, 0 already done" in capsys.readouterr().out
+    assert np.nanmax(np.abs(_read(out) - single)) <= 0.01
+    assert not chunk_folder(out).exists()
+
+
+def test_cli_refuses_cluster_options_without_a_cluster(small_scene, tiny_model, tmp_path, capsys):
+    from alphaearth_height.cli import main
+
+    assert main(["predict", "--embeddings", str(small_scene.embeddings), "--model", str(tiny_model),
+                 "--out", str(tmp_path / "x.tif"), "--cog"]) != 0
+    assert "--chunk-size/--cog: only apply to a run on a Dask cluster" in capsys.readouterr().err
+    with pytest.raises(InputError, match="need exactly one of the two"):
+        with open_client(workers=2, scheduler="tcp://127.0.0.1:1"):
+            pass

@@ -403,8 +403,10 @@ def assemble(paths: Sequence[str | os.PathLike], out: str | os.PathLike, cog: bo
             else:
                 creation = ["TILED=YES", "BLOCKXSIZE=256", "BLOCKYSIZE=256", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER",
                             "NUM_THREADS=ALL_CPUS"]
-                if gdal.Open(str(tmp_vrt)).GetRasterBand(1).GetMetadataItem("PIXELTYPE", "IMAGE_STRUCTURE"):
+                vrt = gdal.Open(str(tmp_vrt))  # held: a band outliving its dataset crashes GDAL's bindings
+                if vrt.GetRasterBand(1).GetMetadataItem("PIXELTYPE", "IMAGE_STRUCTURE"):
                     creation.append("PIXELTYPE=SIGNEDBYTE")
+                vrt = None
                 ds = gdal.Translate(tmp, str(tmp_vrt), format="GTiff", creationOptions=creation)
             ds = None
         return out
@@ -489,6 +491,8 @@ def fetch_distributed(aoi: Any, year: int, source: str, out: str | os.PathLike, 
 
     started = time.perf_counter()
     year = check_year(year)
+    if source_options.get("raster"):  # workers may start elsewhere than this process's folder
+        source_options = dict(source_options, raster=str(Path(source_options["raster"]).absolute()))
     out = check_distributed_output(out, cog)
     src = make_source(source, resolve_cache_dir(cache_dir), **source_options)
     try:
