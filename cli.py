@@ -252,7 +252,7 @@ def _compare(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     _dem_base_url(args)
     from .training.splits import SplitSpec
-    from .training.train import TrainConfig, resume_training, train_model
+    from .training.train import TrainConfig, default_workers, recipe_for, resume_training, train_model
 
     bar = _Bar("training", unit="step")
     try:
@@ -272,13 +272,16 @@ def _train(args: argparse.Namespace) -> None:
         config = TrainConfig(
             embeddings=args.embeddings, reference=args.reference, out=args.out, arch=args.arch,
             encoder=args.encoder, encoder_depth=args.encoder_depth, decoder_channels=channels,
-            patch_size=args.patch_size, batch_size=args.batch_size, accumulate=args.accumulate, epochs=args.epochs,
-            steps_per_epoch=args.steps_per_epoch, patience=args.patience, loss=args.loss, lr=args.lr,
+            accumulate=args.accumulate, epochs=args.epochs, max_minutes=args.max_minutes, patience=args.patience,
+            workers=default_workers() if args.workers is None else args.workers, loss=args.loss, lr=args.lr,
             weight_decay=args.weight_decay, schedule=args.schedule, extra_pairs=args.pair or [],
             validation_embeddings=args.validation_embeddings, validation_reference=args.validation_reference,
             terrain=args.terrain, calibrate=not args.no_calibration, balance=args.balance, amp=not args.no_amp,
             seed=args.seed, device=args.device, split=SplitSpec(seed=args.seed, **_split_options(args, {})),
-            keep_checkpoint=args.keep_checkpoint, name=args.name or "", region=args.region or "", year=args.year)
+            keep_checkpoint=args.keep_checkpoint, name=args.name or "", region=args.region or "", year=args.year,
+            **{**recipe_for(args.device), **{name: getattr(args, name) for name in ("patch_size", "batch_size",
+                                                                                   "steps_per_epoch")
+                                             if getattr(args, name) is not None}})
         try:
             train_model(config, log=bar.write, progress=bar)
         except KeyboardInterrupt:
@@ -312,7 +315,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     options = _split_options(args, split_from_card(package.card).as_dict())
     report = evaluate_model(package, args.embeddings, args.reference, args.out, SplitSpec.from_dict(options),
                             terrain=args.terrain, device=args.device, uncertainty=args.uncertainty)
-    rows = {f"{label} {name}": report["areas"][name][who] for name in ("train", "test")
+    rows = {f"{label} {name}": report["areas"][name][who] for name in ("train", "validation", "test")
+            if name in report["areas"] and (name != "validation" or "test" not in report["areas"])
             for who, label in (("model", "model"), ("ridge", "ridge"), ("terrain", "terrain alone"))
             if who in report["areas"][name]}
     print(format_metrics_table(rows))
@@ -396,8 +400,10 @@ def _add_split(p: argparse.ArgumentParser, train: bool) -> None:
 
     p.add_argument("--split", default=default("contiguous"), choices=choices.SPLIT_KINDS,
                    help="contiguous strips (the paper) or random spatial blocks")
-    p.add_argument("--test-fraction", type=float, default=default(0.3))
-    p.add_argument("--validation-fraction", type=float, default=default(0.1))
+    p.add_argument("--test-fraction", type=float, default=default(0.3),
+                   help="share of the scene held out for testing (0: no test area, for a model tested elsewhere)")
+    p.add_argument("--validation-fraction", type=float, default=default(0.1),
+                   help="share of the scene held out for early stopping (0 with a validation window or pair)")
     p.add_argument("--direction", default=default("east"), choices=choices.DIRECTIONS,
                    help="side of the scene held out for testing (contiguous split)")
     p.add_argument("--block-size", type=int, default=default(128), help="block side in pixels (blocks split)")
@@ -415,6 +421,15 @@ def _add_dem_base_url(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dem-base-url", metavar="URL",
                    help="Copernicus DEM mirror for --terrain copernicus-30/90 (default: the public AWS bucket, or "
                         "$ALPHAEARTH_HEIGHT_COPERNICUS_30_URL / _90_URL)")
+
+
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in ``--help``; options without one (None, a flag's False) say theirs in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -514,27 +529,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="band of the reference holding heights (1-based); required when it has several")
     p.set_defaults(run=_compare)
 
-    p = sub.add_parser("train", help="train a U-Net / U-Net++ height model (a run folder, resumable)")
+    p = sub.add_parser("train", help="train a U-Net / U-Net++ height model (a run folder, resumable)",
+                       formatter_class=_DefaultsShown,
+                       description="Train a height model. Patch size, batch size and steps per epoch left out follow "
+                                   "the device: 256 px x 8 x 50 steps on a GPU (the paper's scale), 128 px x 4 x 20 "
+                                   "steps on a CPU (a first epoch in about a minute).")
     p.add_argument("--embeddings", help="64-band embeddings GeoTIFF")
     p.add_argument("--reference", help="reference DSM (any CRS and resolution)")
     p.add_argument("--pair", nargs=2, action="append", metavar=("EMBEDDINGS", "REFERENCE"),
                    help="a further training pair (repeatable), split like the first")
     p.add_argument("--out", help="new run folder (model package, config, history, checkpoint, evaluation)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--arch", default="unetplusplus", choices=choices.ARCHITECTURES)
+    p.add_argument("--arch", default="unetplusplus", choices=choices.ARCHITECTURES, help="network")
     p.add_argument("--encoder", default="resnet18", help="any segmentation-models-pytorch encoder")
-    p.add_argument("--encoder-depth", type=int, default=5, help="encoder stages, 3-5 (default 5)")
-    p.add_argument("--decoder-channels", help="comma-separated, one per encoder stage")
-    p.add_argument("--patch-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--encoder-depth", type=int, default=5, help="encoder stages, 3-5")
+    p.add_argument("--decoder-channels", help="comma-separated, one per encoder stage (default: the architecture's)")
+    p.add_argument("--patch-size", type=int, help="patch side in pixels (default: 256 on a GPU, 128 on a CPU)")
+    p.add_argument("--batch-size", type=int, help="patches per micro-batch (default: 8 on a GPU, 4 on a CPU)")
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimiser step (memory is short)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--steps-per-epoch", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=30, help="epochs at most")
+    p.add_argument("--steps-per-epoch", type=int, help="optimiser steps per epoch (default: 50 on a GPU, 20 on a CPU)")
+    p.add_argument("--max-minutes", type=float,
+                   help="stop before an epoch that would end past this many minutes, keeping the best epoch "
+                        "(default: no limit)")
     p.add_argument("--patience", type=int, default=6, help="epochs without validation gain before stopping")
-    p.add_argument("--loss", default="mse", choices=choices.LOSSES)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--schedule", default="cosine", choices=choices.SCHEDULES)
+    p.add_argument("--workers", type=int, help="processes reading patches by windows (default: one per 4 CPU "
+                                                "cores, at most 4; 0 reads in the training process)")
+    p.add_argument("--loss", default="mse", choices=choices.LOSSES, help="training loss")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--schedule", default="cosine", choices=choices.SCHEDULES, help="learning-rate schedule")
     _add_split(p, train=True)
     p.add_argument("--validation-embeddings", help="a separate validation pair: embeddings")
     p.add_argument("--validation-reference", help="a separate validation pair: reference DSM")
@@ -547,8 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip scaling the uncertainty (TTA spread) into a 90 %% interval on the validation area")
     p.add_argument("--no-amp", action="store_true", help="full precision on CUDA (AMP is on by default there)")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint/ once the run has finished")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", help="model name written into the card")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, the patch draws and a blocks split")
+    p.add_argument("--name", help="model name written into the card (default: ARCH-ENCODER-OUT)")
     p.add_argument("--region", help="training region written into the card")
     p.add_argument("--year", type=int, help="embedding year written into the card")
     _add_device(p)

@@ -45,3 +45,22 @@ def test_train_without_inputs_or_resume_is_one_line(tmp_path):
     result = run("train", "--out", tmp_path / "x")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "--embeddings" in result.stderr and not (tmp_path / "x").exists()
+
+
+def test_train_help_shows_every_default():
+    """Each option with a default shows it; the device-dependent ones give both recipes in words."""
+    import argparse
+
+    from alphaearth_height.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    train = sub.choices["train"]
+    formatter = train.formatter_class(prog="x")
+    for action in train._actions:
+        if action.default in (None, argparse.SUPPRESS) or action.default is False:
+            continue
+        shown = formatter._get_help_string(action) % {"default": action.default}
+        assert f"(default: {action.default})" in shown, action.option_strings
+    text = train.format_help()
+    for option in ("--patch-size", "--batch-size", "--steps-per-epoch"):
+        assert "on a CPU" in " ".join(text.split(option, 2)[2].split()[:25]), option

@@ -166,3 +166,21 @@ def test_other_losses_ignore_nodata_too(loss):
     clean = masked_loss(pred, target, mask, loss).item()
     target[0, 1, 1], mask[0, 1, 1] = 1e9, False
     assert masked_loss(pred, target, mask, loss).item() == pytest.approx(clean)
+
+
+def test_no_test_area_trains_on_all_but_validation_and_a_time_limit_keeps_the_best_epoch(small_scene, tmp_path):
+    """--test-fraction 0 (the user tests elsewhere): no test metrics anywhere, and --max-minutes stops
+    after the first epoch (a limit no epoch can meet), still writing a complete package."""
+    config = TrainConfig(embeddings=str(small_scene.embeddings), reference=str(small_scene.reference),
+                         out=str(tmp_path / "run"), batch_size=2, epochs=3, steps_per_epoch=2, max_minutes=1e-6,
+                         split=SplitSpec(test_fraction=0.0), calibrate=False, **TINY)
+    logs = []
+    result = train_model(config, log=logs.append)
+    assert len(result.history) == 1 and any(line.startswith("time limit") for line in logs)
+    card = json.loads((result.model_dir / "model.json").read_text())
+    assert set(card["metrics"]) == {"train", "validation"} and card["metrics"]["validation"]["n"] > 0
+    pixels = card["training"]["split"]["pixels"]
+    assert pixels["test"] == 0 and pixels["train"] + pixels["validation"] == 256 * 256
+    report = json.loads((result.model_dir / "evaluation" / "report.json").read_text())
+    assert "test" not in report["areas"] and not any(p.startswith("test_") for p in report["plots"])
+    assert "no test area" in logs[-1]

@@ -29,20 +29,3 @@ class RidgeBaseline:
 def pixels(embeddings: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(n, 64) features and (n,) heights of the masked pixels of a (64, h, w) block."""
     return embeddings[:, mask].T, reference[mask]
-
-
-def fit_on_area(embeddings: np.ndarray, reference: np.ndarray, area: np.ndarray, max_pixels: int = 200_000,
-                seed: int = 0) -> RidgeBaseline:
-    """Fit on the labelled pixels of ``area`` (a fixed-seed sample beyond ``max_pixels``)."""
-    features, heights = pixels(embeddings, reference, area)
-    if len(heights) > max_pixels:
-        pick = np.random.default_rng(seed).choice(len(heights), max_pixels, replace=False)
-        features, heights = features[pick], heights[pick]
-    return RidgeBaseline().fit(features, heights)
-
-
-def predict_map(model: RidgeBaseline, embeddings: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Ridge heights on the grid (NaN outside ``valid``)."""
-    out = np.full(valid.shape, np.nan, dtype=np.float32)
-    out[valid] = model.predict(embeddings[:, valid].T)
-    return out

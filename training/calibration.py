@@ -20,8 +20,9 @@ from affine import Affine
 
 from ..plugin.core.inference import predict_height
 from ..plugin.core.models import ModelPackage
-from ..plugin.core.rasters import Grid, crop_to_grid, make_partial_dir, read_height
+from ..plugin.core.rasters import EmbeddingRaster, Grid, crop_to_grid, make_partial_dir, read_height
 from ..plugin.core.uncertainty import predict_uncertainty
+from .patches import SCAN_TILE, PairReader, Scene
 from .splits import Areas
 
 LEVEL = 0.9
@@ -62,40 +63,52 @@ def _on_tile_lattice(lo: int, hi: int, length: int, tile: int, stride: int) -> t
     return start, end
 
 
-def _bounding_window(mask: np.ndarray) -> tuple[int, int, int, int]:
-    rows, cols = np.nonzero(mask)
-    return int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1
+def _validation_on(scene: Scene, row: int, col: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Target and labelled-validation mask of a window of the scene, read tile by tile (2-D arrays only)."""
+    target = np.full((height, width), np.nan, dtype=np.float32)
+    validation = np.zeros((height, width), dtype=bool)
+    with PairReader(scene.embeddings_path, scene.reference_path, scene.terrain_path, scene.grid) as reader:
+        for r in range(0, height, SCAN_TILE):
+            for c in range(0, width, SCAN_TILE):
+                h, w = min(SCAN_TILE, height - r), min(SCAN_TILE, width - c)
+                _, values, label = reader.read(row + r, col + c, h, w)
+                target[r:r + h, c:c + w] = values
+                validation[r:r + h, c:c + w] = label & scene.layout.areas(row + r, col + c, h, w).validation
+    return target, validation
 
 
-def calibrate_on_validation(package: ModelPackage, embeddings: str, target: np.ndarray, grid: Grid, areas: Areas,
-                            label: np.ndarray, device: str = "auto", workdir: Optional[Path] = None,
-                            log: Callable[[str], None] = print) -> dict:
+def calibrate_on_validation(package: ModelPackage, scene: Scene, device: str = "auto",
+                            workdir: Optional[Path] = None, log: Callable[[str], None] = print) -> dict:
     """The card's ``uncertainty`` entry: k from the validation area of a training scene.
 
-    ``target`` is what the network predicts (height, or height above the coarse terrain
-    for terrain-relative models, where the terrain cancels out of the error). Only the
-    validation area's bounding box, plus CONTEXT px, is predicted (8 passes a tile).
+    The scene's target is what the network predicts (height, or height above the coarse
+    terrain for terrain-relative models, where the terrain cancels out of the error). Only
+    the validation area's bounding box, plus CONTEXT px, is predicted (8 passes a tile).
     """
-    validation = areas.validation & label & np.isfinite(target)
-    if not validation.any():
+    rows, cols = np.nonzero(scene.validation_cells)
+    if not rows.size:
         return {}
-    c0, r0, c1, r1 = _bounding_window(validation)
+    grid, cell = scene.grid, scene.cell
+    c0, r0 = int(cols.min()) * cell, int(rows.min()) * cell
+    c1, r1 = min(grid.width, (int(cols.max()) + 1) * cell), min(grid.height, (int(rows.max()) + 1) * cell)
     tile = int(package.default("tile", 256))
     stride = max(1, tile - int(package.default("overlap", tile // 4)))
     oc, c_end = _on_tile_lattice(c0, c1, grid.width, tile, stride)
     orow, r_end = _on_tile_lattice(r0, r1, grid.height, tile, stride)
     outer = Grid(grid.crs, grid.transform * Affine.translation(oc, orow), c_end - oc, r_end - orow)
-    scratch = make_partial_dir((workdir or Path(embeddings).parent) / "calibration")
+    scratch = make_partial_dir((workdir or Path(scene.embeddings_path).parent) / "calibration")
     try:
         cropped = scratch / "embeddings.tif"
-        crop_to_grid(embeddings, cropped, outer)
+        crop_to_grid(scene.embeddings_path, cropped, outer)
         predict_height(cropped, package, scratch / "prediction.tif", relative=True, device=device)
         predict_uncertainty(cropped, package, scratch / "spread.tif", device=device)
         pred, spread = (read_height(scratch / name) for name in ("prediction.tif", "spread.tif"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    window = np.s_[orow:orow + outer.height, oc:oc + outer.width]
-    errors = np.where(validation[window], pred - target[window], np.nan)
+    target, validation = _validation_on(scene, orow, oc, outer.height, outer.width)
+    errors = np.where(validation & np.isfinite(target), pred - target, np.nan)
+    if not np.isfinite(errors).any():
+        return {}
     k = scale_for(errors[np.isfinite(errors)], spread[np.isfinite(errors)])
     result = {"method": "test-time augmentation spread x k", "level": LEVEL, "k": k,
               "calibrated_on": "validation area", "pixels": int(np.isfinite(errors).sum()),
@@ -134,30 +147,24 @@ def calibrate_model(model_dir: str | Path, embeddings: str, reference: str, terr
     """
     import json
 
-    from ..plugin.core.dem import resolve_terrain
-    from ..plugin.core.resample import ReferenceOnGrid
     from ..plugin.core.errors import InputError
     from ..plugin.core.models import CARD_FILE, load_model
     from ..plugin.core.rasters import atomic_write
     from ..plugin.core.terrain import uses_terrain
-    from .data import load_pair
     from .evaluate import split_from_card
-    from .splits import make_areas
+    from .patches import make_scene
+    from .splits import AreaLayout
 
     package = load_model(model_dir)
     if uses_terrain(package.card) and not terrain:
         raise InputError(model_dir, "predicts height above a coarse terrain, which calibration was not given",
                          "Give the terrain it was trained with (--terrain)")
-    pair = load_pair(embeddings, reference)
-    areas = make_areas(split_from_card(package.card), pair.grid.height, pair.grid.width)
-    target = pair.reference
-    if uses_terrain(package.card):
-        from rasterio.windows import Window
-
-        with ReferenceOnGrid(resolve_terrain(terrain, pair.grid), pair.grid) as ground:
-            target = target - ground.read(Window(0, 0, pair.grid.width, pair.grid.height))
-    result = calibrate_on_validation(package, str(embeddings), target, pair.grid, areas, pair.label_mask,
-                                     device=device, workdir=Path(model_dir), log=log)
+    with EmbeddingRaster(embeddings) as source:
+        grid = source.grid
+    layout = AreaLayout(split_from_card(package.card), grid.height, grid.width)
+    scene = make_scene(str(embeddings), str(reference), layout, terrain if uses_terrain(package.card) else None,
+                       cell=16)
+    result = calibrate_on_validation(package, scene, device=device, workdir=Path(model_dir), log=log)
     if not result:
         raise InputError(reference, "has no valid pixel in the validation area of the model's split",
                          "Give the scene the model was trained on")

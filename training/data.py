@@ -61,17 +61,21 @@ class Split:
 def contiguous_split(width: int, height: int, test_fraction: float = 0.3, validation_fraction: float = 0.1,
                      direction: str = "east", min_size: int = 16) -> Split:
     """The paper's contiguous split: the test area is the ``direction`` side of the scene;
-    validation is the strip of the training side next to it (for early stopping)."""
+    validation is the strip of the training side next to it (for early stopping).
+
+    A zero ``test_fraction`` leaves no test area (the user tests on a separate area), so
+    every pixel but the validation strip trains."""
     check_choice(direction, DIRECTIONS, "split direction")
-    if not (0 < test_fraction < 1 and 0 <= validation_fraction < 1 and test_fraction + validation_fraction < 1):
+    if not (0 <= test_fraction < 1 and 0 <= validation_fraction < 1 and test_fraction + validation_fraction < 1):
         raise InputError(f"test fraction {test_fraction} / validation fraction {validation_fraction}",
-                         "must be in (0, 1) and [0, 1) and sum to less than 1", "Use e.g. 0.3 and 0.1")
+                         "must be in [0, 1) each and sum to less than 1",
+                         "Use e.g. 0.3 and 0.1 (a test fraction of 0 when you test on another area)")
     along = width if direction in ("east", "west") else height
     n_test = int(round(along * test_fraction))
     n_val = int(round(along * validation_fraction))
     n_train = along - n_test - n_val
     # a zero validation fraction means validation comes from elsewhere (a window or another pair)
-    if min(n_test, n_train, n_val if validation_fraction else min_size) < min_size:
+    if min(n_test if test_fraction else min_size, n_train, n_val if validation_fraction else min_size) < min_size:
         raise InputError(f"scene of {width}x{height} px", f"is too small to split into train/validation/test "
                          f"strips of at least {min_size} px", "Use a larger area or other fractions")
     # offsets measured from the side opposite the test area

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -29,9 +29,10 @@ from ..plugin.core.models import architecture_config, build_model, make_card, sa
 from ..plugin.core.rasters import check_new_folder, check_outputs
 from .checkpoint import FOLDER as CHECKPOINT_FOLDER
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import load_pair
-from .patches import PatchSampler, Scene, batch, make_scene, validation_origins
-from .splits import Areas, SplitSpec, make_areas
+from .distributed import SINGLE, Group, barrier, join, leave, summed
+from .patches import (Batches, PatchDataset, PatchSampler, Scene, cell_for, make_scene, patch_loader,
+                      target_statistics, validation_origins)
+from .splits import AreaLayout, SplitSpec
 
 Log = Callable[[str], None]
 Progress = Callable[[int, int], None]
@@ -77,6 +78,8 @@ class TrainConfig:
     year: Optional[int] = None
     tile: int = 256
     overlap: int = 64
+    max_minutes: Optional[float] = None  # no epoch starts that would end past this; the best epoch is kept
+    workers: int = field(default_factory=lambda: default_workers())  # patch-reading processes (0: none)
 
     def with_absolute_paths(self, base: Optional[Path] = None) -> "TrainConfig":
         """A copy with every file path absolute (relative ones taken from ``base``, default the cwd).
@@ -122,6 +125,23 @@ class TrainConfig:
         return cls(**values)
 
 
+# The recipe on a CPU: the GPU one (TrainConfig's defaults: 256 px, batch 8, 50 steps) takes 10+ s a step
+# there, so a first epoch would take many minutes; this one's first epoch takes about a minute.
+CPU_RECIPE = {"patch_size": 128, "batch_size": 4, "steps_per_epoch": 20}
+GPU_RECIPE = {"patch_size": 256, "batch_size": 8, "steps_per_epoch": 50}
+
+
+def default_workers() -> int:
+    """DataLoader processes reading patches: one per 4 CPU cores, at most 4. On a small machine
+    none, since reader processes there only compete with the training threads for the cores."""
+    return min(4, (os.cpu_count() or 1) // 4)
+
+
+def recipe_for(device: str) -> dict:
+    """Patch size, batch size and steps per epoch suited to where ``device`` ("auto" resolved) runs."""
+    return dict(CPU_RECIPE if select_device(device).type == "cpu" else GPU_RECIPE)
+
+
 @dataclass
 class TrainResult:
     model_dir: Path
@@ -137,13 +157,21 @@ def _check(config: TrainConfig, multiple: int) -> None:
     if config.patch_size % multiple:
         raise InputError(f"patch size {config.patch_size}", f"is not a multiple of {multiple}, which this "
                          "architecture needs", f"Use e.g. {max(multiple, config.patch_size // multiple * multiple)}")
+    if config.workers < 0:
+        raise InputError(f"workers {config.workers}", "must not be negative", "Give 0 or more")
     for name in ("batch_size", "epochs", "steps_per_epoch", "accumulate", "patience"):
         if getattr(config, name) < 1:
             raise InputError(f"{name.replace('_', ' ')} {getattr(config, name)}", "must be at least 1",
                              "Give a positive number")
+    if config.max_minutes is not None and not config.max_minutes > 0:
+        raise InputError(f"max minutes {config.max_minutes}", "must be positive", "Give e.g. 30, or leave it out")
     if bool(config.validation_embeddings) != bool(config.validation_reference):
         raise InputError("validation pair", "needs both embeddings and reference",
                          "Give --validation-embeddings and --validation-reference together")
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def masked_loss(pred, target, mask, kind: str = "mse"):
@@ -161,50 +189,60 @@ def masked_loss(pred, target, mask, kind: str = "mse"):
 
 
 def load_scenes(config: TrainConfig) -> list[Scene]:
-    """Training pairs split into areas, plus the separate validation pair when given."""
-    spec = config.split
+    """Training pairs split into areas, plus the separate validation pair when given; each is
+    scanned once by tiles into coarse cells (nothing is held at full resolution)."""
+    from ..plugin.core.rasters import EmbeddingRaster
+
+    spec, cell = config.split, cell_for(config.patch_size)
     separate = bool(config.validation_embeddings)
-    scenes = []
-    for emb, ref in [(config.embeddings, config.reference), *[tuple(p) for p in config.extra_pairs]]:
-        pair = load_pair(emb, ref)
-        scenes.append(make_scene(pair, make_areas(spec, pair.grid.height, pair.grid.width, separate), config.terrain))
+    pairs = [(config.embeddings, config.reference, False), *[(e, r, False) for e, r in config.extra_pairs]]
     if separate:
-        pair = load_pair(config.validation_embeddings, config.validation_reference)
-        none = np.zeros((pair.grid.height, pair.grid.width), dtype=bool)
-        scenes.append(make_scene(pair, Areas(none, np.ones_like(none), none), config.terrain))
+        pairs.append((config.validation_embeddings, config.validation_reference, True))
+    scenes = []
+    for emb, ref, validates in pairs:
+        with EmbeddingRaster(emb) as source:
+            grid = source.grid
+        layout = AreaLayout(spec, grid.height, grid.width, separate, role="validation" if validates else "split")
+        scenes.append(make_scene(emb, ref, layout, config.terrain, cell))
     return scenes
-
-
-def target_statistics(scenes: list[Scene]) -> tuple[float, float]:
-    """Mean and std of the target over labelled training pixels (the default normalisation)."""
-    values = np.concatenate([s.target[s.label & s.areas.train] for s in scenes])
-    if not values.size:
-        raise InputError(scenes[0].pair.reference_path, "has no valid pixel in the training area",
-                         "Check its nodata and that it covers the embeddings")
-    return float(values.mean()), float(values.std()) or 1.0
 
 
 class _Trainer:
     """One run: model, optimiser, schedule and sampling state; everything a checkpoint holds."""
 
-    def __init__(self, config: TrainConfig, log: Log, progress: Optional[Progress]) -> None:
+    def __init__(self, config: TrainConfig, log: Log, progress: Optional[Progress], group: Group = SINGLE) -> None:
         import torch
 
-        self.config, self.log, self.progress = config, log, progress
+        self.group = group
+        # one voice: only rank 0 logs and reports progress
+        self.config, self.log, self.progress = config, log if group.leader else _quiet, progress if group.leader else None
         self.model_config = architecture_config(config.arch, config.encoder, config.encoder_depth,
                                                 config.decoder_channels)
         _check(config, size_multiple(self.model_config))
         self.scenes = load_scenes(config)
         self.mean, self.std = target_statistics(self.scenes)
         self.sampler = PatchSampler(self.scenes, config.patch_size, config.balance)
-        self.val_origins = validation_origins(self.scenes, config.patch_size)
+        origins = validation_origins(self.scenes, config.patch_size)
+        self.val_batches = [[(*o, "validation") for o in origins[i:i + config.batch_size]]
+                            for i in range(0, len(origins), config.batch_size)][group.rank::group.world]
+        self.dataset = PatchDataset(self.scenes, config.patch_size, self.mean, self.std)
+        self.batches = Batches()
+        self.loader = patch_loader(self.dataset, self.batches, config.workers)
         self.device = select_device(config.device)
+        if group.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", group.local_rank)
         self.amp_dtype, channels_last = precision_policy(self.device, config.amp)
         self.amp = self.amp_dtype is not None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         self.model = build_model(self.model_config).to(self.device, memory_format=self.memory_format)
+        self.net = self.model  # what the forward pass runs: the model, or its DDP wrapper on several ranks
+        if group.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                               else None)
         self.optimiser = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         if config.schedule == "cosine":
@@ -225,15 +263,27 @@ class _Trainer:
 
         x = x.to(self.device).contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            return self.model(x)[:, 0].float()
+            return self.net(x)[:, 0].float()
 
-    def step(self) -> float:
-        """One optimiser step over ``accumulate`` micro-batches."""
+    def draw_epoch(self) -> None:
+        """Draw the epoch's patches (in order, from the run's generator, so a resumed run draws the same).
+
+        Every rank draws the whole global batch of each step and keeps its own ``accumulate``
+        micro-batches, so the sequence does not depend on how many processes share it."""
+        c, g = self.config, self.group
+        drawn = [[(*o, "train") for o in self.sampler.draw(self.rng, c.batch_size)]
+                 for _ in range(c.steps_per_epoch * c.accumulate * g.world)]
+        per_step = c.accumulate * g.world
+        self.batches.batches = [drawn[s * per_step + g.rank * c.accumulate + a]
+                                for s in range(c.steps_per_epoch) for a in range(c.accumulate)]
+
+    def step(self, batches: Iterator) -> float:
+        """One optimiser step over ``accumulate`` micro-batches taken from ``batches``."""
         c = self.config
         self.optimiser.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(c.accumulate):
-            x, y, m = batch(self.scenes, self.sampler.draw(self.rng, c.batch_size), c.patch_size, self.mean, self.std)
+            x, y, m = next(batches)
             loss = masked_loss(self._forward(x), y.to(self.device), m.to(self.device), c.loss) / c.accumulate
             self.scaler.scale(loss).backward()
             total += loss.item()
@@ -248,27 +298,36 @@ class _Trainer:
 
         self.model.eval()
         total, count = 0.0, 0
+        self.batches.batches = self.val_batches
         with torch.inference_mode():
-            for origin in self.val_origins:
-                x, y, m = batch(self.scenes, [origin], self.config.patch_size, self.mean, self.std, "validation")
+            for x, y, m in self.loader:
                 n = int(m.sum())
                 total += float(masked_loss(self._forward(x), y.to(self.device), m.to(self.device),
                                            self.config.loss)) * n
                 count += n
         self.model.train()
+        total, count = summed(self.group, total, count)
         return total / max(count, 1)
 
     def run_epochs(self, out: Path) -> None:
         c = self.config
         start = len(self.history) + 1
+        began = time.perf_counter()
         for epoch in range(start, c.epochs + 1):
             t0 = time.perf_counter()
             self.model.train()
             losses = []
+            self.draw_epoch()
+            batches = iter(self.loader)
             for k in range(c.steps_per_epoch):
-                losses.append(self.step())
+                losses.append(self.step(batches))
+                if epoch == start and k == 0:
+                    left = (c.epochs - epoch + 1) * c.steps_per_epoch
+                    self.log(f"first step took {time.perf_counter() - t0:.1f} s: ETA {left * (time.perf_counter() - t0) / 60:.1f} "
+                             f"min for the {left} steps left (validation not counted)")
                 if self.progress:
                     self.progress((epoch - 1) * c.steps_per_epoch + k + 1, c.epochs * c.steps_per_epoch)
+            losses = [summed(self.group, sum(losses))[0] / self.group.world / len(losses)]  # the global batch's
             val = self.validate()
             if c.schedule == "plateau":
                 self.schedule.step(val)
@@ -286,13 +345,24 @@ class _Trainer:
             if stop:
                 self.log(f"early stop: no validation gain for {c.patience} epochs (best epoch {self.best['epoch']})")
                 break
+            spent = time.perf_counter() - began
+            over = bool(c.max_minutes) and epoch < c.epochs and spent + spent / (epoch - start + 1) > c.max_minutes * 60
+            if summed(self.group, float(over))[0]:  # every rank stops when any would overrun
+                self.log(f"time limit: another epoch would end past {c.max_minutes:g} min; keeping the best epoch "
+                         f"({self.best['epoch']})")
+                break
 
     def save(self, out: Path) -> None:
+        """The checkpoint (rank 0 writes it; the others wait, so none runs ahead of a checkpoint)."""
+        if not self.group.leader:
+            barrier(self.group)
+            return
         state = {"epoch": len(self.history), "history": self.history, "best_val": self.best["val"],
                  "best_epoch": self.best["epoch"], "initial_val": self.initial_val,
                  "numpy_rng": self.rng.bit_generator.state, "schedule": self.schedule.state_dict(),
                  "scaler": self.scaler.state_dict()}
         save_checkpoint(out, self.model, self.best["state"], self.optimiser, state)
+        barrier(self.group)
 
     def restore(self, out: Path) -> None:
         state, best = load_checkpoint(out, self.model, self.optimiser)
@@ -304,13 +374,21 @@ class _Trainer:
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
 
+    def close(self) -> None:
+        """Stop the reading workers and close this process's rasters."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.dataset.close()
+
     def describe(self) -> str:
         c = self.config
         return (f"training {c.arch}/{c.encoder} on {describe_device(self.device)}: {c.epochs} epochs x "
                 f"{c.steps_per_epoch} steps, batch {c.batch_size}x{c.accumulate} of {c.patch_size}px patches "
-                f"({len(self.sampler.origins)} to draw from), target mean {self.mean:.1f} m, std {self.std:.1f} m"
+                f"({len(self.sampler.origins)} to draw from, read by {c.workers or 'no'} worker{'s' * (c.workers != 1)}), target mean {self.mean:.1f} m, std {self.std:.1f} m"
                 f"{' above the coarse terrain' if c.terrain else ''}; validation loss before training "
-                f"{self.initial_val:.4f}")
+                f"{self.initial_val:.4f}; {c.epochs * c.steps_per_epoch} steps at most"
+                f"{f' or {c.max_minutes:g} min' if c.max_minutes else ''}; the model will be written to {c.out}")
 
 
 def train_model(config: TrainConfig, log: Log = print, progress: Optional[Progress] = None) -> TrainResult:
@@ -318,13 +396,16 @@ def train_model(config: TrainConfig, log: Log = print, progress: Optional[Progre
     started = time.perf_counter()
     config = config.with_absolute_paths()  # config.json must not depend on the working directory
     out = Path(config.out)
+    group = join(config.device)  # several processes under torchrun; one otherwise
     check_new_folder(out, "the model")
     check_outputs(folders={"the model folder": out}, inputs=config.input_paths())
-    trainer = _Trainer(config, log, progress)  # reads and checks every input before writing anything
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    trainer = _Trainer(config, log, progress, group)  # reads and checks every input before writing anything
+    barrier(group)  # every rank has checked the folder before rank 0 creates it
+    if group.leader:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     trainer.initial_val = trainer.validate()
-    log(trainer.describe())
+    trainer.log(trainer.describe())
     return _finish(trainer, out, started)
 
 
@@ -337,9 +418,9 @@ def resume_training(run_dir: str | os.PathLike, log: Log = print, progress: Opti
     if (out / "model.json").is_file():
         raise InputError(out, "holds a finished run", "Train a new model into a new folder instead")
     config = _stored_config(out)
-    trainer = _Trainer(config, log, progress)
+    trainer = _Trainer(config, log, progress, join(config.device))
     trainer.restore(out)
-    log(f"resuming {out} after epoch {len(trainer.history)} of {config.epochs}")
+    trainer.log(f"resuming {out} after epoch {len(trainer.history)} of {config.epochs}")
     return _finish(trainer, out, started)
 
 
@@ -362,7 +443,14 @@ def _stored_config(out: Path) -> TrainConfig:
 def _finish(trainer: _Trainer, out: Path, started: float) -> TrainResult:
     import torch
 
-    trainer.run_epochs(out)
+    try:
+        trainer.run_epochs(out)
+    finally:
+        trainer.close()
+    if not trainer.group.leader:  # rank 0 evaluates and writes the package
+        barrier(trainer.group)
+        leave(trainer.group)
+        return TrainResult(out, trainer.history, {}, time.perf_counter() - started, trainer.initial_val)
     model = trainer.model.cpu().to(memory_format=torch.contiguous_format)
     model.load_state_dict(trainer.best["state"])
     model.eval()
@@ -370,12 +458,14 @@ def _finish(trainer: _Trainer, out: Path, started: float) -> TrainResult:
     metrics = _save_and_evaluate(model, card, trainer, out)
     if not trainer.config.keep_checkpoint:
         shutil.rmtree(out / CHECKPOINT_FOLDER, ignore_errors=True)
+    barrier(trainer.group)
+    leave(trainer.group)
     return TrainResult(out, trainer.history, metrics, time.perf_counter() - started, trainer.initial_val)
 
 
 def _card(trainer: _Trainer, out: Path) -> dict:
-    c, pair = trainer.config, trainer.scenes[0].pair
-    left, bottom, right, top = pair.grid.bounds
+    c, scene = trainer.config, trainer.scenes[0]
+    left, bottom, right, top = scene.grid.bounds
     target = {"relative_to": terrain_card(c.terrain)} if c.terrain else {}
     card = make_card(
         trainer.model_config, name=c.name or f"{c.arch}-{c.encoder}-{out.name}",
@@ -383,9 +473,9 @@ def _card(trainer: _Trainer, out: Path) -> dict:
         training={
             "embeddings": Path(c.embeddings).name, "reference": Path(c.reference).name,
             "extra_pairs": [[Path(p).name for p in pair_] for pair_ in c.extra_pairs],
-            "region": c.region, "year": c.year, "crs": pair.grid.crs.to_string(),
-            "bounds": [left, bottom, right, top], "resolution_m": pair.grid.resolution[0],
-            "split": {**c.split.as_dict(), "pixels": trainer.scenes[0].areas.as_dict()},
+            "region": c.region, "year": c.year, "crs": scene.grid.crs.to_string(),
+            "bounds": [left, bottom, right, top], "resolution_m": scene.grid.resolution[0],
+            "split": {**c.split.as_dict(), "pixels": scene.pixels},
             "loss": c.loss, "optimizer": {"name": "AdamW", "lr": c.lr, "weight_decay": c.weight_decay},
             "schedule": c.schedule, "patch_size": c.patch_size, "batch_size": c.batch_size,
             "accumulate": c.accumulate, "balanced_sampling": c.balance, "epochs_run": len(trainer.history),
@@ -416,17 +506,18 @@ def _save_and_evaluate(model, card: dict, trainer: _Trainer, out: Path) -> dict:
 
     c = trainer.config
     if c.calibrate:  # first, so the evaluation reports how often the calibrated interval holds
-        scene = next((s for s in trainer.scenes if s.areas.validation.any()), None)
+        scene = next((s for s in trainer.scenes if s.validation_cells.any()), None)
         if scene is not None:
-            calibration = calibrate_on_validation(ModelPackage(model, card, out), scene.pair.embeddings_path,
-                                                  scene.target, scene.pair.grid, scene.areas, scene.label,
-                                                  device=c.device, workdir=out, log=trainer.log)
+            calibration = calibrate_on_validation(ModelPackage(model, card, out), scene, device=c.device,
+                                                  workdir=out, log=trainer.log)
             if calibration:
                 card["uncertainty"] = calibration
     report = evaluate_model(ModelPackage(model, card, out), c.embeddings, c.reference, out / "evaluation",
                             c.split, terrain=c.terrain, device=c.device, keep_rasters=False,
                             uncertainty="uncertainty" in card, log=trainer.log)
-    metrics = {name: report["areas"][name]["model"] for name in ("train", "test")}
+    # no test area (--test-fraction 0): the card holds train and validation figures, never a test it did not run
+    names = ("train", "test") if "test" in report["areas"] else ("train", "validation")
+    metrics = {name: report["areas"][name]["model"] for name in names if name in report["areas"]}
     card["metrics"] = metrics
     interval = report.get("uncertainty_interval")
     if interval and "test" in interval["coverage"]:
@@ -441,7 +532,9 @@ def _save_and_evaluate(model, card: dict, trainer: _Trainer, out: Path) -> dict:
         if (staging / name).exists():
             os.replace(staging / name, out / name)
     staging.rmdir()
-    trainer.log(f"model written to {out}: test R² {metrics['test']['r2']:.3f}, RMSE {metrics['test']['rmse']:.2f} m")
+    judged = "test" if "test" in metrics else next(iter(metrics))
+    trainer.log(f"model written to {out}: {judged} R² {metrics[judged]['r2']:.3f}, RMSE {metrics[judged]['rmse']:.2f} m"
+                + ("" if judged == "test" else " (no test area: --test-fraction 0)"))
     return metrics
 
 
