@@ -48,6 +48,7 @@ bench: setup
 	$(PY) bench/bench_predict.py
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_fetch.py
+	$(PY) bench/bench_dask.py
 
 # The paper's experiment on the demo scene (U-Net vs U-Net++ vs ridge), plus a U-Net++ relative to a
 # synthetic coarse DEM and that DEM alone: three nets (the first two took about 8 min on 2 CPU cores).

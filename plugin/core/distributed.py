@@ -233,8 +233,12 @@ _RUNNERS: dict = {}
 
 
 def _runner(model: str, backend: str, device: str, amp: bool) -> tuple[Any, Any]:
-    """The model and its runner, loaded once per worker process (not once per chunk)."""
-    key = (model, backend, device, amp)
+    """The model and its runner, loaded once per worker process (not once per chunk).
+
+    Keyed by the folder's modification time too: a long-lived worker must not keep a model
+    that was trained again into the same folder (its files are renamed into place).
+    """
+    key = (model, Path(model).stat().st_mtime_ns, backend, device, amp)
     if key not in _RUNNERS:
         from .inference import make_runner
         from .models import open_package
