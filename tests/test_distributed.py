@@ -193,3 +193,47 @@ def test_cli_refuses_cluster_options_without_a_cluster(small_scene, tiny_model, 
     with pytest.raises(InputError, match="need exactly one of the two"):
         with open_client(workers=2, scheduler="tcp://127.0.0.1:1"):
             pass
+
+
+def test_distributed_fetch_from_the_cog_mirror_across_utm_zones(client, tmp_path):
+    """Chunks fetched by the workers over HTTP ranges (one shared cache) make the single fetch's raster."""
+    from range_server import PREFIX, RangeServer, build_mirror, expected_output
+
+    from alphaearth_height.plugin.core import aef
+    from alphaearth_height.plugin.core.aoi import AreaOfInterest
+    from alphaearth_height.plugin.core.fetch.tiling import output_grid
+
+    cogs = build_mirror(tmp_path / "mirror")
+    aoi = AreaOfInterest(-0.04, 45.0, 0.035, 45.02, "EPSG:4326")
+    with RangeServer(tmp_path / "mirror") as srv:
+        result = fetch_distributed(aoi, 2020, "cog", tmp_path / "e.tif", client=client, chunk_size=256,
+                                   cache_dir=str(tmp_path / "cache"), base_url=f"{srv.url}/{PREFIX}",
+                                   tile_size=256, retry_delay=0.05)
+    grid = output_grid(aoi)
+    assert result.chunks == 3 and result.done == 3
+    with rasterio.open(result.path) as ds:
+        assert (ds.transform, ds.crs, ds.dtypes[0]) == (grid.transform, grid.crs, "int8")
+        assert ds.tags()["ATTRIBUTION"] == aef.ATTRIBUTION
+        assert np.array_equal(ds.read(), expected_output(grid, [cogs["w"], cogs["e"]]))
+
+
+def test_cli_fetch_with_workers_and_resume(small_scene, tmp_path, capsys):
+    from alphaearth_height.cli import main
+    from alphaearth_height.plugin.core.aoi import AreaOfInterest
+    from alphaearth_height.plugin.core.fetch import fetch
+
+    with rasterio.open(small_scene.embeddings) as src:
+        left, bottom, right, top = src.bounds
+        crs = src.crs.to_string()
+    box = [left + 200, bottom + 300, right - 400, top - 100]
+    single = fetch(AreaOfInterest(*box, crs=crs), 2020, "local", tmp_path / "single.tif",
+                   raster=str(small_scene.embeddings))
+    argv = ["fetch", "--source", "local", "--local-raster", str(small_scene.embeddings), "--year", "2020",
+            "--aoi", *map(str, box), "--aoi-crs", crs, "--out", str(tmp_path / "e.vrt"), "--workers", "2",
+            "--chunk-size", "128"]
+    assert main(argv) == 0
+    assert "4 chunks: 4 run, 0 already done" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "4 chunks: 0 run, 4 already done" in capsys.readouterr().out
+    with rasterio.open(single.path) as a, rasterio.open(tmp_path / "e.vrt") as b:
+        assert np.array_equal(a.read(), b.read())

@@ -136,7 +136,8 @@ def open_client(workers: Optional[int] = None, scheduler: Optional[str] = None) 
     """A Dask client: on a ``LocalCluster`` of ``workers`` processes, or on ``scheduler``'s cluster.
 
     Local workers are processes (the model runners hold the GIL) with one thread each and
-    listen on 127.0.0.1 only; no dashboard (it needs bokeh and a free port).
+    listen on 127.0.0.1 only, the scheduler's HTTP endpoints too (on a free port: a fixed
+    8787 clashes with any other cluster on the machine).
     """
     if bool(workers) == bool(scheduler):
         raise InputError("--workers/--scheduler", "need exactly one of the two",
@@ -161,7 +162,7 @@ def open_client(workers: Optional[int] = None, scheduler: Optional[str] = None) 
             client.close()
         return
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         yield client
 
 
