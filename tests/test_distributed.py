@@ -111,6 +111,10 @@ def test_distributed_prediction_equals_single_process_and_resumes(client, small_
     assert (third.done, third.skipped) == (1, 8)
     assert np.nanmax(np.abs(_read(out) - single)) <= 0.01
 
+    # chunks of this run are never taken for another's
+    with pytest.raises(InputError, match="holds chunks of another run"):
+        predict_distributed(small_scene.embeddings, tiny_model, out, client=client, chunk_size=128, device="cpu")
+
 
 def _dies_once(marker: str, victim: str):
     """A chunk task whose worker process dies (os._exit) the first time it reaches ``victim``."""
@@ -192,6 +196,15 @@ def test_cli_refuses_cluster_options_without_a_cluster(small_scene, tiny_model, 
     assert "--chunk-size/--cog: only apply to a run on a Dask cluster" in capsys.readouterr().err
     with pytest.raises(InputError, match="need exactly one of the two"):
         with open_client(workers=2, scheduler="tcp://127.0.0.1:1"):
+            pass
+
+
+def test_without_dask_installed_the_cluster_options_say_how_to_get_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if not installed: importing it fails
+    with pytest.raises(InputError, match=r"need Dask, which is not installed. Install the extra"):
+        with open_client(workers=2):
             pass
 
 

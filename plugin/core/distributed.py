@@ -425,6 +425,41 @@ def _finish(chunk_paths: list[Path], out: Path, folder: Path, cog: bool, nodata:
         shutil.rmtree(folder, ignore_errors=True)  # one file asked for: the chunks have served
 
 
+MANIFEST = "run.json"
+
+
+def _stamp(path: str | os.PathLike) -> dict:
+    """A file's identity for resume: absolute path, size and modification time."""
+    p = Path(path).absolute()
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def claim_folder(folder: Path, run: dict) -> None:
+    """Create the chunk folder, or check that its chunks are of this very run before resuming.
+
+    Chunks of another input, model or chunking would otherwise be assembled silently
+    into a wrong result; ``run`` (JSON-safe) is written beside them and compared.
+    """
+    import json
+
+    manifest = folder / MANIFEST
+    if manifest.exists():
+        try:
+            earlier = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            earlier = None
+        if earlier != json.loads(json.dumps(run)):
+            raise InputError(folder, "holds chunks of another run (other inputs, model, tiling or chunk size)",
+                             "Delete that folder, or give another --out")
+        return
+    if folder.exists() and any(folder.glob("chunk-*.tif")):
+        raise InputError(folder, "holds chunk files of an unknown run", "Delete that folder, or give another --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_write(manifest) as tmp:
+        Path(tmp).write_text(json.dumps(run, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
 # ---------------------------------------------------------------- entry points
 
 def predict_distributed(embeddings: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike, *,
@@ -463,7 +498,10 @@ def predict_distributed(embeddings: str | os.PathLike, model: str | os.PathLike,
     layout = Layout.of(grid.width, grid.height, tile, overlap, package.multiple)
     chunks = plan_chunks(grid.width, grid.height, chunk_size, layout)
     folder = chunk_folder(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    model_files = sorted(p for p in Path(model).iterdir() if p.is_file())
+    claim_folder(folder, {"command": "predict", "embeddings": _stamp(embeddings),
+                          "model": [_stamp(p) for p in model_files], "tile": tile, "overlap": overlap,
+                          "chunk_size": chunk_size, "backend": backend, "device": device, "amp": amp})
     window = lambda w: (int(w.col_off), int(w.row_off), int(w.width), int(w.height))  # noqa: E731
     jobs = [dict(name=c.name, embeddings=str(Path(embeddings).absolute()), model=str(Path(model).absolute()),
                  out=str((folder / f"{c.name}.tif").absolute()), inner=window(c.inner), outer=window(c.outer),
@@ -506,7 +544,9 @@ def fetch_distributed(aoi: Any, year: int, source: str, out: str | os.PathLike, 
         src.close()
     chunks = plan_chunks(grid.width, grid.height, chunk_size)
     folder = chunk_folder(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    claim_folder(folder, {"command": "fetch", "aoi": list(aoi.bounds), "aoi_crs": str(aoi.crs), "year": year,
+                          "source": source, "options": {k: str(v) for k, v in source_options.items()},
+                          "chunk_size": chunk_size})
     jobs = []
     for c in chunks:
         g = sub_grid(grid, c.inner)
