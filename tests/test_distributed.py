@@ -176,6 +176,24 @@ def test_distributed_fetch_of_a_local_raster_equals_the_single_fetch(client, sma
         assert b.tags().get("ATTRIBUTION") == a.tags().get("ATTRIBUTION") is not None
 
 
+def test_prediction_reads_a_fetched_vrt(client, small_scene, tiny_model, tmp_path):
+    """The fetch's VRT (int8 chunk files) is an input like any raster: same heights as from one GeoTIFF."""
+    from alphaearth_height.plugin.core.aoi import AreaOfInterest
+    from alphaearth_height.plugin.core.fetch import fetch
+
+    with rasterio.open(small_scene.embeddings) as src:
+        left, bottom, right, top = src.bounds
+        crs = src.crs.to_string()
+    aoi = AreaOfInterest(left + 100, bottom + 200, right - 300, top - 50, crs=crs)
+    single = fetch(aoi, 2020, "local", tmp_path / "single.tif", raster=str(small_scene.embeddings))
+    vrt = fetch_distributed(aoi, 2020, "local", tmp_path / "emb.vrt", client=client, chunk_size=CHUNK,
+                            raster=str(small_scene.embeddings)).path
+    predict_height(single.path, tiny_model, tmp_path / "single_height.tif", device="cpu")
+    result = predict_distributed(vrt, tiny_model, tmp_path / "height.vrt", client=client, chunk_size=CHUNK,
+                                 device="cpu")
+    assert np.nanmax(np.abs(_read(result.path) - _read(tmp_path / "single_height.tif"))) <= 0.01
+
+
 def test_cli_predict_with_workers_writes_the_same_heights(small_scene, tiny_model, single, tmp_path, capsys):
     """The command line starts its own 2-worker LocalCluster; a .tif --out is one GeoTIFF, chunks removed."""
     from alphaearth_height.cli import main
