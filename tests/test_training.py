@@ -184,3 +184,23 @@ def test_no_test_area_trains_on_all_but_validation_and_a_time_limit_keeps_the_be
     report = json.loads((result.model_dir / "evaluation" / "report.json").read_text())
     assert "test" not in report["areas"] and not any(p.startswith("test_") for p in report["plots"])
     assert "no test area" in logs[-1]
+
+
+def test_reading_workers_change_nothing_but_who_reads(small_scene):
+    """The patches are drawn in the training process, so 2 DataLoader workers read exactly the
+    batches that the training process reads itself."""
+    from alphaearth_height.training.train import _Trainer
+
+    def epoch(workers: int) -> list:
+        config = TrainConfig(embeddings=str(small_scene.embeddings), reference=str(small_scene.reference),
+                             out="unused", batch_size=3, steps_per_epoch=4, workers=workers, seed=7, **TINY)
+        trainer = _Trainer(config, log=lambda m: None, progress=None)
+        trainer.draw_epoch()
+        batches = [tuple(t.numpy() for t in batch) for batch in trainer.loader]
+        trainer.close()
+        return batches
+
+    alone, shared = epoch(0), epoch(2)
+    assert len(alone) == len(shared) == 4
+    for a, b in zip(alone, shared):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b)) and a[2].any()
