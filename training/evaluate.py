@@ -34,7 +34,7 @@ from ..plugin.core.terrain import predict_surface, terrain_on_embeddings_grid
 from ..plugin.core.uncertainty import predict_uncertainty
 from .baseline import RidgeBaseline
 from .calibration import interval_report
-from .patches import SCAN_TILE
+from .patches import SCAN_TILE, bounded_cache
 from .splits import Areas, AreaLayout, SplitSpec
 
 AREAS = ("train", "validation", "test")
@@ -72,8 +72,9 @@ def evaluate_model(model: str | os.PathLike | ModelPackage, embeddings: str | os
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = make_partial_dir(out)
     try:
-        report = write_report(package, embeddings, reference, staging, spec, terrain=terrain, device=device,
-                              uncertainty=uncertainty, keep_rasters=keep_rasters, log=log)
+        with bounded_cache():
+            report = write_report(package, embeddings, reference, staging, spec, terrain=terrain, device=device,
+                                  uncertainty=uncertainty, keep_rasters=keep_rasters, log=log)
         if not keep_rasters:
             for name in RASTER_FILES:
                 (staging / REPORT_FILES[name]).unlink(missing_ok=True)

@@ -29,6 +29,19 @@ from .splits import AreaLayout, window_sums
 BALANCE_BINS = 8
 MIN_LABELLED = 0.5
 SCAN_TILE = 256  # side of the tiles of the one pass over a scene (64 bands x 256² float32 = 16 MB)
+# GDAL's block cache while training and evaluating read by windows. Its default, 5 % of the
+# RAM, fills with the blocks of a large scene as patches are read at random: 1.2 GB of a
+# 4096² pair on a 24 GB machine, the whole of its growth with the area. Random patches
+# rarely meet a cached block again, and the scans read each block once.
+READ_GDAL_CACHE = 64 * 2**20
+
+
+def bounded_cache():
+    """A rasterio environment capping GDAL's block cache (restored after; forked reading
+    workers inherit the cap)."""
+    import rasterio
+
+    return rasterio.Env(GDAL_CACHEMAX=READ_GDAL_CACHE)
 
 
 @dataclass

@@ -30,8 +30,8 @@ from ..plugin.core.rasters import check_new_folder, check_outputs
 from .checkpoint import FOLDER as CHECKPOINT_FOLDER
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import SINGLE, Group, barrier, join, leave, summed
-from .patches import (Batches, PatchDataset, PatchSampler, Scene, cell_for, make_scene, patch_loader,
-                      target_statistics, validation_origins)
+from .patches import (Batches, PatchDataset, PatchSampler, Scene, bounded_cache, cell_for, make_scene,
+                      patch_loader, target_statistics, validation_origins)
 from .splits import AreaLayout, SplitSpec
 
 Log = Callable[[str], None]
@@ -215,7 +215,8 @@ class _Trainer:
 
         self.group = group
         # one voice: only rank 0 logs and reports progress
-        self.config, self.log, self.progress = config, log if group.leader else _quiet, progress if group.leader else None
+        self.config = config
+        self.log, self.progress = (log, progress) if group.leader else (_quiet, None)
         self.model_config = architecture_config(config.arch, config.encoder, config.encoder_depth,
                                                 config.decoder_channels)
         _check(config, size_multiple(self.model_config))
@@ -323,7 +324,8 @@ class _Trainer:
                 losses.append(self.step(batches))
                 if epoch == start and k == 0:
                     left = (c.epochs - epoch + 1) * c.steps_per_epoch
-                    self.log(f"first step took {time.perf_counter() - t0:.1f} s: ETA {left * (time.perf_counter() - t0) / 60:.1f} "
+                    took = time.perf_counter() - t0
+                    self.log(f"first step took {took:.1f} s: ETA {left * took / 60:.1f} "
                              f"min for the {left} steps left (validation not counted)")
                 if self.progress:
                     self.progress((epoch - 1) * c.steps_per_epoch + k + 1, c.epochs * c.steps_per_epoch)
@@ -385,7 +387,8 @@ class _Trainer:
         c = self.config
         return (f"training {c.arch}/{c.encoder} on {describe_device(self.device)}: {c.epochs} epochs x "
                 f"{c.steps_per_epoch} steps, batch {c.batch_size}x{c.accumulate} of {c.patch_size}px patches "
-                f"({len(self.sampler.origins)} to draw from, read by {c.workers or 'no'} worker{'s' * (c.workers != 1)}), target mean {self.mean:.1f} m, std {self.std:.1f} m"
+                f"({len(self.sampler.origins)} to draw from, read by {c.workers or 'no'} worker"
+                f"{'s' * (c.workers != 1)}), target mean {self.mean:.1f} m, std {self.std:.1f} m"
                 f"{' above the coarse terrain' if c.terrain else ''}; validation loss before training "
                 f"{self.initial_val:.4f}; {c.epochs * c.steps_per_epoch} steps at most"
                 f"{f' or {c.max_minutes:g} min' if c.max_minutes else ''}; the model will be written to {c.out}")
@@ -394,34 +397,37 @@ class _Trainer:
 def train_model(config: TrainConfig, log: Log = print, progress: Optional[Progress] = None) -> TrainResult:
     """Train from scratch into a new run folder; Ctrl-C leaves a checkpoint to resume from."""
     started = time.perf_counter()
-    config = config.with_absolute_paths()  # config.json must not depend on the working directory
-    out = Path(config.out)
-    group = join(config.device)  # several processes under torchrun; one otherwise
-    check_new_folder(out, "the model")
-    check_outputs(folders={"the model folder": out}, inputs=config.input_paths())
-    trainer = _Trainer(config, log, progress, group)  # reads and checks every input before writing anything
-    barrier(group)  # every rank has checked the folder before rank 0 creates it
-    if group.leader:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    trainer.initial_val = trainer.validate()
-    trainer.log(trainer.describe())
-    return _finish(trainer, out, started)
+    with bounded_cache():  # GDAL's cache would otherwise grow with the area read
+        config = config.with_absolute_paths()  # config.json must not depend on the working directory
+        out = Path(config.out)
+        group = join(config.device)  # several processes under torchrun; one otherwise
+        check_new_folder(out, "the model")
+        check_outputs(folders={"the model folder": out}, inputs=config.input_paths())
+        trainer = _Trainer(config, log, progress, group)  # reads and checks every input before writing anything
+        barrier(group)  # every rank has checked the folder before rank 0 creates it
+        if group.leader:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        trainer.initial_val = trainer.validate()
+        trainer.log(trainer.describe())
+        return _finish(trainer, out, started)
 
 
 def resume_training(run_dir: str | os.PathLike, log: Log = print, progress: Optional[Progress] = None) -> TrainResult:
     """Continue an interrupted run from its last epoch: same result as an uninterrupted run."""
     started = time.perf_counter()
-    out = Path(run_dir)
-    if not (out / "config.json").is_file():
-        raise InputError(out, "is not a training run folder (no config.json)", "Give the --out folder of a train run")
-    if (out / "model.json").is_file():
-        raise InputError(out, "holds a finished run", "Train a new model into a new folder instead")
-    config = _stored_config(out)
-    trainer = _Trainer(config, log, progress, join(config.device))
-    trainer.restore(out)
-    trainer.log(f"resuming {out} after epoch {len(trainer.history)} of {config.epochs}")
-    return _finish(trainer, out, started)
+    with bounded_cache():  # GDAL's cache would otherwise grow with the area read
+        out = Path(run_dir)
+        if not (out / "config.json").is_file():
+            raise InputError(out, "is not a training run folder (no config.json)",
+                             "Give the --out folder of a train run")
+        if (out / "model.json").is_file():
+            raise InputError(out, "holds a finished run", "Train a new model into a new folder instead")
+        config = _stored_config(out)
+        trainer = _Trainer(config, log, progress, join(config.device))
+        trainer.restore(out)
+        trainer.log(f"resuming {out} after epoch {len(trainer.history)} of {config.epochs}")
+        return _finish(trainer, out, started)
 
 
 def _stored_config(out: Path) -> TrainConfig:
@@ -533,7 +539,8 @@ def _save_and_evaluate(model, card: dict, trainer: _Trainer, out: Path) -> dict:
             os.replace(staging / name, out / name)
     staging.rmdir()
     judged = "test" if "test" in metrics else next(iter(metrics))
-    trainer.log(f"model written to {out}: {judged} R² {metrics[judged]['r2']:.3f}, RMSE {metrics[judged]['rmse']:.2f} m"
+    trainer.log(f"model written to {out}: {judged} R² {metrics[judged]['r2']:.3f}, "
+                f"RMSE {metrics[judged]['rmse']:.2f} m"
                 + ("" if judged == "test" else " (no test area: --test-fraction 0)"))
     return metrics
 
