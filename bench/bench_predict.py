@@ -78,6 +78,20 @@ def model_only(path: Path, device: str, backend: str) -> tuple[float, int]:
     return seconds, plan.total_tiles
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec;
+    ru_maxrss there keeps the peak of the forked parent, so a child spawned by a big
+    parent reported the parent's memory, not its own."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; elsewhere a rough figure
+
+
 def child(path: str, out: str, device: str, backend: str) -> None:
     """One area in a fresh process: model load (imports included), then predict, then peak RSS."""
     start = time.perf_counter()
@@ -85,7 +99,7 @@ def child(path: str, out: str, device: str, backend: str) -> None:
     make_runner(package, backend, device)  # imports and graph/module load, outside predict's own timing
     load_seconds = time.perf_counter() - start
     result = predict_height(path, package, out, device=device, backend=backend, batch_size=BATCH_SIZE)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     print(json.dumps({"seconds": result.seconds, "load_seconds": load_seconds, "tiles": result.tiles,
                       "peak_mb": peak_mb, "device": result.device}))
 
