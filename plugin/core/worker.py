@@ -105,9 +105,29 @@ def _predict(params: dict, channel: Channel) -> dict:
 
     params = dict(params)
     embeddings, model, out = params.pop("embeddings"), params.pop("model"), params.pop("out")
+    workers, scheduler = params.pop("workers", None), params.pop("scheduler", None)
+    if workers or scheduler:
+        return _predict_on_dask(embeddings, model, out, workers, scheduler, params, channel)
     result = predict_surface(embeddings, model, out, progress=channel.steps, cancel=channel.cancel, **params)
     return {"path": str(result.path), "width": result.grid.width, "height": result.grid.height,
             "tiles": result.tiles, "seconds": result.seconds, "device": result.device, "stats": result.stats}
+
+
+def _predict_on_dask(embeddings: str, model: str, out: str, workers: Optional[int], scheduler: Optional[str],
+                     params: dict, channel: Channel) -> dict:
+    """The same prediction in chunks on a Dask cluster (core.distributed), for Processing."""
+    from .distributed import open_client, predict_distributed
+
+    if params.get("terrain"):
+        raise InputError("coarse terrain", "is not added on a Dask cluster yet",
+                         "Run without Dask workers or scheduler")
+    options = {k: params[k] for k in ("tile", "overlap", "batch_size", "device", "backend", "amp", "max_mpx")
+               if k in params}
+    with open_client(workers, scheduler) as client:
+        result = predict_distributed(embeddings, model, out, client=client, progress=channel.steps, **options)
+    return {"path": str(result.path), "width": result.grid.width, "height": result.grid.height,
+            "tiles": result.chunks, "seconds": result.seconds, "device": f"Dask ({result.chunks} chunks)",
+            "stats": {}}
 
 
 def _fetch(params: dict, channel: Channel) -> dict:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessingParameterBoolean,
                        QgsProcessingParameterEnum, QgsProcessingParameterFile,
-                       QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
+                       QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer,
+                       QgsProcessingParameterString)
 
 from ..core.choices import BACKENDS, DEVICES
 from ..core.sizes import DEFAULT_MAX_MPX, MAX_MPX_ENV
@@ -33,7 +34,11 @@ class PredictHeight(HeightAlgorithm):
             "from the AlphaEarth Height dock.\n\n"
             f"Allow large areas: embeddings above {DEFAULT_MAX_MPX:g} megapixels (100 km x 100 km at 10 m; "
             f"a larger area takes hours) are refused unless this is ticked (${MAX_MPX_ENV} sets another limit).\n"
-            "Cancelling stops between tile batches and leaves no output file.")
+            "Cancelling stops between tile batches and leaves no output file.\n\n"
+            "Dask (advanced): workers > 0 starts a local cluster of that many processes, a scheduler address "
+            "uses an existing cluster (paths must be visible to its workers); the area runs in chunks whose "
+            "result equals the one-process prediction. Needs Dask in the plugin's environment "
+            "(pip install dask distributed); not for models trained with a coarse terrain.")
 
     def initAlgorithm(self, config: dict | None = None) -> None:  # noqa: N802 - QGIS API
         self.add(QgsProcessingParameterRasterLayer("INPUT", self.tr("Embeddings raster (64 bands)")))
@@ -53,6 +58,9 @@ class PredictHeight(HeightAlgorithm):
             "ALLOW_LARGE", self.tr("Allow large areas (above the size limit, 100 megapixels by default)"),
             defaultValue=False),
             advanced=True)
+        self.add_int("DASK_WORKERS", "Dask workers on this machine (0: one process)", 0, 0, advanced=True)
+        self.add(QgsProcessingParameterString("DASK_SCHEDULER", self.tr("Dask scheduler (tcp://HOST:PORT)"),
+                                              optional=True), advanced=True)
         self.add(QgsProcessingParameterRasterDestination("OUTPUT", self.tr("Predicted height")))
 
     def execute(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
@@ -73,6 +81,8 @@ class PredictHeight(HeightAlgorithm):
             "backend": self.enum_text(parameters, "BACKEND", context, BACKENDS),
             "amp": self.parameterAsBoolean(parameters, "AMP", context),
             "max_mpx": None if self.parameterAsBoolean(parameters, "ALLOW_LARGE", context) else default_max_mpx(),
+            "workers": self.parameterAsInt(parameters, "DASK_WORKERS", context) or None,
+            "scheduler": self.parameterAsString(parameters, "DASK_SCHEDULER", context).strip() or None,
             "too_large_fix": "Tick 'Allow large areas' (advanced parameters) to run it anyway, or clip the "
                              "embeddings to a smaller area first"}, feedback)
         self.style_on_load(context, out, "height")

@@ -384,3 +384,18 @@ def test_correct_bias_with_a_reference_window_and_one_source_only(run, shifted, 
         run("correctbias", {**params, "REFERENCE": None, "OUTPUT": str(tmp_path / "none.tif")})
     with pytest.raises(QgsProcessingException, match="needs 4 whole numbers"):
         run("correctbias", {**params, "WINDOW": "100 100 40", "OUTPUT": str(tmp_path / "bad.tif")})
+
+
+def test_predict_on_a_local_dask_cluster_equals_the_one_process_prediction(run, predicted, small_scene, tiny_model,
+                                                                          tmp_path):
+    """Processing's advanced 'Dask workers' runs the same prediction in chunks (core.distributed)."""
+    pytest.importorskip("distributed")
+    out = tmp_path / "height_dask.tif"
+    feedback = Recorder()
+    run("predictheight", {"INPUT": str(small_scene.embeddings), "MODEL": str(tiny_model), "BATCH_SIZE": 2,
+                          "DEVICE": 1, "DASK_WORKERS": 2, "OUTPUT": str(out)}, feedback)
+    assert any("Dask" in m and "chunks" in m for m in feedback.messages), feedback.messages
+    with rasterio.open(predicted) as one, rasterio.open(out) as chunked:
+        assert chunked.transform == one.transform and chunked.crs == one.crs
+        a, b = one.read(1, masked=True), chunked.read(1, masked=True)
+        assert np.array_equal(a.mask, b.mask) and np.abs(a - b).max() <= 0.01
