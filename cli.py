@@ -417,6 +417,18 @@ TERRAIN_HELP_PREDICT = ("coarse terrain, for models trained with --terrain: cope
                         "Copernicus DEM fetched for the embeddings from its public COGs, cached) or a raster file")
 
 
+def _add_cluster(p: argparse.ArgumentParser) -> None:
+    """The Dask options of predict and fetch (core.distributed)."""
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="run on a Dask LocalCluster of N worker processes on this machine (needs the [dask] extra)")
+    p.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="run on an existing Dask cluster (its scheduler)")
+    p.add_argument("--chunk-size", type=int, metavar="PX",
+                   help="with --workers/--scheduler: chunk side in px, one task each (default 2048)")
+    p.add_argument("--cog", action="store_true",
+                   help="with --workers/--scheduler and a .tif --out: one Cloud-Optimized GeoTIFF with overviews "
+                        "(a .vrt --out is a VRT over the chunk files in OUT.chunks/)")
+
+
 def _add_dem_base_url(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dem-base-url", metavar="URL",
                    help="Copernicus DEM mirror for --terrain copernicus-30/90 (default: the public AWS bucket, or "
@@ -456,14 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gb", type=float, metavar="GB",
                    help="size limit in GB downloaded or written; larger fetches need --yes "
                         "(default: $ALPHAEARTH_HEIGHT_MAX_GB or 5)")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="run on a Dask LocalCluster of N worker processes on this machine (needs the [dask] extra)")
-    p.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="run on an existing Dask cluster (its scheduler)")
-    p.add_argument("--chunk-size", type=int, metavar="PX",
-                   help="with --workers/--scheduler: chunk side in px, one task each (default 2048)")
-    p.add_argument("--cog", action="store_true",
-                   help="with --workers/--scheduler and a .tif --out: one Cloud-Optimized GeoTIFF with overviews "
-                        "(a .vrt --out is a VRT over the chunk files in OUT.chunks/)")
+    _add_cluster(p)
     p.set_defaults(run=_fetch)
 
     p = sub.add_parser("fetch-terrain", help="the Copernicus DEM (GLO-30/GLO-90, public COGs) for an area, "
@@ -502,14 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_MAX_MPX:g}, 100 km x 100 km at 10 m)")
     p.add_argument("--yes", action="store_true", help="run whatever the size (no --max-mpx limit)")
     _add_device(p)
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="run on a Dask LocalCluster of N worker processes on this machine (needs the [dask] extra)")
-    p.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="run on an existing Dask cluster (its scheduler)")
-    p.add_argument("--chunk-size", type=int, metavar="PX",
-                   help="with --workers/--scheduler: chunk side in px, one task each (default 2048)")
-    p.add_argument("--cog", action="store_true",
-                   help="with --workers/--scheduler and a .tif --out: one Cloud-Optimized GeoTIFF with overviews "
-                        "(a .vrt --out is a VRT over the chunk files in OUT.chunks/)")
+    _add_cluster(p)
     p.set_defaults(run=_predict)
 
     p = sub.add_parser("export-onnx", help="add the ONNX graph (for ONNX Runtime) to an existing model folder")
