@@ -14,6 +14,17 @@ def test_dequantise_matches_hand_computed_values():
     assert v.dtype == np.float32
 
 
+def test_dequantise_into_a_buffer_with_nodata_as_zero():
+    """The model's variant: every code as the formula gives it (float32), -128 as 0, into ``out``."""
+    q = np.arange(-128, 128, dtype=np.int8).reshape(2, 8, 16)
+    out = np.full(q.shape, 7.0, dtype=np.float32)
+    assert aef.dequantise(q, out=out, nodata="zero") is out
+    scaled = q.astype(np.float64) / 127.5
+    expected = np.where(q == aef.NODATA_INT8, 0.0, np.sign(scaled) * scaled ** 2)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(np.isnan(aef.dequantise(q)), q == aef.NODATA_INT8)
+
+
 def test_dequantise_is_not_the_linear_bug():
     assert aef.dequantise(np.array([64], dtype=np.int8))[0] == pytest.approx(0.2520, abs=1e-4)
     assert aef.dequantise(np.array([64], dtype=np.int8))[0] != pytest.approx(64 / 127.5, abs=1e-3)

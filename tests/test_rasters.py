@@ -50,6 +50,29 @@ def test_int8_nodata_becomes_nan_and_float_nodata_too(tmp_path):
         assert np.isfinite(block[:, 2, 4]).all()
 
 
+@pytest.mark.parametrize("kind", ["int8", "int8 bottom-up", "float"])
+def test_model_input_is_read_with_missing_pixels_zeroed(tmp_path, kind):
+    """What the model gets equals ``read`` with NaN as 0, and the mask is ``read``'s finite pixels:
+    inside the raster (the one-pass int8 path) and over its edge (the padded path)."""
+    values = unit_embeddings(40, 56)
+    values[:, 2, 3] = np.nan
+    values[7, 10, 11] = np.nan  # one band missing: the pixel is invalid
+    if kind == "float":
+        values[:, 20, 20] = np.inf
+        path = write_embeddings(tmp_path / "e.tif", values, quantised=False)
+    else:
+        path = write_embeddings(tmp_path / "e.tif", values, bottom_up=kind.endswith("bottom-up"))
+    with EmbeddingRaster(path) as src:
+        for window in (Window(0, 0, 32, 32), Window(24, 8, 32, 32), Window(40, 30, 32, 32)):
+            expected = src.read(window)
+            out = np.full(expected.shape, 99.0, dtype=np.float32)
+            mask = src.read_model_input(window, out)
+            np.testing.assert_array_equal(mask, np.isfinite(expected).all(axis=0))
+            np.testing.assert_array_equal(out, np.nan_to_num(expected, nan=0.0, posinf=0.0, neginf=0.0))
+            if window.col_off == 0:
+                assert not mask[2, 3] and not mask[10, 11] and mask[2, 4]
+
+
 def _write_plain(path, count, dtype="float32", crs="EPSG:32630"):
     profile = {"driver": "GTiff", "width": 8, "height": 8, "count": count, "dtype": dtype, "crs": crs,
                "transform": rasterio.transform.from_origin(*((0.5, 45.0) if crs == "EPSG:4326" else ORIGIN),

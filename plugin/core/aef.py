@@ -35,13 +35,28 @@ def describe(dst: object, *, attribution: str = ATTRIBUTION, **tags: str) -> Non
     dst.update_tags(ATTRIBUTION=attribution, QUANTISATION=QUANTISATION, SOFTWARE="AlphaEarth Height", **tags)
 
 
-def dequantise(q: np.ndarray) -> np.ndarray:
-    """int8 AEF values -> float32 embeddings in [-1, 1]; -128 becomes NaN."""
-    q = np.asarray(q)
-    scaled = q.astype(np.float32) / np.float32(QUANT_SCALE)
-    values = np.sign(scaled) * scaled * scaled
-    values[q == NODATA_INT8] = np.nan
-    return values
+def _dequantise_table(nodata_value: float) -> np.ndarray:
+    """The float32 value of each of the 256 int8 codes, indexed by the code's unsigned byte."""
+    codes = np.arange(256, dtype=np.uint8).view(np.int8)
+    scaled = codes.astype(np.float32) / np.float32(QUANT_SCALE)
+    table = np.sign(scaled) * scaled * scaled
+    table[codes == NODATA_INT8] = nodata_value
+    return table
+
+
+_TABLES = {"nan": _dequantise_table(np.nan), "zero": _dequantise_table(0.0)}
+
+
+def dequantise(q: np.ndarray, out: np.ndarray | None = None, nodata: str = "nan") -> np.ndarray:
+    """int8 AEF values -> float32 embeddings in [-1, 1]; -128 becomes NaN (``nodata="zero"``: 0.0,
+    what a model is given).
+
+    A lookup in a 256-entry table: one pass, several times faster than the arithmetic on
+    the tens of millions of values a tile holds. ``out`` (float32, the shape of ``q``)
+    receives the values without another copy.
+    """
+    codes = np.ascontiguousarray(q, dtype=np.int8).view(np.uint8)
+    return np.take(_TABLES[nodata], codes, out=out, mode="clip")
 
 
 def quantise(v: np.ndarray) -> np.ndarray:

@@ -38,8 +38,9 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
+from . import aef
 from .errors import InputError
-from .rasters import OUTPUT_NODATA, EmbeddingRaster, Grid, atomic_write, float_profile, valid_mask
+from .rasters import OUTPUT_NODATA, EmbeddingRaster, Grid, atomic_write, float_profile
 
 DEFAULT_CHUNK = 2048        # px a side of a chunk's interior: ~4 Mpx, minutes of CPU per task
 DEFAULT_RETRIES = 2         # tries after the first for a task that raised
@@ -267,13 +268,11 @@ def _blend_tiles(source: EmbeddingRaster, runner: Any, chunk: Chunk, th: int, tw
     for r in chunk.rows:
         for first in range(0, len(chunk.cols), batch_size):
             cols = chunk.cols[first:first + batch_size]
-            tiles = [source.read(Window(c, r, tw, th)) for c in cols]
-            masks = [valid_mask(t) for t in tiles]
+            stack = np.empty((len(cols), aef.N_BANDS, th, tw), dtype=np.float32)
+            masks = [source.read_model_input(Window(c, r, tw, th), stack[j]) for j, c in enumerate(cols)]
             live = [i for i, m in enumerate(masks) if m.any()]  # all-nodata tiles: no model run, as there
             if live:
-                stack = np.stack([tiles[i] for i in live])
-                np.nan_to_num(stack, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-                for i, h in zip(live, runner(stack)):
+                for i, h in zip(live, runner(stack if len(live) == len(cols) else stack[live])):
                     sl = np.s_[r - r_off:r - r_off + th, cols[i] - c_off:cols[i] - c_off + tw]
                     num[sl] += h * weights
                     den[sl] += weights

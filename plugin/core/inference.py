@@ -34,16 +34,16 @@ from .device import describe_device, precision_policy, select_device
 from .errors import InputError
 from .models import ONNX_FILE, ModelPackage, open_package
 from .rasters import (OUTPUT_NODATA, EmbeddingRaster, Grid, atomic_write, check_output_path,
-                      describe_band, ensure_free_space, float_profile, raster_bytes, valid_mask)
+                      describe_band, ensure_free_space, float_profile, raster_bytes)
 from .sizes import check_size, format_bytes
 
 DEFAULT_BAND_WIDTH = 4096
 BATCH_TILE_PX = 256 * 256  # a batch holds at most batch_size tiles and batch_size x this many pixels
 # GDAL's block cache (process-wide, 5 % of RAM by default) would keep every block read or
 # written until full: peak memory grew with the area up to that size. During a prediction
-# it is capped (and restored after): the blocks a row of tiles shares with the next ones
-# fit for the 256 px blocks this project writes; a block read twice is decoded twice.
-PREDICT_GDAL_CACHE = 64 * 2**20
+# it is sized to the blocks one row of tiles of a band touches (``_gdal_cache_bytes``) and
+# restored after, so memory stays flat and no block is decoded twice for one row.
+MIN_GDAL_CACHE = 64 * 2**20
 
 
 @dataclass
@@ -91,8 +91,8 @@ def _round_up(value: int, multiple: int) -> int:
 class TorchRunner:
     """Holds the torch model on its device and turns batches of finite embeddings into heights.
 
-    NaN/Inf are replaced by the reader thread (``_read_batches``), not here, so that copy
-    overlaps with the model instead of delaying it.
+    Missing pixels are zeroed by the reader thread (``EmbeddingRaster.read_model_input``),
+    not here, so that work overlaps with the model instead of delaying it.
     """
 
     def __init__(self, package: ModelPackage, device_name: str, amp: bool, channels_last: Optional[bool]) -> None:
@@ -245,7 +245,8 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
     overlap = int(package.default("overlap", tile // 4) if overlap is None else overlap)
     _check_tiling(tile, overlap, batch_size, package.multiple)
     out = check_output_path(out_path, embeddings)
-    with rasterio.Env(GDAL_CACHEMAX=PREDICT_GDAL_CACHE), EmbeddingRaster(embeddings) as source:
+    with EmbeddingRaster(embeddings) as source, rasterio.Env(
+            GDAL_CACHEMAX=max(MIN_GDAL_CACHE, source.block_bytes(tile, max(band_width, tile)))):
         grid = source.grid
         plan = TilePlan(grid, tile, overlap, package.multiple, max(band_width, tile))
         check_size(embeddings, grid.width, grid.height, max_mpx, resolution_m=grid.resolution[0],
@@ -383,17 +384,17 @@ class _Batch(NamedTuple):
 
 def _read_batches(source: EmbeddingRaster, plan: TilePlan, batch_size: int) -> Iterator[_Batch]:
     """Read, de-quantise and mask every batch in order; the model gets finite values only."""
-    for band, k, r, cols in plan.batches(batch_size):
-        stack = np.empty((len(cols), aef.N_BANDS, plan.th, plan.tw), dtype=np.float32)
-        masks = []
-        for j, c in enumerate(cols):
-            stack[j] = source.read(Window(c, r, plan.tw, plan.th))
-            masks.append(valid_mask(stack[j]))
+    # Two buffers in turn: the consumer is done with a batch when it asks for the one after
+    # next (``_prefetched`` holds one batch ahead), and refilling memory already touched
+    # spares the page faults of a fresh 50-300 MB array every batch.
+    buffers = [np.empty((plan.tiles_per_batch(batch_size), aef.N_BANDS, plan.th, plan.tw), dtype=np.float32)
+               for _ in range(2)]
+    for i, (band, k, r, cols) in enumerate(plan.batches(batch_size)):
+        stack = buffers[i % 2][:len(cols)]
+        masks = [source.read_model_input(Window(c, r, plan.tw, plan.th), stack[j]) for j, c in enumerate(cols)]
         live = [i for i, mask in enumerate(masks) if mask.any()]  # all-nodata tiles: no model run
         if len(live) < len(cols):
             stack = stack[live] if live else None
-        if stack is not None:
-            np.nan_to_num(stack, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         yield _Batch(band, k, r, cols, masks, live, stack)
 
 

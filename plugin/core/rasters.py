@@ -119,6 +119,7 @@ class EmbeddingRaster:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = str(path)
+        self._raw: Optional[np.ndarray] = None  # read_model_input's int8 buffer, reused window after window
         self._ds = open_raster(path)
         try:
             self._validate()
@@ -175,6 +176,40 @@ class EmbeddingRaster:
         r0, c0 = inner.row_off - window.row_off, inner.col_off - window.col_off
         out[:, r0:r0 + inner.height, c0:c0 + inner.width] = values
         return out
+
+    def block_bytes(self, rows: int, cols: int) -> int:
+        """Bytes of the decoded blocks (all bands) that a window of ``rows`` x ``cols`` px
+        can touch: what GDAL's block cache must hold for the window's blocks to be decoded
+        once while windows slide along a row."""
+        block_rows, block_cols = self._ds.block_shapes[0]
+        touched = (-(-rows // block_rows) + 1) * (-(-cols // block_cols) + 1)
+        return touched * block_rows * block_cols * self._ds.count * np.dtype(self._ds.dtypes[0]).itemsize
+
+    def read_model_input(self, window: Window, out: np.ndarray) -> np.ndarray:
+        """Fill ``out`` (float32, 64 x h x w) with what a model is given for a north-up window
+        and return the window's validity mask (``valid_mask`` of ``read``).
+
+        Missing pixels (nodata, NaN, +-Inf, outside the raster) are 0 in ``out``, since a
+        NaN would spread through the convolutions into the neighbouring pixels. An int8
+        window inside the raster is de-quantised straight into ``out`` in one table pass:
+        the reader's work per tile is then a small fraction of the model's.
+        """
+        inside = (self.quantised and window.col_off >= 0 and window.row_off >= 0
+                  and window.col_off + window.width <= self.width and window.row_off + window.height <= self.height)
+        if not inside:
+            out[...] = self.read(window)
+            mask = valid_mask(out)
+            np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+            return mask
+        row = self.height - window.row_off - window.height if self.bottom_up else window.row_off
+        if self._raw is None or self._raw.shape != out.shape:
+            self._raw = np.empty(out.shape, dtype=np.int8)
+        raw = read_or_fail(self._ds, self.path, window=Window(window.col_off, row, window.width, window.height),
+                           out=self._raw)
+        if self.bottom_up:
+            raw = raw[:, ::-1, :]
+        aef.dequantise(raw, out=out, nodata="zero")
+        return (raw != aef.NODATA_INT8).all(axis=0)
 
     def _overlaps(self, window: Window) -> bool:
         return (window.col_off < self.width and window.row_off < self.height
