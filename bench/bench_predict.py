@@ -4,11 +4,13 @@ For each area size and backend (ONNX Runtime, torch) it prints the default tilin
 overhead (input pixels the model computes per output pixel), end-to-end `predict`
 throughput (read, de-quantise, model, blend, write) next to model-only forward throughput
 on the very same batches, and the peak resident memory of a fresh process predicting
-that area; then, per backend, the memory ratio of the largest area to the smallest.
+that area; then, per backend, the memory ratio of the largest area to the smallest. Each
+measurement runs ``--repeats`` times, alternated, and the best is kept: on a shared
+machine a burst of other work then spoils one run, not the ratio.
 Memory should barely grow with the area, since inference streams by tiles. It also
 checks the two backends' heights agree (max |difference|).
 
-    .venv/bin/python bench/bench_predict.py [--sizes 1024 4096] [--device auto] [--backends onnx torch]
+    .venv/bin/python bench/bench_predict.py [--sizes 1024 4096] [--device auto] [--backends onnx torch] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import rasterio
 from affine import Affine
 
 from alphaearth_height.plugin.core import aef
-from alphaearth_height.plugin.core.inference import (DEFAULT_BAND_WIDTH, TilePlan, _read_batches, make_runner,
-                                                     predict_height)
+from alphaearth_height.plugin.core.inference import (DEFAULT_BAND_WIDTH, MIN_GDAL_CACHE, TilePlan, _read_batches,
+                                                     make_runner, predict_height)
 from alphaearth_height.plugin.core.models import bundled_model_dir, open_package
 from alphaearth_height.plugin.core.rasters import EmbeddingRaster
 from rasterio.windows import Window
@@ -58,15 +60,24 @@ def default_plan(path: Path) -> TilePlan:
                         DEFAULT_BAND_WIDTH)
 
 
-def model_only(path: Path, device: str, backend: str) -> tuple[float, int]:
-    """Seconds spent in forward passes alone over the batches predict would run (read and
-    de-quantised by predict's own reader, outside the timed part, one batch at a time)."""
+def model_only(path: Path, device: str, backend: str) -> tuple[float, float, int]:
+    """Seconds spent in forward passes alone over the batches predict would run, and seconds
+    spent reading and de-quantising those batches (predict's own reader, one batch at a
+    time, nothing else running): the CPU work that cannot overlap with a model that
+    already keeps every core busy."""
     package = open_package(bundled_model_dir())
     runner = make_runner(package, backend, device)
     plan = default_plan(path)
-    seconds, warm = 0.0, False
-    with EmbeddingRaster(path) as src:
-        for batch in _read_batches(src, plan, BATCH_SIZE):
+    seconds, read_seconds, warm = 0.0, 0.0, False
+    with EmbeddingRaster(path) as src, rasterio.Env(GDAL_CACHEMAX=max(MIN_GDAL_CACHE, src.block_bytes(
+            plan.tile, DEFAULT_BAND_WIDTH))):
+        batches = _read_batches(src, plan, BATCH_SIZE)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            read_seconds += time.perf_counter() - start
+            if batch is None:
+                break
             if batch.stack is None:
                 continue
             if not warm:
@@ -75,7 +86,7 @@ def model_only(path: Path, device: str, backend: str) -> tuple[float, int]:
             start = time.perf_counter()
             runner(batch.stack)
             seconds += time.perf_counter() - start
-    return seconds, plan.total_tiles
+    return seconds, read_seconds, plan.total_tiles
 
 
 def peak_rss_mb() -> float:
@@ -109,6 +120,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--backends", nargs="+", default=["onnx", "torch"])
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the best is kept")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -125,13 +137,21 @@ def main() -> None:
             heights = {}
             for backend in args.backends:
                 out = Path(tmp) / f"h{side}-{backend}.tif"
-                run = subprocess.run([sys.executable, __file__, "--device", args.device, "--child", str(emb),
-                                      str(out), backend], capture_output=True, text=True, check=True)
-                e2e = json.loads(run.stdout.strip().splitlines()[-1])
-                fwd_seconds, tiles = model_only(emb, args.device, backend)
+                e2e_runs, fwd_runs = [], []
+                for _ in range(args.repeats):  # alternated, so a burst of other work hits both kinds
+                    out.unlink(missing_ok=True)
+                    run = subprocess.run([sys.executable, __file__, "--device", args.device, "--child", str(emb),
+                                          str(out), backend], capture_output=True, text=True, check=True)
+                    e2e_runs.append(json.loads(run.stdout.strip().splitlines()[-1]))
+                    fwd_runs.append(model_only(emb, args.device, backend))
+                e2e = min(e2e_runs, key=lambda r: r["seconds"])
+                fwd_seconds, read_seconds = min(r[0] for r in fwd_runs), min(r[1] for r in fwd_runs)
+                tiles = fwd_runs[0][2]
+                peak_mb = max(r["peak_mb"] for r in e2e_runs)
                 mpx = side * side / 1e6
                 rows.append((side, backend, tiles, e2e["seconds"], mpx / e2e["seconds"], mpx / fwd_seconds,
-                             fwd_seconds / e2e["seconds"], e2e["peak_mb"], e2e["device"], e2e["load_seconds"]))
+                             fwd_seconds / e2e["seconds"], peak_mb, e2e["device"], e2e["load_seconds"],
+                             read_seconds, fwd_seconds))
                 with rasterio.open(out) as src:
                     heights[backend] = src.read(1)
             if len(heights) == 2:
@@ -140,17 +160,18 @@ def main() -> None:
     print("default tiling of the bundled model (the model computes each input pixel of each tile):")
     for line in tiling:
         print("  " + line)
-    print("bundled model; throughput = output megapixels (10 m) per second; load = imports + model load, "
-          "before the timed predict")
-    print(f"{'area (px)':>11} {'backend':>8} {'tiles':>6} {'load s':>7} {'predict s':>10} {'end-to-end Mpx/s':>17} "
-          f"{'model-only Mpx/s':>17} {'e2e/model':>10} {'peak RSS MB':>12}  device")
-    for side, backend, tiles, secs, e2e, fwd, ratio, peak, device, load in rows:
-        print(f"{side:>5}x{side:<5} {backend:>8} {tiles:>6} {load:>7.1f} {secs:>10.1f} {e2e:>17.3f} {fwd:>17.3f} "
-              f"{ratio:>10.2f} {peak:>12.0f}  {device}")
+    print(f"bundled model; throughput = output megapixels (10 m) per second; load = imports + model load, "
+          f"before the timed predict; best of {args.repeats} alternated runs; read s = reading and de-quantising "
+          "the same batches alone; model s = the forward passes alone")
+    print(f"{'area (px)':>11} {'backend':>8} {'tiles':>6} {'load s':>7} {'predict s':>10} {'model s':>8} "
+          f"{'read s':>7} {'end-to-end Mpx/s':>17} {'model-only Mpx/s':>17} {'e2e/model':>10} {'peak RSS MB':>12}  device")
+    for side, backend, tiles, secs, e2e, fwd, ratio, peak, device, load, read, model in rows:
+        print(f"{side:>5}x{side:<5} {backend:>8} {tiles:>6} {load:>7.1f} {secs:>10.1f} {model:>8.1f} {read:>7.1f} "
+              f"{e2e:>17.3f} {fwd:>17.3f} {ratio:>10.2f} {peak:>12.0f}  {device}")
     for backend in args.backends:
         mine = [row for row in rows if row[1] == backend]
         if len(mine) > 1:
-            a, b = mine[0], mine[-1]
+            a, b = mine[0], mine[-1]  # peak memory: the highest of the repeats
             print(f"{backend}: peak RSS {a[0]}x{a[0]} {a[7]:.0f} MB, {b[0]}x{b[0]} {b[7]:.0f} MB: "
                   f"area x{(b[0] / a[0]) ** 2:.0f} -> peak memory x{b[7] / a[7]:.2f}")
         print(f"{backend}: end-to-end / model-only " + ", ".join(f"{row[0]}x{row[0]} {row[6]:.2f}" for row in mine))

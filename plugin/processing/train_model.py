@@ -21,7 +21,8 @@ class TrainModel(HeightAlgorithm):
             "The reference may be in any CRS and resolution; it is resampled onto the embeddings' grid. "
             "The scene is split into contiguous strips: the test strip ('test fraction' of the scene, on "
             "the side given by 'held-out side') is never trained on, so the test metrics show how the "
-            "model does on ground it has not seen. Advanced: random spatial blocks instead of strips, a "
+            "model does on ground it has not seen; a test fraction of 0 trains on all but the validation strip "
+            "when you test on a separate area (no test metrics then). Advanced: random spatial blocks instead of strips, a "
             "buffer (pixels kept out of training around the test and validation areas), the loss, the "
             "learning-rate schedule, gradient accumulation, height-balanced patch sampling, and a coarse "
             "terrain raster (the model then learns height above it, and predicting with it needs a "
@@ -43,7 +44,7 @@ class TrainModel(HeightAlgorithm):
         self.add_int("BATCH_SIZE", "Batch size", 8, 1)
         self.add_int("EPOCHS", "Epochs (maximum)", 30, 1)
         self.add_int("STEPS_PER_EPOCH", "Steps per epoch", 50, 1)
-        self.add_double("TEST_FRACTION", "Test fraction", 0.3, 0.05, 0.9)
+        self.add_double("TEST_FRACTION", "Test fraction (0: no test area, you test elsewhere)", 0.3, 0.0, 0.9)
         self.add(QgsProcessingParameterEnum("DIRECTION", self.tr("Held-out side (test strip)"),
                                             options=list(DIRECTIONS), defaultValue=0), advanced=True)
         self.add_int("SEED", "Random seed", 0, 0, advanced=True)
@@ -61,14 +62,20 @@ class TrainModel(HeightAlgorithm):
         self.add_terrain("Coarse terrain raster (optional)", advanced=True)
         self.add_device()
         self.add(QgsProcessingParameterFolderDestination("OUTPUT", self.tr("Model folder")))
-        self.addOutput(QgsProcessingOutputNumber("TEST_R2", self.tr("Test R²")))
-        self.addOutput(QgsProcessingOutputNumber("TEST_RMSE", self.tr("Test RMSE (m)")))
+        self.addOutput(QgsProcessingOutputNumber("TEST_R2", self.tr("Test R² (none with a test fraction of 0)")))
+        self.addOutput(QgsProcessingOutputNumber("TEST_RMSE", self.tr("Test RMSE (m) (none with a test fraction of 0)")))
+        self.addOutput(QgsProcessingOutputNumber("VALIDATION_R2", self.tr("Validation R²")))
+        self.addOutput(QgsProcessingOutputNumber("VALIDATION_RMSE", self.tr("Validation RMSE (m)")))
 
     def execute(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
         out = self.parameterAsFileOutput(parameters, "OUTPUT", context)
         result = self.run_in_worker("train", self._config(parameters, context, out), feedback)
-        test = result["metrics"]["test"]
-        return {"OUTPUT": result["model_dir"], "TEST_R2": test["r2"], "TEST_RMSE": test["rmse"]}
+        outputs = {"OUTPUT": result["model_dir"]}
+        for area in ("test", "validation"):  # no test area with a test fraction of 0
+            if area in result["metrics"]:
+                metrics = result["metrics"][area]
+                outputs.update({f"{area.upper()}_R2": metrics["r2"], f"{area.upper()}_RMSE": metrics["rmse"]})
+        return outputs
 
     def _config(self, parameters: dict, context: QgsProcessingContext, out: str) -> dict:
         """TrainConfig's fields (the split as SplitSpec's), sent to the worker (training imports torch, which QGIS never does)."""

@@ -298,7 +298,18 @@ def test_train_writes_a_model_that_loads(run, small_scene, tmp_path):
     package = load_model(out)
     assert package.card["model"]["architecture"] == "unet"
     assert package.card["model"]["encoder_depth"] == 3
-    assert np.isfinite(result["TEST_RMSE"])
+    assert np.isfinite(result["TEST_RMSE"]) and np.isfinite(result["VALIDATION_RMSE"])
+
+
+def test_train_without_a_test_area(run, small_scene, tmp_path):
+    """Test fraction 0 (the user tests on a separate area): trained, validated, no test figures."""
+    result = run("trainmodel", {"EMBEDDINGS": str(small_scene.embeddings), "REFERENCE": str(small_scene.reference),
+                                "ARCH": 0, "ENCODER_DEPTH": 3, "PATCH_SIZE": 64, "BATCH_SIZE": 2, "EPOCHS": 1,
+                                "STEPS_PER_EPOCH": 1, "TEST_FRACTION": 0.0, "DEVICE": 1,
+                                "OUTPUT": str(tmp_path / "model")})
+    card = load_model(result["OUTPUT"]).card
+    assert card["training"]["split"]["pixels"]["test"] == 0 and "test" not in card["metrics"]
+    assert np.isfinite(result["VALIDATION_RMSE"]) and result.get("TEST_RMSE") is None
 
 
 def test_cancel_offered_where_core_can_cancel(provider):
