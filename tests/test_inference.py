@@ -8,7 +8,8 @@ from rasterio.crs import CRS
 from alphaearth_height.plugin.core.errors import InputError
 from alphaearth_height.plugin.core.cancel import Cancelled
 from alphaearth_height.plugin.core.inference import TilePlan, blend_weights, predict_height, tile_layout
-from alphaearth_height.plugin.core.rasters import OUTPUT_NODATA, Grid
+from alphaearth_height.plugin.core.models import open_package
+from alphaearth_height.plugin.core.rasters import OUTPUT_NODATA, EmbeddingRaster, Grid
 
 from conftest import ORIGIN, unit_embeddings, write_embeddings
 
@@ -37,6 +38,20 @@ def test_tile_layout_covers_keeps_the_overlap_and_wastes_little():
         if len(starts) > 1:
             assert starts[-1] + size == length and len(starts) * size <= 1.3 * length
             assert all(b - a <= size - 64 for a, b in zip(starts, starts[1:]))  # overlap of at least 64 px
+
+
+def test_bundled_default_tiling_computes_at_most_1_35_input_px_per_output_px():
+    """For any area from one tile up to a country (column bands included: no tile runs twice)."""
+    from alphaearth_height.plugin.core.inference import DEFAULT_BAND_WIDTH
+    from alphaearth_height.plugin.core.models import bundled_model_dir
+
+    package = open_package(bundled_model_dir())
+    tile, overlap = package.default("tile", 0), package.default("overlap", 0)
+    sides = list(range(tile + 1, 12000, 97)) + [20011, 75000]
+    for width, height in [(side, side) for side in sides] + [(side, 2 * tile + 3) for side in sides]:
+        grid = Grid(CRS.from_epsg(32630), rasterio.Affine(10, 0, 0, 0, -10, 0), width, height)
+        plan = TilePlan(grid, tile, overlap, package.multiple, DEFAULT_BAND_WIDTH)
+        assert plan.input_per_output <= 1.35, (width, height, plan.input_per_output)
 
 
 def test_batches_hold_the_pixels_of_batch_size_256_px_tiles_at_most():
@@ -108,11 +123,34 @@ def test_tiled_prediction_has_no_seam_and_matches_one_window(tiny_model, tmp_pat
     np.testing.assert_allclose(wide[:, -24:], whole[:, -24:], atol=1e-3 * spread)
 
 
-def test_column_bands_give_the_same_result(scene, tiny_model, tmp_path):
+def test_column_bands_give_the_same_result_and_run_each_tile_once(scene, tiny_model, tmp_path, monkeypatch):
+    """Bands hand the columns they share over as partial sums: the same heights as one band,
+    and the model sees each tile once (before, the tiles across a band edge ran twice)."""
+    from alphaearth_height.plugin.core import inference
+
     path, _ = scene
+    seen = []
+    make_runner = inference.make_runner
+
+    def counting_runner(*args, **kwargs):
+        runner = make_runner(*args, **kwargs)
+
+        def run(batch):
+            seen.extend(tile.tobytes() for tile in batch)
+            return runner(batch)
+        run.description = runner.description
+        return run
+
     predict_height(path, tiny_model, tmp_path / "one.tif", device="cpu")
-    predict_height(path, tiny_model, tmp_path / "bands.tif", device="cpu", band_width=100, batch_size=3)
+    monkeypatch.setattr(inference, "make_runner", counting_runner)
+    result = predict_height(path, tiny_model, tmp_path / "bands.tif", device="cpu", band_width=100, batch_size=3)
     np.testing.assert_allclose(_read(tmp_path / "bands.tif")[0], _read(tmp_path / "one.tif")[0], atol=1e-4)
+    band_tags = _read(tmp_path / "bands.tif")[2]  # dataset tags: TILE, OVERLAP
+    with EmbeddingRaster(path) as src:
+        plan = TilePlan(src.grid, int(band_tags["TILE"]), int(band_tags["OVERLAP"]), open_package(tiny_model).multiple,
+                        100)
+    assert len(plan.bands()) > 1 and result.tiles == len(plan.rows) * len(plan.cols)
+    assert len(seen) == len(set(seen)) == result.tiles
 
 
 def test_cancel_leaves_no_output(scene, tiny_model, tmp_path):

@@ -3,8 +3,10 @@
 Tiles overlap and are blended with weights that fall to ~0 at tile edges, so no seam
 shows. Along each axis the fewest tiles that keep the overlap are spread evenly and
 shrunk to just cover the raster, so little input is computed twice. The raster is
-processed in column bands, each top to bottom with a rolling accumulator one tile high:
-memory depends on tile, batch and band width, never on the area. Reading and
+processed in column bands of whole tiles, each top to bottom with a rolling accumulator
+one tile high; the columns two bands share pass from one to the next as partial sums, so
+no tile runs twice. Memory depends on tile, batch and band width (and on the height,
+by about the overlap's width of sums), not on the area. Reading and
 de-quantising the next batches (a reader thread) and checking and writing finished
 strips (a writer thread) overlap with the model, which releases the GIL. The output
 appears under its name only once complete.
@@ -323,6 +325,14 @@ def _trim_heap() -> None:
         _MALLOC_TRIM(0)
 
 
+class Band(NamedTuple):
+    """A column band: the tile columns it runs and the output columns [c0, c1) it writes."""
+
+    c0: int
+    c1: int
+    cols: list[int]
+
+
 @dataclass
 class TilePlan:
     """Tile geometry: tile height/width (see ``tile_layout``), start offsets, weights and bands."""
@@ -337,19 +347,30 @@ class TilePlan:
         self.th, self.rows = tile_layout(self.grid.height, self.tile, self.overlap, self.multiple)
         self.tw, self.cols = tile_layout(self.grid.width, self.tile, self.overlap, self.multiple)
         self.weights = blend_weights(self.th, self.tw, self.overlap)
-        self.total_tiles = sum(len(self.band_cols(c0, c1)) for c0, c1 in self.bands()) * len(self.rows)
+        self.total_tiles = len(self.rows) * len(self.cols)
+        self._bands = self._group_bands()
 
     @property
     def input_per_output(self) -> float:
-        """Input pixels the model computes per output pixel (tiles run twice at band edges included)."""
+        """Input pixels the model computes per output pixel (every tile runs once)."""
         return self.total_tiles * self.th * self.tw / (self.grid.width * self.grid.height)
 
-    def bands(self) -> list[tuple[int, int]]:
-        width = self.grid.width
-        return [(c0, min(c0 + self.band_width, width)) for c0 in range(0, width, self.band_width)]
+    def _group_bands(self) -> list[Band]:
+        """Consecutive tile columns spanning at most ``band_width`` px (two at least), each
+        tile in one band only. A band writes from its first tile's start to the next
+        band's first tile's start; the columns its last tile shares with the next band
+        are handed over as partial sums (``_Carry``), so no tile runs twice."""
+        groups, first = [], 0
+        for i, c in enumerate(self.cols):
+            if i > first + 1 and c + self.tw - self.cols[first] > self.band_width:
+                groups.append(self.cols[first:i])
+                first = i
+        groups.append(self.cols[first:])
+        return [Band(0 if g == 0 else cols[0], groups[g + 1][0] if g + 1 < len(groups) else self.grid.width, cols)
+                for g, cols in enumerate(groups)]
 
-    def band_cols(self, c0: int, c1: int) -> list[int]:
-        return [c for c in self.cols if c < c1 and c + self.tw > c0]
+    def bands(self) -> list[Band]:
+        return self._bands
 
     def tiles_per_batch(self, batch_size: int) -> int:
         """``batch_size`` tiles, fewer when tiles are larger than 256 x 256 px (one 512 px tile for 4).
@@ -363,11 +384,10 @@ class TilePlan:
     def batches(self, batch_size: int) -> Iterator[tuple[int, int, int, list[int]]]:
         """(band, row index, row offset, column offsets) of every batch, in prediction order."""
         batch_size = self.tiles_per_batch(batch_size)
-        for b, (c0, c1) in enumerate(self.bands()):
-            cols = self.band_cols(c0, c1)
+        for b, band in enumerate(self.bands()):
             for k, r in enumerate(self.rows):
-                for first in range(0, len(cols), batch_size):
-                    yield b, k, r, cols[first:first + batch_size]
+                for first in range(0, len(band.cols), batch_size):
+                    yield b, k, r, band.cols[first:first + batch_size]
 
 
 class _Batch(NamedTuple):
@@ -452,7 +472,7 @@ def _predict_strips(batches: Iterator[_Batch], runner: ModelRunner, plan: TilePl
         if cancel and cancel():
             raise Cancelled("prediction cancelled")
         if acc is None or acc.band != batch.band:
-            acc = _Accumulator(plan, batch.band, *bands[batch.band])
+            acc = _Accumulator(plan, batch.band, bands, acc.handover if acc is not None else None)
         heights = runner(batch.stack) if batch.stack is not None else []
         for i, h in zip(batch.live, heights):
             acc.add(batch.cols[i], h)
@@ -462,17 +482,31 @@ def _predict_strips(batches: Iterator[_Batch], runner: ModelRunner, plan: TilePl
             yield acc.finish_row(batch.row)
 
 
+class _Carry:
+    """Partial sums of the columns one band's last tile shares with the next band's first,
+    kept for the raster's whole height until the next band adds them: (height x about
+    the overlap) values, so bands never run a tile twice."""
+
+    def __init__(self, height: int, c0: int, c1: int) -> None:
+        self.c0, self.c1 = c0, c1
+        self.num = np.zeros((height, c1 - c0), dtype=np.float32)
+        self.den = np.zeros((height, c1 - c0), dtype=np.float32)
+        self.valid = np.zeros((height, c1 - c0), dtype=bool)
+
+
 class _Accumulator:
     """Weighted sum of heights, weights and validity for one band, one tile high, rolling down."""
 
-    def __init__(self, plan: TilePlan, band: int, c0: int, c1: int) -> None:
-        self.plan, self.band, self.c0, self.c1 = plan, band, c0, c1
-        self.cols = plan.band_cols(c0, c1)
+    def __init__(self, plan: TilePlan, band: int, bands: list[Band], carried: Optional[_Carry]) -> None:
+        self.plan, self.band, self.carried = plan, band, carried
+        self.c0, self.c1, self.cols = bands[band]
         self.left = self.cols[0]
         span = self.cols[-1] + plan.tw - self.left
         self.num = np.zeros((plan.th, span), dtype=np.float32)
         self.den = np.zeros((plan.th, span), dtype=np.float32)
         self.valid = np.zeros((plan.th, span), dtype=bool)
+        last = band + 1 == len(bands)
+        self.handover = None if last else _Carry(plan.grid.height, self.c1, self.left + span)
 
     def add(self, c: int, heights: np.ndarray) -> None:
         sl = np.s_[:, c - self.left:c - self.left + self.plan.tw]
@@ -487,6 +521,20 @@ class _Accumulator:
         plan, r = self.plan, self.plan.rows[k]
         next_r = plan.rows[k + 1] if k + 1 < len(plan.rows) else min(r + plan.th, plan.grid.height)
         n = next_r - r
+        for carry, into_self in ((self.carried, True), (self.handover, False)):
+            if carry is None:
+                continue
+            a, b = carry.c0 - self.left, carry.c1 - self.left
+            pairs = ((self.num, carry.num), (self.den, carry.den))
+            for mine, kept in pairs:
+                if into_self:
+                    mine[:n, a:b] += kept[r:next_r]
+                else:
+                    kept[r:next_r] = mine[:n, a:b]
+            if into_self:
+                self.valid[:n, a:b] |= carry.valid[r:next_r]
+            else:
+                carry.valid[r:next_r] = self.valid[:n, a:b]
         a, b = self.c0 - self.left, self.c1 - self.left
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             ratio = (self.num[:n, a:b] / self.den[:n, a:b]).astype(np.float32)
