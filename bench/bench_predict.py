@@ -29,7 +29,7 @@ import rasterio
 from affine import Affine
 
 from alphaearth_height.plugin.core import aef
-from alphaearth_height.plugin.core.inference import (DEFAULT_BAND_WIDTH, MIN_GDAL_CACHE, TilePlan, _read_batches,
+from alphaearth_height.plugin.core.inference import (DEFAULT_BAND_WIDTH, PREDICT_GDAL_CACHE, TilePlan, _read_batches,
                                                      make_runner, predict_height)
 from alphaearth_height.plugin.core.models import bundled_model_dir, open_package
 from alphaearth_height.plugin.core.rasters import EmbeddingRaster
@@ -69,8 +69,7 @@ def model_only(path: Path, device: str, backend: str) -> tuple[float, float, int
     runner = make_runner(package, backend, device)
     plan = default_plan(path)
     seconds, read_seconds, warm = 0.0, 0.0, False
-    with EmbeddingRaster(path) as src, rasterio.Env(GDAL_CACHEMAX=max(MIN_GDAL_CACHE, src.block_bytes(
-            plan.tile, DEFAULT_BAND_WIDTH))):
+    with rasterio.Env(GDAL_CACHEMAX=PREDICT_GDAL_CACHE), EmbeddingRaster(path) as src:
         batches = _read_batches(src, plan, BATCH_SIZE)
         while True:
             start = time.perf_counter()

@@ -76,7 +76,7 @@ class TrainConfig:
     name: str = ""
     region: str = ""
     year: Optional[int] = None
-    tile: int = 640
+    tile: int = 608
     overlap: int = 64
     max_minutes: Optional[float] = None  # no epoch starts that would end past this; the best epoch is kept
     workers: int = field(default_factory=lambda: default_workers())  # patch-reading processes (0: none)

@@ -177,14 +177,6 @@ class EmbeddingRaster:
         out[:, r0:r0 + inner.height, c0:c0 + inner.width] = values
         return out
 
-    def block_bytes(self, rows: int, cols: int) -> int:
-        """Bytes of the decoded blocks (all bands) that a window of ``rows`` x ``cols`` px
-        can touch: what GDAL's block cache must hold for the window's blocks to be decoded
-        once while windows slide along a row."""
-        block_rows, block_cols = self._ds.block_shapes[0]
-        touched = (-(-rows // block_rows) + 1) * (-(-cols // block_cols) + 1)
-        return touched * block_rows * block_cols * self._ds.count * np.dtype(self._ds.dtypes[0]).itemsize
-
     def read_model_input(self, window: Window, out: np.ndarray) -> np.ndarray:
         """Fill ``out`` (float32, 64 x h x w) with what a model is given for a north-up window
         and return the window's validity mask (``valid_mask`` of ``read``).
