@@ -64,14 +64,15 @@ class TrainModel(HeightAlgorithm):
         self.add(QgsProcessingParameterFolderDestination("OUTPUT", self.tr("Model folder")))
         self.addOutput(QgsProcessingOutputNumber("TEST_R2", self.tr("Test R² (none with a test fraction of 0)")))
         self.addOutput(QgsProcessingOutputNumber("TEST_RMSE", self.tr("Test RMSE (m) (none with a test fraction of 0)")))
-        self.addOutput(QgsProcessingOutputNumber("VALIDATION_R2", self.tr("Validation R²")))
-        self.addOutput(QgsProcessingOutputNumber("VALIDATION_RMSE", self.tr("Validation RMSE (m)")))
+        self.addOutput(QgsProcessingOutputNumber("VALIDATION_R2", self.tr("Validation R² (with a test fraction of 0)")))
+        self.addOutput(QgsProcessingOutputNumber("VALIDATION_RMSE",
+                                                 self.tr("Validation RMSE (m) (with a test fraction of 0)")))
 
     def execute(self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback) -> dict:
         out = self.parameterAsFileOutput(parameters, "OUTPUT", context)
         result = self.run_in_worker("train", self._config(parameters, context, out), feedback)
         outputs = {"OUTPUT": result["model_dir"]}
-        for area in ("test", "validation"):  # no test area with a test fraction of 0
+        for area in ("test", "validation"):  # the card's: validation figures only where there is no test area
             if area in result["metrics"]:
                 metrics = result["metrics"][area]
                 outputs.update({f"{area.upper()}_R2": metrics["r2"], f"{area.upper()}_RMSE": metrics["rmse"]})

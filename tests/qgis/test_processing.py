@@ -298,7 +298,7 @@ def test_train_writes_a_model_that_loads(run, small_scene, tmp_path):
     package = load_model(out)
     assert package.card["model"]["architecture"] == "unet"
     assert package.card["model"]["encoder_depth"] == 3
-    assert np.isfinite(result["TEST_RMSE"]) and np.isfinite(result["VALIDATION_RMSE"])
+    assert np.isfinite(result["TEST_RMSE"])
 
 
 def test_train_without_a_test_area(run, small_scene, tmp_path):
