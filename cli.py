@@ -182,9 +182,8 @@ def _predict(args: argparse.Namespace) -> None:
     if args.workers or args.scheduler:
         from .plugin.core.distributed import DEFAULT_CHUNK, open_client, predict_distributed
 
-        if args.terrain or args.uncertainty:
-            raise InputError("--terrain/--uncertainty", "do not run on a cluster yet",
-                             "Run them without --workers/--scheduler")
+        if args.uncertainty:
+            raise InputError("--uncertainty", "does not run on a cluster yet", "Run it without --workers/--scheduler")
         bar = _Bar("predicting", unit="chunk")
         try:
             with open_client(args.workers, args.scheduler) as client:
@@ -192,7 +191,7 @@ def _predict(args: argparse.Namespace) -> None:
                                              chunk_size=args.chunk_size or DEFAULT_CHUNK, cog=args.cog,
                                              tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
                                              device=args.device, amp=not args.no_amp, backend=args.backend,
-                                             max_mpx=max_mpx, progress=bar)
+                                             max_mpx=max_mpx, progress=bar, terrain=args.terrain)
         finally:
             bar.close()
         kept = f", chunks in {result.folder}" if result.folder else ""

@@ -14,6 +14,12 @@ it runs exactly the whole raster's tiles that touch its interior, with the same 
 starts, blend weights and order of accumulation, and keeps the interior; the result
 equals the single-process one up to float rounding from batch composition.
 
+Terrain: a model trained on height above a coarse terrain predicts the relief in each
+chunk as on one process, and the chunk adds the terrain warped onto the whole raster's
+grid and read over its interior (the very warp ``terrain.predict_surface`` reads block by
+block). The client resolves the terrain once (a DEM product is fetched into the cache);
+every worker reads that one file.
+
 Resume: a chunk's GeoTIFF appears only when whole (``atomic_write``), so its existence is
 the "finished" marker; a re-run skips those. A task that fails is retried (and a task
 whose worker dies is re-run elsewhere by the scheduler); one still failing is reported
@@ -41,6 +47,8 @@ from rasterio.windows import Window
 from . import aef
 from .errors import InputError
 from .rasters import OUTPUT_NODATA, EmbeddingRaster, Grid, atomic_write, float_profile
+from .resample import ReferenceOnGrid
+from .terrain import needs_terrain, terrain_on_embeddings_grid, terrain_tags
 
 DEFAULT_CHUNK = 2048        # px a side of a chunk's interior: ~4 Mpx, minutes of CPU per task
 DEFAULT_RETRIES = 2         # tries after the first for a task that raised
@@ -284,11 +292,12 @@ def _blend_tiles(source: EmbeddingRaster, runner: Any, chunk: Chunk, th: int, tw
 def predict_chunk(name: str, embeddings: str, model: str, out: str, inner: tuple[int, int, int, int],
                   outer: tuple[int, int, int, int], rows: Sequence[int], cols: Sequence[int], th: int, tw: int,
                   overlap: int, batch_size: int = 4, device: str = "auto", amp: bool = True,
-                  backend: str = "auto") -> ChunkOutcome:
+                  backend: str = "auto", terrain: Optional[str] = None) -> ChunkOutcome:
     """One chunk: the whole raster's tiles ``rows`` x ``cols`` blended, ``inner`` written to ``out``.
 
     Windows are (col, row, width, height) in the whole raster's pixels. Skips the work
-    when ``out`` exists (a finished chunk of an earlier run, or of an earlier try).
+    when ``out`` exists (a finished chunk of an earlier run, or of an earlier try). With
+    ``terrain`` (a file; the model predicts relief) the terrain is added to the interior.
     """
     from .rasters import describe_band
 
@@ -310,13 +319,30 @@ def predict_chunk(name: str, embeddings: str, model: str, out: str, inner: tuple
     if bad:
         raise InputError(package.path, f"gave {bad} non-finite height(s) for valid embeddings",
                          "Run in full precision (--no-amp) or check the model's weights")
+    tags = {}
+    if terrain:
+        values = _plus_terrain(values, valid[sl], terrain, whole, chunk.inner)
+        tags = terrain_tags(terrain)
     grid = sub_grid(whole, chunk.inner)
     with atomic_write(out_path) as tmp:
         with rasterio.open(tmp, "w", **float_profile(grid)) as dst:
             describe_band(dst, "predicted surface height", "m", MODEL=package.name,
-                          SOURCE_EMBEDDINGS=Path(embeddings).name, TILE=str(max(th, tw)), OVERLAP=str(overlap))
+                          SOURCE_EMBEDDINGS=Path(embeddings).name, TILE=str(max(th, tw)), OVERLAP=str(overlap),
+                          **tags)
             dst.write(values, 1)
     return ChunkOutcome(name, out, False, int(valid[sl].sum()), time.perf_counter() - started)
+
+
+def _plus_terrain(relief: np.ndarray, valid: np.ndarray, terrain: str, whole: Grid, inner: Window) -> np.ndarray:
+    """``relief`` plus the terrain over ``inner``; nodata where either has none.
+
+    The terrain is warped onto the whole raster's grid and read over the window, not warped
+    onto the chunk's own grid: GDAL warps a warped VRT block by block on its own block
+    lattice, so this reads the same values as ``predict_surface`` on one process.
+    """
+    with ReferenceOnGrid(terrain, whole) as ground:
+        total = relief + ground.read(inner)
+    return np.where(valid & np.isfinite(total), total, np.float32(OUTPUT_NODATA)).astype(np.float32)
 
 
 def fetch_chunk(name: str, out: str, grid: dict, year: int, source: str, cache_dir: Optional[str],
@@ -467,13 +493,16 @@ def predict_distributed(embeddings: str | os.PathLike, model: str | os.PathLike,
                         device: str = "auto", amp: bool = True, backend: str = "auto",
                         max_mpx: Optional[float] = None, retries: int = DEFAULT_RETRIES,
                         progress: Optional[Callable[[int, int], None]] = None,
-                        task: Callable[..., ChunkOutcome] = predict_chunk) -> DistributedResult:
-    """``predict_height`` over ``embeddings`` in chunks on ``client``'s cluster.
+                        task: Callable[..., ChunkOutcome] = predict_chunk,
+                        terrain: Optional[str | os.PathLike] = None,
+                        cache_dir: Optional[str | os.PathLike] = None) -> DistributedResult:
+    """``predict_surface`` over ``embeddings`` in chunks on ``client``'s cluster.
 
-    ``embeddings``, ``model`` and ``out``'s folder must be paths every worker sees (one
-    machine, or a shared file system). ``task`` is the per-chunk function (tests wrap it
-    to kill a worker mid-run). Models trained relative to a coarse terrain are refused
-    (the terrain is not added per chunk yet).
+    ``embeddings``, ``model``, ``out``'s folder and ``terrain`` must be paths every worker
+    sees (one machine, or a shared file system). ``terrain`` (a raster file or a DEM product
+    name, fetched here into ``cache_dir``) is for models trained relative to a coarse
+    terrain, and refused for others. ``task`` is the per-chunk function (tests wrap it
+    to kill a worker mid-run).
     """
     from .models import open_package
     from .sizes import check_size
@@ -481,9 +510,8 @@ def predict_distributed(embeddings: str | os.PathLike, model: str | os.PathLike,
     started = time.perf_counter()
     out = check_distributed_output(out, cog)
     package = open_package(model)
-    if package.card["target"].get("relative_to"):
-        raise InputError(package.path, "predicts height above a coarse terrain raster, which a run on a "
-                         "cluster cannot add yet", "Run it without --workers/--scheduler (with --terrain)")
+    if not needs_terrain(package, terrain):  # refuses a missing terrain as one process does
+        terrain = None
     tile = int(tile or package.default("tile", 256))
     overlap = int(package.default("overlap", tile // 4) if overlap is None else overlap)
     if tile < package.multiple or tile % package.multiple or not 0 <= overlap <= tile // 2 or batch_size < 1:
@@ -494,18 +522,23 @@ def predict_distributed(embeddings: str | os.PathLike, model: str | os.PathLike,
         grid = raster.grid
     check_size(embeddings, grid.width, grid.height, max_mpx, resolution_m=grid.resolution[0],
                allow="Add --yes to run it anyway (or raise --max-mpx)")
+    terrain_file = _terrain_file(terrain, embeddings, out, grid, cache_dir) if terrain else None
     layout = Layout.of(grid.width, grid.height, tile, overlap, package.multiple)
     chunks = plan_chunks(grid.width, grid.height, chunk_size, layout)
     folder = chunk_folder(out)
     model_files = sorted(p for p in Path(model).iterdir() if p.is_file())
-    claim_folder(folder, {"command": "predict", "embeddings": _stamp(embeddings),
-                          "model": [_stamp(p) for p in model_files], "tile": tile, "overlap": overlap,
-                          "chunk_size": chunk_size, "backend": backend, "device": device, "amp": amp})
+    run = {"command": "predict", "embeddings": _stamp(embeddings), "model": [_stamp(p) for p in model_files],
+           "tile": tile, "overlap": overlap, "chunk_size": chunk_size, "backend": backend, "device": device,
+           "amp": amp}
+    if terrain_file:  # only then: folders of earlier runs without a terrain still resume
+        run["terrain"] = _stamp(terrain_file)
+    claim_folder(folder, run)
     window = lambda w: (int(w.col_off), int(w.row_off), int(w.width), int(w.height))  # noqa: E731
     jobs = [dict(name=c.name, embeddings=str(Path(embeddings).absolute()), model=str(Path(model).absolute()),
                  out=str((folder / f"{c.name}.tif").absolute()), inner=window(c.inner), outer=window(c.outer),
                  rows=list(c.rows), cols=list(c.cols), th=layout.th, tw=layout.tw, overlap=overlap,
-                 batch_size=batch_size, device=device, amp=amp, backend=backend) for c in chunks]
+                 batch_size=batch_size, device=device, amp=amp, backend=backend,
+                 terrain=str(terrain_file) if terrain_file else None) for c in chunks]
     finished = [job for job in jobs if Path(job["out"]).exists()]  # resume: written whole by an earlier run
     outcomes = run_chunk_tasks(client, task, [job for job in jobs if job not in finished], retries, progress)
     if not finished and not any(o.valid for o in outcomes):
@@ -516,6 +549,20 @@ def predict_distributed(embeddings: str | os.PathLike, model: str | os.PathLike,
     return DistributedResult(out, grid, len(chunks), len(chunks) - skipped, skipped,
                              time.perf_counter() - started, folder if out.suffix.lower() == ".vrt" else None,
                              outcomes)
+
+
+def _terrain_file(terrain: str | os.PathLike, embeddings: str | os.PathLike, out: Path, grid: Grid,
+                  cache_dir: Optional[str | os.PathLike]) -> Path:
+    """The terrain as one absolute file every chunk reads, checked here once (bands, CRS, overlap)
+    so a bad terrain is one line before any task, not a failure in every chunk."""
+    from .dem import is_product
+    from .rasters import check_output_path
+
+    check_output_path(out, embeddings, *([] if is_product(terrain) else [terrain]))
+    path = Path(terrain_on_embeddings_grid(terrain, embeddings, cache_dir=cache_dir)).absolute()
+    with ReferenceOnGrid(path, grid):
+        pass
+    return path
 
 
 def fetch_distributed(aoi: Any, year: int, source: str, out: str | os.PathLike, *, client: Any,

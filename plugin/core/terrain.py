@@ -28,6 +28,29 @@ def uses_terrain(card: dict) -> bool:
     return bool(card["target"].get("relative_to"))
 
 
+def needs_terrain(package: ModelPackage, terrain: Optional[str | os.PathLike]) -> bool:
+    """Whether ``terrain`` is to be added to ``package``'s output; refuses a terrain the model was
+    trained without, and a missing one for a model trained with one.
+
+    One place for both refusals, so a run on one process and a run on a Dask cluster
+    refuse with the same line.
+    """
+    if not uses_terrain(package.card):
+        if terrain:
+            raise InputError(terrain, f"was given but {package.name} was trained without a terrain input",
+                             "Leave the terrain input empty for this model")
+        return False
+    if not terrain:
+        trained_on = package.card["target"]["relative_to"].get("product")
+        # the same line as predict_height's (inference), which refuses a direct call without relative=True
+        raise InputError(package.path, "predicts height above a coarse terrain raster, which this prediction "
+                         "was not given", (f"Give it the terrain it was trained with: --terrain {trained_on} "
+                                           "(or the dock's or Processing's 'Coarse terrain' choice)") if trained_on
+                         else "Give it the terrain raster (predict --terrain, or the dock's or "
+                         "Processing's 'Coarse terrain' input)")
+    return True
+
+
 def predict_surface(embeddings: str | os.PathLike, model: str | os.PathLike | ModelPackage,
                     out_path: str | os.PathLike, terrain: Optional[str | os.PathLike] = None,
                     cache_dir: Optional[str | os.PathLike] = None, **options) -> PredictionResult:
@@ -37,13 +60,8 @@ def predict_surface(embeddings: str | os.PathLike, model: str | os.PathLike | Mo
     "copernicus-90"), fetched for the embeddings' grid into the cache (``cache_dir``).
     """
     package = model if isinstance(model, ModelPackage) else open_package(model)
-    if not uses_terrain(package.card):
-        if terrain:
-            raise InputError(terrain, f"was given but {package.name} was trained without a terrain input",
-                             "Leave the terrain input empty for this model")
+    if not needs_terrain(package, terrain):
         return predict_height(embeddings, package, out_path, **options)
-    if not terrain:
-        return predict_height(embeddings, package, out_path, **options)  # refuses, naming the missing input
     out = check_output_path(out_path, embeddings, *([] if is_product(terrain) else [terrain]))
     terrain = terrain_on_embeddings_grid(terrain, embeddings, cache_dir=cache_dir, cancel=options.get("cancel"))
     scratch = make_partial_dir(out)

@@ -115,14 +115,14 @@ def _predict(params: dict, channel: Channel) -> dict:
 
 def _predict_on_dask(embeddings: str, model: str, out: str, workers: Optional[int], scheduler: Optional[str],
                      params: dict, channel: Channel) -> dict:
-    """The same prediction in chunks on a Dask cluster (core.distributed), for Processing."""
+    """The same prediction in chunks on a Dask cluster (core.distributed), for Processing.
+
+    The terrain (a file or a DEM product, fetched once here) goes with it as on one process.
+    """
     from .distributed import open_client, predict_distributed
 
-    if params.get("terrain"):
-        raise InputError("coarse terrain", "is not added on a Dask cluster yet",
-                         "Run without Dask workers or scheduler")
-    options = {k: params[k] for k in ("tile", "overlap", "batch_size", "device", "backend", "amp", "max_mpx")
-               if k in params}
+    options = {k: params[k] for k in ("tile", "overlap", "batch_size", "device", "backend", "amp", "max_mpx",
+                                      "terrain", "cache_dir") if k in params}
     with open_client(workers, scheduler) as client:
         result = predict_distributed(embeddings, model, out, client=client, progress=channel.steps, **options)
     return {"path": str(result.path), "width": result.grid.width, "height": result.grid.height,

@@ -38,7 +38,8 @@ class PredictHeight(HeightAlgorithm):
             "Dask (advanced): workers > 0 starts a local cluster of that many processes, a scheduler address "
             "uses an existing cluster (paths must be visible to its workers); the area runs in chunks whose "
             "result equals the one-process prediction. Needs Dask in the plugin's environment "
-            "(pip install dask distributed); not for models trained with a coarse terrain.")
+            "(pip install dask distributed). A coarse terrain is added chunk by chunk as in one process; a "
+            "Copernicus DEM is fetched once before the chunks start.")
 
     def initAlgorithm(self, config: dict | None = None) -> None:  # noqa: N802 - QGIS API
         self.add(QgsProcessingParameterRasterLayer("INPUT", self.tr("Embeddings raster (64 bands)")))
