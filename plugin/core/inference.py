@@ -208,6 +208,16 @@ def make_runner(package: ModelPackage, backend: str = "auto", device: str = "aut
     return TorchRunner(package, device, amp, channels_last)
 
 
+def terrain_not_given(package: ModelPackage) -> InputError:
+    """The one line for a model trained on height above a coarse terrain that was given none."""
+    trained_on = package.card["target"]["relative_to"].get("product")
+    return InputError(package.path, "predicts height above a coarse terrain raster, which this prediction "
+                      "was not given", (f"Give it the terrain it was trained with: --terrain {trained_on} "
+                                        "(or the dock's or Processing's 'Coarse terrain' choice)") if trained_on
+                      else "Give it the terrain raster (predict --terrain, or the dock's or "
+                      "Processing's 'Coarse terrain' input)")
+
+
 def _check_tiling(tile: int, overlap: int, batch_size: int, multiple: int) -> None:
     if tile < multiple or tile % multiple:
         raise InputError(f"tile size {tile}", f"is not a positive multiple of {multiple}, which this model needs",
@@ -239,12 +249,7 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
     started = time.perf_counter()
     package = model if isinstance(model, ModelPackage) else open_package(model)
     if package.card["target"].get("relative_to") and not relative:
-        trained_on = package.card["target"]["relative_to"].get("product")
-        raise InputError(package.path, "predicts height above a coarse terrain raster, which this prediction "
-                         "was not given", (f"Give it the terrain it was trained with: --terrain {trained_on} "
-                                           "(or the dock's or Processing's 'Coarse terrain' choice)") if trained_on
-                         else "Give it the terrain raster (predict --terrain, or the dock's or "
-                         "Processing's 'Coarse terrain' input)")
+        raise terrain_not_given(package)
     tile = int(tile or package.default("tile", 256))
     overlap = int(package.default("overlap", tile // 4) if overlap is None else overlap)
     _check_tiling(tile, overlap, batch_size, package.multiple)

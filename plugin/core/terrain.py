@@ -17,7 +17,7 @@ from rasterio.errors import RasterioError
 
 from .dem import is_product, resolve_terrain
 from .errors import InputError
-from .inference import PredictionResult, predict_height
+from .inference import PredictionResult, predict_height, terrain_not_given
 from .models import ModelPackage, open_package
 from .rasters import EmbeddingRaster, check_output_path, make_partial_dir, map_height_raster, read_height_grid
 from .resample import ReferenceOnGrid
@@ -41,13 +41,7 @@ def needs_terrain(package: ModelPackage, terrain: Optional[str | os.PathLike]) -
                              "Leave the terrain input empty for this model")
         return False
     if not terrain:
-        trained_on = package.card["target"]["relative_to"].get("product")
-        # the same line as predict_height's (inference), which refuses a direct call without relative=True
-        raise InputError(package.path, "predicts height above a coarse terrain raster, which this prediction "
-                         "was not given", (f"Give it the terrain it was trained with: --terrain {trained_on} "
-                                           "(or the dock's or Processing's 'Coarse terrain' choice)") if trained_on
-                         else "Give it the terrain raster (predict --terrain, or the dock's or "
-                         "Processing's 'Coarse terrain' input)")
+        raise terrain_not_given(package)
     return True
 
 
