@@ -32,6 +32,9 @@ DEFAULTS: dict[str, Any] = {
     "model": "bundled",          # "bundled" or "folder"
     "model_folder": "",
     "device": "auto",            # core.choices.DEVICES
+    "run_on": "process",         # where prediction runs: "process" (one), "workers" (local Dask), "scheduler"
+    "dask_workers": 2,           # local Dask worker processes when run_on is "workers"
+    "dask_scheduler": "",        # tcp://HOST:PORT when run_on is "scheduler"
     "output_folder": default_output_folder,
     "dock_size": None,           # QSize of the dock when last closed
     "cog_base_url": "",          # no widget: a mirror of the public COGs

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -18,7 +19,7 @@ from qgis.core import QgsApplication, QgsTask
 
 from .core.cancel import Cancelled
 from .core.job import HeightJob, HeightJobResult, remove_outputs, safe_name
-from .core.worker import call_worker
+from .core.worker import call_worker, worker_environment
 from .environment import InstallPlan, ManagedEnvironment, PackageSet, SetupError
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,27 @@ def _probe_device(_task: QgsTask, python: str) -> str:
         return info["gpu"]
     onnx = f"ONNX Runtime {info['onnxruntime']}" if info.get("onnxruntime") else "no ONNX Runtime"
     return f"cpu ({onnx}; {'PyTorch' if info.get('torch_device') else 'no PyTorch, so no GPU'})"
+
+
+DASK_MODULES = ("dask", "distributed")  # what core.distributed imports (requirements/dask.txt)
+_HAS_MODULES = "import importlib.util as u, sys; sys.exit(0 if all(map(u.find_spec, sys.argv[1:])) else 1)"
+
+
+def worker_has_dask(python: str) -> bool:
+    """Whether the worker's Python can import Dask, for the dock's "Run prediction on" choices.
+
+    Asked of that interpreter, not of QGIS's Python (the managed environment does not
+    install Dask; a system or $ALPHAEARTH_HEIGHT_PYTHON interpreter may have it).
+    ``find_spec`` imports nothing: one interpreter start, ~30 ms, cheap enough for the
+    main thread once per environment change.
+    """
+    try:
+        done = subprocess.run([python, "-c", _HAS_MODULES, *DASK_MODULES], capture_output=True, timeout=20,
+                              env=worker_environment())
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("Could not ask %s whether it has Dask: %s", python, exc)
+        return False
+    return done.returncode == 0
 
 
 class BackgroundWork:

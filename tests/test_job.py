@@ -104,3 +104,33 @@ def test_a_terrain_model_job_adds_the_terrain_to_the_relief(small_scene, terrain
     both = ~height.mask & np.isfinite(ground)
     assert both.sum() > 1000
     assert np.allclose(height[both], relief_m[both] + ground[both], atol=1e-3)
+
+
+def test_a_job_on_two_local_dask_workers_equals_the_single_process_job(small_scene, tiny_model, tmp_path):
+    """Chunks on a real LocalCluster (127.0.0.1), assembled into the job's one GeoTIFF; then compared as usual."""
+    for name in ("one", "dask"):
+        (tmp_path / name).mkdir()
+    single = run_height_job(scene_job(small_scene, tiny_model, tmp_path / "one", reference=str(small_scene.reference)))
+    job = scene_job(small_scene, tiny_model, tmp_path / "dask", reference=str(small_scene.reference),
+                    dask_workers=2, dask_chunk_size=128)
+    assert HeightJob.from_dict(job.to_dict()) == job
+    progress: list[float] = []
+    result = run_height_job(job, progress=progress.append)
+    with rasterio.open(single.predicted) as a, rasterio.open(result.predicted) as b:
+        assert (a.transform, a.shape, a.crs) == (b.transform, b.shape, b.crs)
+        one, many = a.read(1, masked=True), b.read(1, masked=True)
+    assert np.array_equal(one.mask, many.mask) and (~one.mask).sum() > 1000
+    assert np.abs(one - many).max() <= 0.01
+    assert result.device.startswith("2 local Dask workers (") and "chunks" in result.device
+    assert result.metrics["overall"]["rmse"] == pytest.approx(single.metrics["overall"]["rmse"], abs=0.01)
+    assert sorted(p.name for p in (tmp_path / "dask").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert progress == sorted(progress) and progress[-1] == 100.0
+
+
+def test_a_dask_job_with_a_bad_scheduler_fails_in_one_line_before_fetching(small_scene, tiny_model, tmp_path):
+    for address, expected in (("tcp://no-port", "is not an address like tcp://HOST:PORT"),
+                              ("foo://host:8786", "is not an address like tcp://HOST:PORT")):
+        with pytest.raises(InputError, match=expected) as caught:
+            run_height_job(scene_job(small_scene, tiny_model, tmp_path, dask_scheduler=address))
+        assert "\n" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []

@@ -9,6 +9,10 @@ see past the edge: without it, heights within a few pixels of the edge are off b
 ~15 m), then cropped to the AOI's own grid window. Margin files live in a hidden scratch
 folder in the output folder that is always removed.
 
+With ``dask_workers`` or ``dask_scheduler`` only the prediction step changes: chunks on
+a Dask cluster (core.distributed), assembled into the same GeoTIFF, so the crop, the
+comparison and the dock's layers do not know the difference.
+
 This module imports no torch, rasterio or numpy at import time (they are imported where
 used), so a light process can build jobs, read results and send both as JSON
 (``to_dict``/``from_dict``).
@@ -16,17 +20,20 @@ used), so a light process can build jobs, read results and send both as JSON
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
+import logging
 import os
 import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from .aoi import AreaOfInterest
-from .cancel import CancelFn
+from .cancel import Cancelled, CancelFn
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -36,6 +43,8 @@ if TYPE_CHECKING:
 Progress = Callable[[float], None]
 FETCH_END, PREDICT_END = 20.0, 90.0  # progress: fetch 0-20 %, predict 20-90 %, compare to 100 %
 DEFAULT_CONTEXT = 64  # px of context around an AOI when neither the job nor the model card says
+DASK_SCHEMES = ("tcp", "tls", "ucx", "ws", "wss")  # Dask's schemes that reach another process
+_SCHEDULER = re.compile(r"(?:(?P<scheme>[A-Za-z]+)://)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})")
 
 
 @dataclass
@@ -59,6 +68,15 @@ class HeightJob:
     #                                       for the area into the cache), for models trained relative to one
     context: Optional[int] = None         # px fetched and predicted around the AOI, then cropped off;
     #                                       None: the model card's inference.context, else 64
+    dask_workers: int = 0                 # > 0: predict in chunks on a LocalCluster of that many processes
+    dask_scheduler: str = ""              # tcp://HOST:PORT: predict in chunks on that Dask cluster (its workers
+    #                                       must see out_dir, the model and the embeddings at the same paths)
+    dask_chunk_size: Optional[int] = None  # px a side of a chunk on Dask; None: core.distributed's default
+
+    @property
+    def uses_dask(self) -> bool:
+        """Whether the prediction runs on a Dask cluster (core.distributed) rather than in this process."""
+        return bool(self.dask_workers) or bool((self.dask_scheduler or "").strip())
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form: paths as strings, the AOI as a dict; ``from_dict`` gives an equal job."""
@@ -109,6 +127,22 @@ class HeightJobResult:
         return cls(**values)
 
 
+def check_scheduler_address(text: str) -> str:
+    """``text`` stripped when it reads as a Dask scheduler address ([tcp://]HOST:PORT), else a one-line error.
+
+    Checked before a run (in the dock, instantly) because Dask takes 30 s to give up on
+    an address it cannot reach, and raises bare ValueErrors for malformed ones.
+    """
+    address = text.strip()
+    match = _SCHEDULER.fullmatch(address)
+    scheme = (match.group("scheme") or "tcp").lower() if match else ""
+    if match is None or scheme not in DASK_SCHEMES or not 0 < int(match.group("port")) < 65536:
+        raise InputError(f"Dask scheduler {address!r}" if address else "Dask scheduler address",
+                         "is not an address like tcp://HOST:PORT" if address else "is empty",
+                         "Give the address dask-scheduler printed, e.g. tcp://192.168.1.20:8786")
+    return address
+
+
 def _plain(value: Any) -> Any:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
@@ -142,21 +176,54 @@ def run_height_job(job: HeightJob, progress: Optional[Progress] = None,
     started = time.time()
     result = HeightJobResult(out / f"{stem}_height.tif", Path(job.embeddings), fetched=job.aoi is not None)
     try:
-        if result.fetched:
-            result.embeddings = out / f"{stem}_embeddings.tif"
-            result.context = context_pixels(job, package)
-            prediction = _fetch_and_predict(job, package, result, report, cancel)
-        else:
-            report(FETCH_END)
-            prediction = _predict(job, package, result.embeddings, result.predicted, report, cancel)
+        with dask_client(job) as client:  # before the fetch: a wrong address must not cost a download first
+            if result.fetched:
+                result.embeddings = out / f"{stem}_embeddings.tif"
+                result.context = context_pixels(job, package)
+                prediction = _fetch_and_predict(job, package, result, report, cancel, client)
+            else:
+                report(FETCH_END)
+                prediction = _predict(job, package, result.embeddings, result.predicted, report, cancel, client)
         result.device, result.model_name = prediction.device, package.name
         if job.reference and not (cancel and cancel()):
             _compare(job, result, out / stem)
     except BaseException:
         remove_outputs(result, since=started)
+        if job.uses_dask:  # chunks of a failed run: a dock run's name is never used again, so no resume
+            shutil.rmtree(Path(f"{result.predicted}.chunks"), ignore_errors=True)
         raise
     report(100.0)
     return result
+
+
+@contextlib.contextmanager
+def dask_client(job: HeightJob) -> Iterator[Optional[Any]]:
+    """The job's Dask client (core.distributed.open_client), or None when it predicts in this process.
+
+    A malformed address is refused in one line here; Dask itself would raise a bare
+    ValueError, which reads as a crash. Dask's INFO lines (~35 a run: nannies, comms)
+    are held back while it runs: they would bury the job's own lines in QGIS's log panel.
+    """
+    if not job.uses_dask:
+        yield None
+        return
+    from .distributed import open_client
+
+    scheduler = check_scheduler_address(job.dask_scheduler) if (job.dask_scheduler or "").strip() else None
+    with contextlib.suppress(ImportError):  # open_client says how to install it
+        importlib.import_module("distributed")  # which sets its loggers' levels: ours must come after
+    with contextlib.ExitStack() as stack:
+        dask_log = logging.getLogger("distributed")
+        stack.callback(dask_log.setLevel, dask_log.level)
+        dask_log.setLevel(max(dask_log.getEffectiveLevel(), logging.WARNING))
+        try:
+            client = stack.enter_context(open_client(int(job.dask_workers) or None, scheduler))
+        except ValueError as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(f"Dask scheduler {scheduler!r}", f"is not usable ({exc})",
+                             "Give the address dask-scheduler printed, e.g. tcp://192.168.1.20:8786") from None
+        yield client
 
 
 def context_pixels(job: HeightJob, package: ModelPackage) -> int:
@@ -168,7 +235,7 @@ def context_pixels(job: HeightJob, package: ModelPackage) -> int:
 
 
 def _fetch_and_predict(job: HeightJob, package: ModelPackage, result: HeightJobResult, report: Progress,
-                       cancel: Optional[CancelFn]) -> PredictionResult:
+                       cancel: Optional[CancelFn], client: Optional[Any] = None) -> PredictionResult:
     """Fetch the AOI grown by the context (clipped at a local raster's edge), predict, crop to the AOI."""
     from .fetch import context_grids, fetch, source_options
     from .rasters import crop_to_grid, make_partial_dir
@@ -185,7 +252,7 @@ def _fetch_and_predict(job: HeightJob, package: ModelPackage, result: HeightJobR
         fetch(area, job.year, job.source, embeddings, grid=grown, cache_dir=job.cache_dir, cancel=cancel,
               progress=_scaled(report, 0.0, FETCH_END), **options)
         report(FETCH_END)
-        prediction = _predict(job, package, embeddings, predicted, report, cancel)
+        prediction = _predict(job, package, embeddings, predicted, report, cancel, client)
         if margin:
             crop_to_grid(predicted, result.predicted, aoi_grid)
             crop_to_grid(embeddings, result.embeddings, aoi_grid)
@@ -196,13 +263,44 @@ def _fetch_and_predict(job: HeightJob, package: ModelPackage, result: HeightJobR
 
 
 def _predict(job: HeightJob, package: ModelPackage, embeddings: Path, predicted: Path, report: Progress,
-             cancel: Optional[CancelFn]) -> PredictionResult:
+             cancel: Optional[CancelFn], client: Optional[Any] = None) -> PredictionResult:
+    if client is not None:
+        return _predict_on_dask(job, package, embeddings, predicted, report, cancel, client)
     from .terrain import predict_surface
 
     return predict_surface(embeddings, package, predicted, terrain=job.terrain, cache_dir=job.cache_dir,
                            tile=job.tile, overlap=job.overlap, batch_size=job.batch_size, device=job.device,
                            backend=job.backend, cancel=cancel,
                            progress=_scaled(report, FETCH_END, PREDICT_END))
+
+
+def _predict_on_dask(job: HeightJob, package: ModelPackage, embeddings: Path, predicted: Path, report: Progress,
+                     cancel: Optional[CancelFn], client: Any) -> PredictionResult:
+    """The same prediction in chunks on ``client``'s cluster, assembled into one GeoTIFF at ``predicted``.
+
+    What predict_distributed refuses (e.g. models trained relative to a coarse terrain)
+    is its one-line InputError. Cancellation is checked as each chunk finishes (a chunk
+    cannot be stopped midway); the worker process is killed if that takes too long.
+    """
+    from .distributed import DEFAULT_CHUNK, predict_distributed
+    from .inference import PredictionResult
+
+    scaled = _scaled(report, FETCH_END, PREDICT_END)
+
+    def progress(done: int, total: int) -> None:
+        if cancel and cancel():
+            raise Cancelled("cancelled")
+        scaled(done, total)
+
+    if cancel and cancel():
+        raise Cancelled("cancelled")
+    done = predict_distributed(embeddings, package.path, predicted, client=client,
+                               chunk_size=job.dask_chunk_size or DEFAULT_CHUNK, tile=job.tile, overlap=job.overlap,
+                               batch_size=job.batch_size, device=job.device, backend=job.backend, progress=progress)
+    where = (f"{job.dask_workers} local Dask workers" if job.dask_workers
+             else f"Dask scheduler {(job.dask_scheduler or '').strip()}")
+    return PredictionResult(done.path, done.grid, done.chunks, done.seconds,
+                            f"{where} ({done.chunks} chunk{'s' if done.chunks != 1 else ''}, {job.device})")
 
 
 def _compare(job: HeightJob, result: HeightJobResult, prefix: Path) -> None:

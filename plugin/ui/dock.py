@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from qgis.core import Qgis, QgsApplication, QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsRectangle
-from qgis.gui import (QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox, QgsMapTool, QgsMessageBarItem,
-                      QgsMessageViewer)
+from qgis.gui import (QgsCollapsibleGroupBoxBasic, QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox, QgsMapTool,
+                      QgsMessageBarItem, QgsMessageViewer)
 from qgis.PyQt.QtCore import QEvent, QObject, QSize, Qt, pyqtSignal
 from qgis.PyQt.QtGui import QPixmap
 from qgis.PyQt.QtWidgets import (QAbstractSpinBox, QButtonGroup, QCheckBox, QComboBox, QFormLayout, QFrame,
@@ -30,7 +30,7 @@ from ..core.dem import ATTRIBUTION as DEM_ATTRIBUTION
 from ..core.dem import PRODUCTS as DEM_PRODUCTS
 from ..core.errors import InputError
 from ..core.fetch import source_options
-from ..core.job import HeightJob, HeightJobResult, safe_name
+from ..core.job import HeightJob, HeightJobResult, check_scheduler_address, safe_name
 from ..core.models import read_card
 from ..core.models import bundled_model_dir
 from ..core.rasters import EmbeddingRaster
@@ -39,7 +39,7 @@ from ..core.worker import WorkerError
 from ..environment import PYTHON_OVERRIDE, ManagedEnvironment, profile_environment, worker_python
 from .. import settings
 from ..layers import add_result_layers, existing_file, layer_file
-from ..tasks import BackgroundWork, EnvironmentTask, HeightTask
+from ..tasks import DASK_MODULES, BackgroundWork, EnvironmentTask, HeightTask, worker_has_dask
 from .aoi_tool import AoiMapTool, AoiRubberBand, canvas_aoi, layer_aoi, qgs_crs, rectangle_aoi
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,11 @@ COMBO_MIN_CHARS = 12  # combos may shrink to this many characters (long layer na
 
 
 TERRAIN_LAYER = "layer"  # the terrain choice that takes a raster layer
+# "Run prediction on" (setting run_on): key -> the radio button's label and the collapsed group's title
+RUN_ON = {"process": ("This computer (one process)", "this computer"),
+          "workers": ("Local Dask workers", "local Dask workers"),
+          "scheduler": ("Dask scheduler", "a Dask scheduler")}
+MAX_DASK_WORKERS = 64
 
 
 def compact(combo: QComboBox) -> QComboBox:
@@ -210,7 +215,7 @@ class HeightDock(QgsDockWidget):
         body = QWidget()
         layout = QVBoxLayout(body)
         for group in (self._environment_group(), self._aoi_group(), self._embeddings_group(), self._model_group(),
-                      self._reference_group(), self._output_group()):
+                      self._run_on_group(), self._reference_group(), self._output_group()):
             layout.addWidget(group)
         layout.addLayout(self._run_row())
         layout.addWidget(self._results_group())
@@ -353,6 +358,86 @@ class HeightDock(QgsDockWidget):
         self.device_combo.currentIndexChanged.connect(self._on_device_changed)
         return group
 
+    def _run_on_group(self) -> QGroupBox:
+        """Where the prediction runs: an advanced choice, collapsed while it is this computer.
+
+        Local Dask workers cut the area into chunks predicted by N processes (core.distributed);
+        a scheduler sends them to a cluster. Enabled only when the worker environment has Dask.
+        """
+        self.run_on_group = QgsCollapsibleGroupBoxBasic()
+        self.run_on_group.setObjectName("RunPredictionOn")
+        grid = QGridLayout(self.run_on_group)
+        self.run_on_choice = QButtonGroup(self.run_on_group)
+        self.run_on_buttons: dict[str, QRadioButton] = {}
+        for row, (key, (label, _)) in enumerate(RUN_ON.items()):
+            button = QRadioButton(label)
+            self.run_on_choice.addButton(button)
+            self.run_on_buttons[key] = button
+            grid.addWidget(button, row, 0, 1, 2 if key == "process" else 1)
+        self.run_on_buttons["process"].setChecked(True)
+        self.dask_workers_spin = QSpinBox()
+        self.dask_workers_spin.setRange(1, MAX_DASK_WORKERS)
+        self.dask_workers_spin.setValue(int(settings.DEFAULTS["dask_workers"]))
+        self.dask_workers_spin.setSuffix(" workers")
+        self.dask_scheduler_edit = QLineEdit()
+        self.dask_scheduler_edit.setPlaceholderText("tcp://host:8786")
+        grid.addWidget(self.dask_workers_spin, 1, 1)
+        grid.addWidget(self.dask_scheduler_edit, 2, 1)
+        grid.setColumnStretch(1, 1)
+        self.dask_hint = QLabel()
+        self.dask_hint.setWordWrap(True)
+        self.dask_hint.setVisible(False)
+        grid.addWidget(self.dask_hint, 3, 0, 1, 2)
+        self._dask_checked: Optional[tuple[str, bool]] = None  # (worker Python, has Dask), asked once per change
+        self.run_on_choice.buttonToggled.connect(self._update_run_on)
+        self.dask_workers_spin.valueChanged.connect(self._update_run_on)
+        self._update_run_on()
+        return self.run_on_group
+
+    def run_on(self) -> str:
+        """The checked "Run prediction on" key (RUN_ON)."""
+        return next(key for key, button in self.run_on_buttons.items() if button.isChecked())
+
+    def _update_run_on(self, *_changed) -> None:
+        """Only the chosen way's field is editable; the title says the choice even when collapsed."""
+        key = self.run_on()
+        self.dask_workers_spin.setEnabled(key == "workers" and self.run_on_buttons["workers"].isEnabled())
+        self.dask_scheduler_edit.setEnabled(key == "scheduler" and self.run_on_buttons["scheduler"].isEnabled())
+        count = self.dask_workers_spin.value()
+        where = f"{count} local Dask worker{'s' if count != 1 else ''}" if key == "workers" else RUN_ON[key][1]
+        self.run_on_group.setTitle(f"Run prediction on: {where}")
+
+    def _update_dask_availability(self, python: Optional[str]) -> None:
+        """Enable the Dask choices only when the worker's Python has Dask (asked once per environment)."""
+        if python is not None and (self._dask_checked is None or self._dask_checked[0] != python):
+            self._dask_checked = (python, worker_has_dask(python))
+        available = python is not None and self._dask_checked is not None and self._dask_checked[1]
+        why = ("" if available else
+               "Needs Dask in the worker environment: no Python environment yet" if python is None else
+               f"Needs Dask in the worker environment ({python}): pip install {' '.join(DASK_MODULES)}")
+        tips = {"workers": "Cut the area into chunks predicted by this many processes on this computer (Dask)",
+                "scheduler": "Send the chunks to a running Dask cluster (its scheduler's address). Its workers "
+                             "must see the output folder, the model and the embeddings at the same paths"}
+        for key in ("workers", "scheduler"):
+            self.run_on_buttons[key].setEnabled(available)
+            self.run_on_buttons[key].setToolTip(why or tips[key])
+        self.dask_workers_spin.setToolTip(why or tips["workers"])
+        self.dask_scheduler_edit.setToolTip(why or tips["scheduler"])
+        if not available:
+            self.run_on_buttons["process"].setChecked(True)
+        self.dask_hint.setText(why)
+        self.dask_hint.setVisible(bool(why) and python is not None)
+        self._update_run_on()
+
+    def dask_choice(self) -> tuple[int, str]:
+        """(workers, scheduler) for the job: (0, "") runs in one process; a bad address is one InputError."""
+        key = self.run_on()
+        if key == "workers":
+            return self.dask_workers_spin.value(), ""
+        if key == "scheduler":
+            return 0, check_scheduler_address(self.dask_scheduler_edit.text())
+        return 0, ""
+
     def _reference_group(self) -> QGroupBox:
         group = QGroupBox("Reference DSM (optional)")
         layout = QVBoxLayout(group)
@@ -430,6 +515,7 @@ class HeightDock(QgsDockWidget):
         self.folder_radio.setChecked(settings.read("model") == "folder")
         self.model_folder.setFilePath(settings.read_text("model_folder"))
         self.device_combo.setCurrentIndex(max(0, self.device_combo.findData(settings.read("device"))))
+        self._restore_run_on()
         self.output_folder.setFilePath(settings.read_text("output_folder"))
         size = settings.read("dock_size")
         if isinstance(size, QSize) and size.isValid():
@@ -439,11 +525,24 @@ class HeightDock(QgsDockWidget):
         self.refresh_model_card()
         self._update_output_hint()
 
+    def _restore_run_on(self) -> None:
+        """The remembered "Run prediction on" choice; the group opens when it is not this computer."""
+        key = settings.read_text("run_on")
+        self.run_on_buttons[key if key in RUN_ON else "process"].setChecked(True)
+        try:
+            self.dask_workers_spin.setValue(int(settings.read("dask_workers")))
+        except (TypeError, ValueError):  # edited by hand: keep the default
+            pass
+        self.dask_scheduler_edit.setText(settings.read_text("dask_scheduler"))
+        self.run_on_group.setCollapsed(self.run_on() == "process")
+
     def save_settings(self) -> None:
         settings.write(source=self.source_combo.currentData(), year=self.year_spin.value(),
                        embeddings_file=self.embeddings_file.filePath(), ee_project=self.project_edit.text().strip(),
                        model="folder" if self.folder_radio.isChecked() else "bundled",
                        model_folder=self.model_folder.filePath(), device=self.device_combo.currentData(),
+                       run_on=self.run_on(), dask_workers=self.dask_workers_spin.value(),
+                       dask_scheduler=self.dask_scheduler_edit.text().strip(),
                        output_folder=self.output_folder.filePath())
         if self.size_restored:  # a dock never shown has no size of its own yet
             settings.write(dock_size=self.size())
@@ -628,11 +727,13 @@ class HeightDock(QgsDockWidget):
         reference = self.reference_path()
         model = self.model_path()
         terrain = self.terrain_path(read_card(Path(model or bundled_model_dir())))
+        dask_workers, dask_scheduler = self.dask_choice()
         out_dir = self.output_path()
         name = unique_stem(out_dir, aoi_stem(self.aoi, self.year_spin.value()))
         return HeightJob(embeddings=embeddings, out_dir=str(out_dir), model=model, aoi=self.aoi,
                          reference=reference, name=name, device=self.device_combo.currentData(), source=source,
-                         year=self.year_spin.value(), source_options=self.source_options(), terrain=terrain)
+                         year=self.year_spin.value(), source_options=self.source_options(), terrain=terrain,
+                         dask_workers=dask_workers, dask_scheduler=dask_scheduler)
 
     def run(self) -> None:
         if self.is_running():
@@ -843,6 +944,7 @@ class HeightDock(QgsDockWidget):
         self.env_remove_button.setVisible(env.python.is_file())
         self.env_remove_button.setEnabled(not busy)
         self.run_button.setEnabled(python is not None and not self.is_running())
+        self._update_dask_availability(python)
         if python is None and self._plan_text is None and not busy:
             self._start_env_task("plan", "inference")
 
@@ -863,6 +965,7 @@ class HeightDock(QgsDockWidget):
 
     def _on_env_task_done(self, task: EnvironmentTask) -> None:
         self._env_size = None
+        self._dask_checked = None  # an install may have brought Dask (or a removal taken it)
         if task.action == "plan":
             self._plan_text = ("Install will " + task.plan.describe() + "." if task.plan is not None
                                else f"Could not check the download size ({task.error}).")

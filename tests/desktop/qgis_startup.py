@@ -345,10 +345,32 @@ class DesktopDriver:
         dock.bundled_radio.setChecked(True)
         dock.reference_combo.setLayer(self.layers["reference"])
         dock.output_folder.setFilePath(self.cfg["output_folder"])
+        self.result["run_on"] = self.run_on_state()
         self.record("inputs_chosen", aoi=self.result["aoi"], source=dock.source_combo.currentData(),
                     reference=dock.reference_combo.currentLayer().name() if dock.reference_combo.currentLayer()
                     else None, run_enabled=dock.run_button.isEnabled())
         self.later(300, self.run)
+
+    def run_on_state(self):
+        """The dock's "Run prediction on" group, opened so the screenshots show it (the run
+        itself stays on this computer), and whether the worker's Python has Dask, asked
+        here with a plain import rather than through the plugin's own check."""
+        import subprocess
+
+        dock = self.dock
+        group = getattr(dock, "run_on_group", None)
+        if group is None:
+            return None
+        group.setCollapsed(False)
+        python = plugin_worker_python()
+        has_dask = None
+        if python and not python.startswith("unknown"):
+            has_dask = subprocess.run([python, "-c", "import dask, distributed"], capture_output=True,
+                                      timeout=60).returncode == 0
+        buttons = {key: {"text": button.text(), "enabled": button.isEnabled(), "checked": button.isChecked(),
+                         "tooltip": button.toolTip()} for key, button in dock.run_on_buttons.items()}
+        return {"title": group.title(), "collapsed": group.isCollapsed(), "choice": dock.run_on(),
+                "buttons": buttons, "hint": dock.dask_hint.text(), "worker_has_dask": has_dask}
 
     def run(self):
         dock = self.dock
@@ -411,6 +433,9 @@ class DesktopDriver:
         """Screenshot the difference layer (on top), then hide it and scroll the dock to the results."""
         from qgis.core import QgsProject
 
+        group = getattr(self.dock, "run_on_group", None)
+        if group is not None:  # the "Run prediction on" choices in this screenshot
+            self.dock.widget().ensureWidgetVisible(group)
         self.grab(self.cfg["screenshot"].replace(".png", "_difference.png"))
         run = self.result["run"]
         project = QgsProject.instance()

@@ -92,3 +92,20 @@ def test_screenshot_of_the_dock_and_layers(desktop_run):
     assert desktop_run.screenshot is not None and desktop_run.screenshot.is_file(), _context(desktop_run)
     assert desktop_run.screenshot.stat().st_size > 20_000  # a blank screen compresses to a few KB
     assert desktop_run.result.get("screenshot_inside") is True
+
+
+def test_dock_shows_where_prediction_runs(desktop_run):
+    """The "Run prediction on" group (opened for desktop_inside_difference.png): the run stays on this
+    computer, and the Dask choices are enabled exactly when the worker's Python has Dask (the managed
+    environment installs none), with the way to get it as their tooltip otherwise."""
+    state = desktop_run.result.get("run_on")
+    assert state, "the dock has no run_on_group" + _context(desktop_run)
+    assert state["title"] == "Run prediction on: this computer" and state["choice"] == "process", state
+    assert not state["collapsed"] and state["buttons"]["process"]["enabled"], state
+    dask_choices = [state["buttons"][key] for key in ("workers", "scheduler")]
+    assert state["worker_has_dask"] is not None, state
+    assert all(choice["enabled"] == state["worker_has_dask"] for choice in dask_choices), state
+    if not state["worker_has_dask"]:
+        assert all("pip install dask distributed" in choice["tooltip"] for choice in dask_choices), state
+        assert "pip install dask distributed" in state["hint"], state
+    assert "Dask" not in desktop_run.result["run"].get("device", ""), desktop_run.result["run"]

@@ -658,6 +658,96 @@ def test_aoi_from_canvas_and_layer(dock, iface):
     assert dock.aoi.bounds == pytest.approx((1.0, 44.0, 1.5, 44.5))
 
 
+# ---- Run prediction on: this computer or Dask ------------------------------------------------------
+
+
+def test_run_on_choice_exists_and_persists(dock, iface, monkeypatch):
+    """An advanced group, collapsed on this computer; a Dask choice is remembered and opens it."""
+    group, buttons = dock.run_on_group, dock.run_on_buttons
+    assert group.isCollapsed() and group.title() == "Run prediction on: this computer"
+    assert [b.text() for b in buttons.values()] == ["This computer (one process)", "Local Dask workers",
+                                                    "Dask scheduler"]
+    assert all(b.isEnabled() for b in buttons.values()), "this venv's Python has Dask"
+    assert not dock.dask_workers_spin.isEnabled() and dock.dask_choice() == (0, "")
+    buttons["workers"].setChecked(True)
+    dock.dask_workers_spin.setValue(3)
+    assert dock.dask_workers_spin.isEnabled() and dock.dask_choice() == (3, "")
+    assert group.title() == "Run prediction on: 3 local Dask workers"
+    dock.dask_scheduler_edit.setText(" tcp://10.0.0.5:8786 ")
+    dock.save_settings()
+    again = dock_module.HeightDock(iface)
+    try:
+        assert again.run_on() == "workers" and again.dask_workers_spin.value() == 3
+        assert not again.run_on_group.isCollapsed() and again.run_on_group.title().endswith("3 local Dask workers")
+        assert again.dask_scheduler_edit.text() == "tcp://10.0.0.5:8786"
+        again.run_on_buttons["scheduler"].setChecked(True)
+        assert again.dask_choice() == (0, "tcp://10.0.0.5:8786")
+        again.save_settings()
+    finally:
+        again.shutdown()
+        again.deleteLater()
+    assert QgsSettings().value("alphaearth_height/run_on") == "scheduler"
+    # a worker Python without Dask (the system's, here): disabled, with the reason as tooltip
+    monkeypatch.setenv(PYTHON_OVERRIDE, "/usr/bin/python3")
+    dock.refresh_environment()
+    assert not buttons["workers"].isEnabled() and not buttons["scheduler"].isEnabled()
+    assert buttons["process"].isChecked() and dock.dask_choice() == (0, "")
+    assert "pip install dask distributed" in buttons["workers"].toolTip()
+    assert "/usr/bin/python3" in dock.dask_hint.text()
+
+
+def test_dock_run_on_two_local_dask_workers(dock, iface, small_scene, tiny_model, tmp_path):
+    """The same height layer as a run in one process (within 0.01 m), predicted in chunks by 2 workers."""
+    from dataclasses import replace
+
+    from alphaearth_height.plugin.core.job import run_height_job
+
+    configure(dock, small_scene, tiny_model, tmp_path / "dask")
+    dock.run_on_buttons["workers"].setChecked(True)
+    dock.dask_workers_spin.setValue(2)
+    assert run_and_wait(dock) is True, iface.messages()
+    job = dock.work.height.job
+    assert (job.dask_workers, job.dask_scheduler) == (2, "")
+    assert result_layers() == ["height"]
+    assert dock.device_label.text().startswith("Last run on: 2 local Dask workers")
+    layer = QgsProject.instance().mapLayersByName("height")[0]
+    (tmp_path / "one").mkdir()
+    single = run_height_job(replace(job, dask_workers=0, out_dir=str(tmp_path / "one")))
+    with rasterio.open(layer.source()) as a, rasterio.open(single.predicted) as b:
+        assert (a.transform, a.shape) == (b.transform, b.shape)
+        many, one = a.read(1, masked=True), b.read(1, masked=True)
+    assert (many.mask == one.mask).all() and (~one.mask).sum() > 1000
+    assert float(abs(many - one).max()) <= 0.01
+    assert sorted(p.name.split("_")[-1] for p in (tmp_path / "dask").iterdir()) == ["embeddings.tif", "height.tif"]
+
+
+def test_bad_scheduler_address_is_one_line_and_leaves_nothing(dock, iface, small_scene, tiny_model, tmp_path):
+    """Malformed: refused before a task starts. Well formed but no scheduler there: the worker says so."""
+    import socket
+    import threading
+
+    configure(dock, small_scene, tiny_model, tmp_path / "out")
+    dock.run_on_buttons["scheduler"].setChecked(True)
+    dock.dask_scheduler_edit.setText("tcp://scheduler-without-port")
+    assert run_and_wait(dock) is None and dock.work.height is None
+    assert iface.messages()[-1] == ("Dask scheduler 'tcp://scheduler-without-port': is not an address like "
+                                    "tcp://HOST:PORT. Give the address dask-scheduler printed, e.g. "
+                                    "tcp://192.168.1.20:8786")
+    iface.bar.clearWidgets()
+    # something listens there, but not a Dask scheduler: it hangs up at once
+    server = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=lambda: [server.accept()[0].close() for _ in iter(int, 1)], daemon=True).start()
+    dock.dask_scheduler_edit.setText(f"tcp://127.0.0.1:{server.getsockname()[1]}")
+    try:
+        assert run_and_wait(dock) is False
+    finally:
+        server.close()
+    [message] = iface.messages()
+    assert "could not be reached" in message and "\n" not in message, message
+    assert iface.bar.items()[-1].level() == Qgis.MessageLevel.Critical
+    assert result_layers() == [] and list((tmp_path / "out").iterdir()) == []
+
+
 # ---- cancellation and errors ---------------------------------------------------------------------
 
 
