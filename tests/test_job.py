@@ -127,6 +127,20 @@ def test_a_job_on_two_local_dask_workers_equals_the_single_process_job(small_sce
     assert progress == sorted(progress) and progress[-1] == 100.0
 
 
+def test_a_terrain_model_job_on_dask_equals_the_single_process_job(small_scene, terrain_model, scene_terrain,
+                                                                    tmp_path):
+    """The job's terrain reaches the chunks: relief + terrain, as on one process."""
+    heights = []
+    for name, dask in (("one", {}), ("dask", {"dask_workers": 2, "dask_chunk_size": 128})):
+        (tmp_path / name).mkdir()
+        job = scene_job(small_scene, terrain_model, tmp_path / name, aoi=None, terrain=str(scene_terrain), **dask)
+        with rasterio.open(run_height_job(job).predicted) as src:
+            heights.append(src.read(1, masked=True))
+    one, many = heights
+    assert np.array_equal(one.mask, many.mask) and (~one.mask).sum() > 1000
+    assert np.abs(one - many).max() <= 0.01
+
+
 def test_a_dask_job_with_a_bad_scheduler_fails_in_one_line_before_fetching(small_scene, tiny_model, tmp_path):
     for address, expected in (("tcp://no-port", "is not an address like tcp://HOST:PORT"),
                               ("foo://host:8786", "is not an address like tcp://HOST:PORT")):

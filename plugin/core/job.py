@@ -278,8 +278,9 @@ def _predict_on_dask(job: HeightJob, package: ModelPackage, embeddings: Path, pr
                      cancel: Optional[CancelFn], client: Any) -> PredictionResult:
     """The same prediction in chunks on ``client``'s cluster, assembled into one GeoTIFF at ``predicted``.
 
-    What predict_distributed refuses (e.g. models trained relative to a coarse terrain)
-    is its one-line InputError. Cancellation is checked as each chunk finishes (a chunk
+    A model trained relative to a coarse terrain gets the job's terrain (a DEM product is
+    fetched once, here, into the job's cache). What predict_distributed refuses is its
+    one-line InputError. Cancellation is checked as each chunk finishes (a chunk
     cannot be stopped midway); the worker process is killed if that takes too long.
     """
     from .distributed import DEFAULT_CHUNK, predict_distributed
@@ -296,7 +297,8 @@ def _predict_on_dask(job: HeightJob, package: ModelPackage, embeddings: Path, pr
         raise Cancelled("cancelled")
     done = predict_distributed(embeddings, package.path, predicted, client=client,
                                chunk_size=job.dask_chunk_size or DEFAULT_CHUNK, tile=job.tile, overlap=job.overlap,
-                               batch_size=job.batch_size, device=job.device, backend=job.backend, progress=progress)
+                               batch_size=job.batch_size, device=job.device, backend=job.backend,
+                               terrain=job.terrain, cache_dir=job.cache_dir, progress=progress)
     where = (f"{job.dask_workers} local Dask workers" if job.dask_workers
              else f"Dask scheduler {(job.dask_scheduler or '').strip()}")
     return PredictionResult(done.path, done.grid, done.chunks, done.seconds,
