@@ -8,11 +8,12 @@ matplotlib on Debian) is reused, what is missing or too old is installed into th
 environment, whose packages come first on its ``sys.path``. numpy is pinned to the
 system's version so the system's compiled packages keep working there.
 
-Two sets, made of the package's requirement lists (resources/requirements/, which
+Three sets, made of the package's requirement lists (resources/requirements/, which
 pyproject.toml also reads): inference (the core list: ONNX Runtime, rasterio, numpy,
-matplotlib, plus the Earth Engine client: a few tens to a few hundred MB) and training
-(the train and onnx lists: PyTorch and segmentation-models-pytorch, GBs with CUDA),
-installed only when asked for. Nothing here imports QGIS; the dock runs these steps
+matplotlib, plus the Earth Engine client: a few tens to a few hundred MB), training
+(the train and onnx lists: PyTorch and segmentation-models-pytorch, GBs with CUDA) and
+dask (predictions on a Dask cluster: a few tens of MB); the last two are installed only
+when asked for. Nothing here imports QGIS; the dock runs these steps
 in tasks.
 """
 
@@ -32,7 +33,7 @@ from typing import Callable, Literal, Optional
 
 from .core.package_data import import_name, requirements
 
-PackageSet = Literal["inference", "training"]
+PackageSet = Literal["inference", "training", "dask"]
 PYTHON_OVERRIDE = "ALPHAEARTH_HEIGHT_PYTHON"  # an interpreter to use instead of the managed environment
 READY_FILE = "alphaearth_height_ready.json"
 
@@ -47,7 +48,8 @@ def _import_to_requirement(*lists: str) -> dict[str, str]:
 # runs in this environment.
 INFERENCE: dict[str, str] = _import_to_requirement("core", "earthengine")
 TRAINING: dict[str, str] = _import_to_requirement("train", "onnx")
-SETS: dict[str, dict[str, str]] = {"inference": INFERENCE, "training": TRAINING}
+DASK: dict[str, str] = _import_to_requirement("dask")
+SETS: dict[str, dict[str, str]] = {"inference": INFERENCE, "training": TRAINING, "dask": DASK}
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 LineFn = Callable[[str], None]
 
@@ -116,10 +118,12 @@ class ManagedEnvironment:
         return total
 
     def requirements(self, package_set: PackageSet) -> list[str]:
-        wanted = dict(INFERENCE)
-        if package_set == "training":
-            wanted.update(TRAINING)
-        return list(wanted.values())
+        return list(self._wanted(package_set).values())
+
+    @staticmethod
+    def _wanted(package_set: PackageSet) -> dict[str, str]:
+        """import name -> requirement of a set, on top of inference (which every run needs)."""
+        return dict(INFERENCE, **SETS[package_set])
 
     # ---- steps ------------------------------------------------------------------------------
 
@@ -183,8 +187,7 @@ class ManagedEnvironment:
         """Install a set; the environment is marked ready only once every package imports."""
         self.create(log)
         _run(self.pip() + self.pip_install_args(package_set), log)
-        wanted = dict(INFERENCE, **(TRAINING if package_set == "training" else {}))
-        check = "import " + ", ".join(wanted)
+        check = "import " + ", ".join(self._wanted(package_set))
         _run([str(self.python), "-c", check], log)
         sets = sorted(set(self.installed_sets()) | {"inference", package_set})
         recorded = sorted({req for name in sets for req in SETS[name].values()})

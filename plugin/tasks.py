@@ -161,8 +161,9 @@ _HAS_MODULES = "import importlib.util as u, sys; sys.exit(0 if all(map(u.find_sp
 def worker_has_dask(python: str) -> bool:
     """Whether the worker's Python can import Dask, for the dock's "Run prediction on" choices.
 
-    Asked of that interpreter, not of QGIS's Python (the managed environment does not
-    install Dask; a system or $ALPHAEARTH_HEIGHT_PYTHON interpreter may have it).
+    Asked of that interpreter, not of QGIS's Python (the managed environment has Dask
+    once the dock's 'Add Dask' installed it; a system or $ALPHAEARTH_HEIGHT_PYTHON
+    interpreter may have it).
     ``find_spec`` imports nothing: one interpreter start, ~30 ms, cheap enough for the
     main thread once per environment change.
     """

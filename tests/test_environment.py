@@ -50,6 +50,19 @@ def test_the_lean_install_is_small_and_ready(installed):
     assert any("onnxruntime" in line for line in lines)
 
 
+def test_add_dask_installs_the_cluster_set_on_top(installed):
+    """The dock's 'Add Dask': dask and distributed from the registry into the lean environment."""
+    from alphaearth_height.plugin.environment import DASK
+    from alphaearth_height.plugin.tasks import worker_has_dask
+
+    env, _, _ = installed
+    assert not worker_has_dask(str(env.python))
+    env.install("dask", lambda line: None)
+    assert env.is_ready("dask") and env.is_ready("inference") and not env.is_ready("training")
+    assert sorted(env.installed_sets()) == ["dask", "inference"]
+    assert worker_has_dask(str(env.python)) and set(DASK) == {"dask", "distributed"}
+
+
 def _serve_in(env: ManagedEnvironment, tmp_path: Path, request: dict) -> tuple[int, list[dict], str]:
     """The worker in the lean environment, with the plugin importable as the plugin folder makes it."""
     plugins = tmp_path / "plugins"

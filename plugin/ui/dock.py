@@ -240,10 +240,15 @@ class HeightDock(QgsDockWidget):
         self.env_training_button.setToolTip("Training and GPU inference need PyTorch: ~0.8 GB (CPU build), "
                                             "~5 GB with CUDA (chosen when an NVIDIA GPU is found)")
         self.env_training_button.clicked.connect(lambda: self.install_environment("training"))
+        self.env_dask_button = QPushButton("Add Dask")
+        self.env_dask_button.setToolTip("Running predictions on Dask workers or a Dask cluster needs dask and "
+                                        "distributed: a few tens of MB")
+        self.env_dask_button.clicked.connect(lambda: self.install_environment("dask"))
         self.env_remove_button = QPushButton("Remove")
         self.env_remove_button.setToolTip("Delete the plugin's Python environment (QGIS itself is not touched)")
         self.env_remove_button.clicked.connect(self.remove_environment)
-        for button in (self.env_install_button, self.env_training_button, self.env_remove_button):
+        for button in (self.env_install_button, self.env_training_button, self.env_dask_button,
+                       self.env_remove_button):
             buttons.addWidget(button)
         buttons.addStretch(1)
         layout.addWidget(self.env_label)
@@ -412,8 +417,10 @@ class HeightDock(QgsDockWidget):
         if python is not None and (self._dask_checked is None or self._dask_checked[0] != python):
             self._dask_checked = (python, worker_has_dask(python))
         available = python is not None and self._dask_checked is not None and self._dask_checked[1]
+        managed = python is not None and self.environment.is_ready() and Path(python) == self.environment.python
         why = ("" if available else
                "Needs Dask in the worker environment: no Python environment yet" if python is None else
+               "Needs Dask in the worker environment: 'Add Dask' under Python environment" if managed else
                f"Needs Dask in the worker environment ({python}): pip install {' '.join(DASK_MODULES)}")
         tips = {"workers": "Cut the area into chunks predicted by this many processes on this computer (Dask)",
                 "scheduler": "Send the chunks to a running Dask cluster (its scheduler's address). Its workers "
@@ -941,6 +948,8 @@ class HeightDock(QgsDockWidget):
         self.env_install_button.setEnabled(not busy)
         self.env_training_button.setVisible(env.is_ready() and "training" not in env.installed_sets())
         self.env_training_button.setEnabled(not busy)
+        self.env_dask_button.setVisible(env.is_ready() and "dask" not in env.installed_sets())
+        self.env_dask_button.setEnabled(not busy)
         self.env_remove_button.setVisible(env.python.is_file())
         self.env_remove_button.setEnabled(not busy)
         self.run_button.setEnabled(python is not None and not self.is_running())

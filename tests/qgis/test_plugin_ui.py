@@ -696,6 +696,30 @@ def test_run_on_choice_exists_and_persists(dock, iface, monkeypatch):
     assert "/usr/bin/python3" in dock.dask_hint.text()
 
 
+def test_a_managed_environment_without_dask_offers_add_dask(dock, monkeypatch, tmp_path):
+    """The plugin's own environment (a real venv from the system Python, inference set only) has no Dask:
+    the Dask choices point at 'Add Dask', which installs the dask set; once installed the button goes."""
+    from alphaearth_height.plugin.environment import DASK, INFERENCE, ManagedEnvironment, system_python
+
+    monkeypatch.delenv(PYTHON_OVERRIDE)
+    env = ManagedEnvironment(tmp_path / "env", base_python=system_python())
+    env.create(lambda line: None)
+    marker = env.folder / "alphaearth_height_ready.json"
+    marker.write_text(json.dumps({"sets": ["inference"], "requirements": sorted(INFERENCE.values())}))
+    dock.environment, dock._dask_checked = env, None
+    started = []
+    monkeypatch.setattr(dock, "_start_env_task", lambda action, package_set: started.append((action, package_set)))
+    dock.refresh_environment()
+    assert dock.env_dask_button.isVisibleTo(dock) and not dock.run_on_buttons["workers"].isEnabled()
+    assert "'Add Dask'" in dock.dask_hint.text() and "'Add Dask'" in dock.run_on_buttons["scheduler"].toolTip()
+    dock.env_dask_button.click()
+    assert started == [("install", "dask")]
+    marker.write_text(json.dumps({"sets": ["dask", "inference"],
+                                  "requirements": sorted({**INFERENCE, **DASK}.values())}))
+    dock.refresh_environment()
+    assert not dock.env_dask_button.isVisibleTo(dock)
+
+
 def test_dock_run_on_two_local_dask_workers(dock, iface, small_scene, tiny_model, tmp_path):
     """The same height layer as a run in one process (within 0.01 m), predicted in chunks by 2 workers."""
     from dataclasses import replace
