@@ -14,7 +14,8 @@ import pytest
 TINY = ["--arch", "unet", "--encoder-depth", "3", "--decoder-channels", "16,16,8", "--patch-size", "64",
         "--batch-size", "2", "--epochs", "2", "--steps-per-epoch", "3", "--no-calibration", "--workers", "0",
         "--device", "cpu", "--seed", "3"]
-TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+# --local-addr: the rendezvous on 127.0.0.1, also where the hostname does not resolve (chroots, containers)
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1", "--nproc_per_node=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -101,6 +102,7 @@ def test_run_interrupted_under_torchrun_resumes_under_torchrun(small_scene, ddp_
     first = (tmp_path / "first.log").read_text()
     assert status != 0, first[-3000:]
     assert not (out / "model.json").exists(), first[-3000:]
+    assert first.count(f"continue with: alphaearth-height train --resume {out}") == 1, first[-3000:]  # rank 0's
     stored = json.loads((out / "checkpoint" / "state.json").read_text())
     assert stored["epoch"] == 1 and [row["epoch"] for row in stored["history"]] == [1], first[-3000:]
 
