@@ -7,7 +7,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .plugin.core import choices
 from .plugin.core.errors import InputError
@@ -180,23 +180,7 @@ def _predict(args: argparse.Namespace) -> None:
     _check_cluster_args(args)
     package = open_package(args.model or bundled_model_dir())
     if args.workers or args.scheduler:
-        from .plugin.core.distributed import DEFAULT_CHUNK, open_client, predict_distributed
-
-        if args.uncertainty:
-            raise InputError("--uncertainty", "does not run on a cluster yet", "Run it without --workers/--scheduler")
-        bar = _Bar("predicting", unit="chunk")
-        try:
-            with open_client(args.workers, args.scheduler) as client:
-                result = predict_distributed(args.embeddings, package.path, args.out, client=client,
-                                             chunk_size=args.chunk_size or DEFAULT_CHUNK, cog=args.cog,
-                                             tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
-                                             device=args.device, amp=not args.no_amp, backend=args.backend,
-                                             max_mpx=max_mpx, progress=bar, terrain=args.terrain)
-        finally:
-            bar.close()
-        kept = f", chunks in {result.folder}" if result.folder else ""
-        print(f"wrote {result.path} ({result.grid.width}x{result.grid.height} px, {result.chunks} chunks: "
-              f"{result.done} run, {result.skipped} already done{kept}; {result.seconds:.1f} s)")
+        _predict_on_cluster(args, package, max_mpx)
         return
     bar = _Bar("predicting")
     try:
@@ -213,9 +197,47 @@ def _predict(args: argparse.Namespace) -> None:
         finally:
             bar.close()
         print(f"wrote {spread.path} (test-time augmentation spread, {spread.seconds:.1f} s)")
-        k = package.card.get("uncertainty", {}).get("k")
-        if k:
-            print(f"90 % interval: prediction ± {k:.2f} x spread (scale calibrated on the model's validation area)")
+        _print_interval(package)
+
+
+def _print_interval(package: Any) -> None:
+    """The card's calibration, when it has one: how to read the spread as a 90 % interval."""
+    k = package.card.get("uncertainty", {}).get("k")
+    if k:
+        print(f"90 % interval: prediction ± {k:.2f} x spread (scale calibrated on the model's validation area)")
+
+
+def _predict_on_cluster(args: argparse.Namespace, package: Any, max_mpx: Optional[float]) -> None:
+    """predict on Dask: the heights, then (--uncertainty) the TTA spread, each its own chunk run.
+
+    Both outputs are checked before the first chunk, so a bad --uncertainty name is not found
+    only after the heights' hours.
+    """
+    from .plugin.core.distributed import DEFAULT_CHUNK, check_distributed_output, open_client, predict_distributed
+
+    check_distributed_output(args.out, args.cog)
+    if args.uncertainty:
+        check_distributed_output(args.uncertainty, args.cog)
+    options = dict(chunk_size=args.chunk_size or DEFAULT_CHUNK, cog=args.cog, tile=args.tile, overlap=args.overlap,
+                   batch_size=args.batch_size, device=args.device, amp=not args.no_amp, backend=args.backend,
+                   max_mpx=max_mpx)
+    runs = [("predicting", args.out, dict(terrain=args.terrain))]
+    if args.uncertainty:
+        runs.append(("uncertainty (8 augmentations)", args.uncertainty, dict(uncertainty=True)))
+    with open_client(args.workers, args.scheduler) as client:
+        for label, out, extra in runs:
+            bar = _Bar(label, unit="chunk")
+            try:
+                result = predict_distributed(args.embeddings, package.path, out, client=client, progress=bar,
+                                             **options, **extra)
+            finally:
+                bar.close()
+            kept = f", chunks in {result.folder}" if result.folder else ""
+            what = "test-time augmentation spread, " if extra.get("uncertainty") else ""
+            print(f"wrote {result.path} ({what}{result.grid.width}x{result.grid.height} px, {result.chunks} chunks: "
+                  f"{result.done} run, {result.skipped} already done{kept}; {result.seconds:.1f} s)")
+    if args.uncertainty:
+        _print_interval(package)
 
 
 def _export_onnx(args: argparse.Namespace) -> None:
@@ -498,7 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-amp", action="store_true", help="full precision on CUDA (AMP is on by default there)")
     p.add_argument("--terrain", metavar="copernicus-30|copernicus-90|FILE", help=TERRAIN_HELP_PREDICT)
     _add_dem_base_url(p)
-    p.add_argument("--uncertainty", metavar="U_TIF", help="also write the test-time augmentation spread (m) here")
+    p.add_argument("--uncertainty", metavar="U_TIF",
+                   help="also write the test-time augmentation spread (m) here (on a cluster: a .vrt or .tif, "
+                        "chunks of its own)")
     p.add_argument("--backend", default="auto", choices=choices.BACKENDS,
                    help="auto: ONNX Runtime on the CPU when the model has an ONNX graph, PyTorch on a GPU")
     p.add_argument("--max-mpx", type=float,

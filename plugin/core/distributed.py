@@ -20,6 +20,12 @@ grid and read over its interior (the very warp ``terrain.predict_surface`` reads
 block). The client resolves the terrain once (a DEM product is fetched into the cache);
 every worker reads that one file.
 
+Uncertainty: with ``uncertainty`` each chunk runs the model wrapped as
+``uncertainty.predict_uncertainty`` wraps it (the spread over 8 flips/rotations, torch
+only) through the same tiles, blend and assembly, and writes the same band description
+and tags. It needs no terrain (the spread of the relief is the spread of the height),
+and its chunks are of their own run (``"uncertainty": true`` in the manifest).
+
 Resume: a chunk's GeoTIFF appears only when whole (``atomic_write``), so its existence is
 the "finished" marker; a re-run skips those. A task that fails is retried (and a task
 whose worker dies is re-run elsewhere by the scheduler); one still failing is reported
@@ -242,18 +248,22 @@ def run_chunk_tasks(client: Any, task: Callable[..., ChunkOutcome], jobs: Sequen
 _RUNNERS: dict = {}
 
 
-def _runner(model: str, backend: str, device: str, amp: bool) -> tuple[Any, Any]:
+def _runner(model: str, backend: str, device: str, amp: bool, uncertainty: bool = False) -> tuple[Any, Any]:
     """The model and its runner, loaded once per worker process (not once per chunk).
 
     Keyed by the folder's modification time too: a long-lived worker must not keep a model
-    that was trained again into the same folder (its files are renamed into place).
+    that was trained again into the same folder (its files are renamed into place). With
+    ``uncertainty`` the package is the one ``predict_uncertainty`` runs (the TTA spread).
     """
-    key = (model, Path(model).stat().st_mtime_ns, backend, device, amp)
+    key = (model, Path(model).stat().st_mtime_ns, backend, device, amp, uncertainty)
     if key not in _RUNNERS:
         from .inference import make_runner
         from .models import open_package
+        from .uncertainty import uncertainty_package
 
         package = open_package(model)
+        if uncertainty:
+            package = uncertainty_package(package)
         _RUNNERS.clear()  # one model at a time per worker: they are large
         _RUNNERS[key] = package, make_runner(package, backend, device, amp)
     return _RUNNERS[key]
@@ -292,20 +302,23 @@ def _blend_tiles(source: EmbeddingRaster, runner: Any, chunk: Chunk, th: int, tw
 def predict_chunk(name: str, embeddings: str, model: str, out: str, inner: tuple[int, int, int, int],
                   outer: tuple[int, int, int, int], rows: Sequence[int], cols: Sequence[int], th: int, tw: int,
                   overlap: int, batch_size: int = 4, device: str = "auto", amp: bool = True,
-                  backend: str = "auto", terrain: Optional[str] = None) -> ChunkOutcome:
+                  backend: str = "auto", terrain: Optional[str] = None, uncertainty: bool = False) -> ChunkOutcome:
     """One chunk: the whole raster's tiles ``rows`` x ``cols`` blended, ``inner`` written to ``out``.
 
     Windows are (col, row, width, height) in the whole raster's pixels. Skips the work
     when ``out`` exists (a finished chunk of an earlier run, or of an earlier try). With
     ``terrain`` (a file; the model predicts relief) the terrain is added to the interior.
+    With ``uncertainty`` the values are the TTA spread, described as ``predict_uncertainty``
+    describes its file.
     """
     from .rasters import describe_band
+    from .uncertainty import DESCRIPTION, uncertainty_tags
 
     started = time.perf_counter()
     out_path = Path(out)
     if out_path.exists():
         return ChunkOutcome(name, out, True, -1, 0.0)
-    package, runner = _runner(model, backend, device, amp)
+    package, runner = _runner(model, backend, device, amp, uncertainty)
     chunk = Chunk(0, 0, Window(*inner), Window(*outer), tuple(rows), tuple(cols))
     with EmbeddingRaster(embeddings) as source:
         whole = source.grid
@@ -326,9 +339,11 @@ def predict_chunk(name: str, embeddings: str, model: str, out: str, inner: tuple
     grid = sub_grid(whole, chunk.inner)
     with atomic_write(out_path) as tmp:
         with rasterio.open(tmp, "w", **float_profile(grid)) as dst:
-            describe_band(dst, "predicted surface height", "m", MODEL=package.name,
+            describe_band(dst, DESCRIPTION if uncertainty else "predicted surface height", "m", MODEL=package.name,
                           SOURCE_EMBEDDINGS=Path(embeddings).name, TILE=str(max(th, tw)), OVERLAP=str(overlap),
                           **tags)
+            if uncertainty:  # on the band, as predict_height writes band_tags
+                dst.update_tags(1, **uncertainty_tags(package))
             dst.write(values, 1)
     return ChunkOutcome(name, out, False, int(valid[sl].sum()), time.perf_counter() - started)
 
@@ -495,14 +510,16 @@ def predict_distributed(embeddings: str | os.PathLike, model: str | os.PathLike,
                         progress: Optional[Callable[[int, int], None]] = None,
                         task: Callable[..., ChunkOutcome] = predict_chunk,
                         terrain: Optional[str | os.PathLike] = None,
-                        cache_dir: Optional[str | os.PathLike] = None) -> DistributedResult:
+                        cache_dir: Optional[str | os.PathLike] = None,
+                        uncertainty: bool = False) -> DistributedResult:
     """``predict_surface`` over ``embeddings`` in chunks on ``client``'s cluster.
 
     ``embeddings``, ``model``, ``out``'s folder and ``terrain`` must be paths every worker
     sees (one machine, or a shared file system). ``terrain`` (a raster file or a DEM product
     name, fetched here into ``cache_dir``) is for models trained relative to a coarse
     terrain, and refused for others. ``task`` is the per-chunk function (tests wrap it
-    to kill a worker mid-run).
+    to kill a worker mid-run). ``uncertainty`` writes ``predict_uncertainty``'s TTA spread
+    instead of the height (torch backend, ``terrain`` not used).
     """
     from .models import open_package
     from .sizes import check_size
@@ -510,7 +527,11 @@ def predict_distributed(embeddings: str | os.PathLike, model: str | os.PathLike,
     started = time.perf_counter()
     out = check_distributed_output(out, cog)
     package = open_package(model)
-    if not needs_terrain(package, terrain):  # refuses a missing terrain as one process does
+    if uncertainty:  # the spread of the relief is the spread of the height, as on one process
+        from .uncertainty import BACKEND
+
+        terrain, backend = None, BACKEND
+    elif not needs_terrain(package, terrain):  # refuses a missing terrain as one process does
         terrain = None
     tile = int(tile or package.default("tile", 256))
     overlap = int(package.default("overlap", tile // 4) if overlap is None else overlap)
@@ -532,13 +553,15 @@ def predict_distributed(embeddings: str | os.PathLike, model: str | os.PathLike,
            "amp": amp}
     if terrain_file:  # only then: folders of earlier runs without a terrain still resume
         run["terrain"] = _stamp(terrain_file)
+    if uncertainty:  # likewise; never the chunks of a run of heights
+        run["uncertainty"] = True
     claim_folder(folder, run)
     window = lambda w: (int(w.col_off), int(w.row_off), int(w.width), int(w.height))  # noqa: E731
     jobs = [dict(name=c.name, embeddings=str(Path(embeddings).absolute()), model=str(Path(model).absolute()),
                  out=str((folder / f"{c.name}.tif").absolute()), inner=window(c.inner), outer=window(c.outer),
                  rows=list(c.rows), cols=list(c.cols), th=layout.th, tw=layout.tw, overlap=overlap,
                  batch_size=batch_size, device=device, amp=amp, backend=backend,
-                 terrain=str(terrain_file) if terrain_file else None) for c in chunks]
+                 terrain=str(terrain_file) if terrain_file else None, uncertainty=uncertainty) for c in chunks]
     finished = [job for job in jobs if Path(job["out"]).exists()]  # resume: written whole by an earlier run
     outcomes = run_chunk_tasks(client, task, [job for job in jobs if job not in finished], retries, progress)
     if not finished and not any(o.valid for o in outcomes):

@@ -39,20 +39,41 @@ def _augmented(module: Any):
     return SpreadOverAugmentations()
 
 
-def predict_uncertainty(embeddings: str | os.PathLike, model: str | os.PathLike | ModelPackage,
-                        out_path: str | os.PathLike, **options) -> PredictionResult:
-    """Write the TTA spread (m) of the model's heights on the embedding grid."""
-    package = model if isinstance(model, ModelPackage) else load_model(model)
+DESCRIPTION = "height uncertainty: std over flips and rotations (test-time augmentation)"
+BACKEND = "torch"  # the augmentations are a torch wrapper, not part of the ONNX graph
+
+
+def uncertainty_package(package: ModelPackage) -> ModelPackage:
+    """``package`` wrapped to output the TTA spread (m) instead of the height.
+
+    The spread is a difference of heights, so the target's mean is dropped and only its
+    std scales the model's output. One place for the one-process run and the Dask chunks.
+    """
     card = {**package.card, "target": {**package.card["target"],
                                        "normalisation": {"mean": 0.0, "std": package.target_std}}}
-    wrapped = ModelPackage(_augmented(package.torch_module()), card, package.path)
-    options["backend"] = "torch"  # the augmentations are a torch wrapper, not part of the ONNX graph
-    # described as it is written: changing the finished file in place could break it on a full disk
+    return ModelPackage(_augmented(package.torch_module()), card, package.path)
+
+
+def uncertainty_tags(package: ModelPackage) -> dict[str, str]:
+    """The band's tags: the method, and the card's calibration (``training.calibration``) as the
+    scale that turns the spread into a 90 % interval, when the model has one."""
     tags = {"METHOD": "test-time augmentation, 8 dihedral transforms (4 on non-square tiles)"}
     k = package.card.get("uncertainty", {}).get("k") if isinstance(package.card.get("uncertainty"), dict) else None
-    if k:  # the card's calibration (training.calibration): the spread scaled into a 90 % interval
+    if k:
         tags.update(INTERVAL_90_SCALE=f"{k:.4f}", INTERVAL_90=f"prediction ± {k:.2f} x this value (calibrated on "
                                                               "the model's validation area)")
-    return predict_height(embeddings, wrapped, out_path, relative=True,
-                          description="height uncertainty: std over flips and rotations (test-time augmentation)",
-                          band_tags=tags, **options)
+    return tags
+
+
+def predict_uncertainty(embeddings: str | os.PathLike, model: str | os.PathLike | ModelPackage,
+                        out_path: str | os.PathLike, **options) -> PredictionResult:
+    """Write the TTA spread (m) of the model's heights on the embedding grid.
+
+    No terrain, also for a model trained relative to one: the spread of the relief is the
+    spread of the height.
+    """
+    package = model if isinstance(model, ModelPackage) else load_model(model)
+    options["backend"] = BACKEND
+    # described as it is written: changing the finished file in place could break it on a full disk
+    return predict_height(embeddings, uncertainty_package(package), out_path, relative=True,
+                          description=DESCRIPTION, band_tags=uncertainty_tags(package), **options)
