@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -113,8 +114,6 @@ def _fetch(args: argparse.Namespace) -> None:
 
 def _dem_base_url(args: argparse.Namespace) -> None:
     """--dem-base-url: the Copernicus DEM mirror for this run (and the worker processes it starts)."""
-    import os
-
     from .plugin.core.dem import is_product, product
 
     url = getattr(args, "dem_base_url", None)
@@ -278,7 +277,7 @@ def _train(args: argparse.Namespace) -> None:
     bar = _Bar("training", unit="step")
     try:
         if args.resume:
-            resume_training(args.resume, log=bar.write, progress=bar)
+            _resumable(bar, args.resume, lambda: resume_training(args.resume, log=bar.write, progress=bar))
             return
         missing = [f"--{n}" for n in ("embeddings", "reference", "out") if not getattr(args, n)]
         if missing:
@@ -303,14 +302,20 @@ def _train(args: argparse.Namespace) -> None:
             **{**recipe_for(args.device), **{name: getattr(args, name) for name in ("patch_size", "batch_size",
                                                                                    "steps_per_epoch")
                                              if getattr(args, name) is not None}})
-        try:
-            train_model(config, log=bar.write, progress=bar)
-        except KeyboardInterrupt:
-            bar.close()
-            print(f"{PROG}: interrupted; continue with: {PROG} train --resume {args.out}", file=sys.stderr)
-            raise SystemExit(130) from None
+        _resumable(bar, args.out, lambda: train_model(config, log=bar.write, progress=bar))
     finally:
         bar.close()
+
+
+def _resumable(bar: "_Bar", run_dir: str, work: Callable[[], object]) -> None:
+    """Run a training; on Ctrl-C, say how to continue (once: under torchrun, rank 0 alone)."""
+    try:
+        work()
+    except KeyboardInterrupt:
+        bar.close()
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{PROG}: interrupted; continue with: {PROG} train --resume {run_dir}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def _split_options(args: argparse.Namespace, base: dict) -> dict:
