@@ -217,6 +217,34 @@ def test_cli_refuses_cluster_options_without_a_cluster(small_scene, tiny_model, 
             pass
 
 
+def test_a_server_that_is_not_a_dask_scheduler_is_one_line():
+    """A web server on the port (it answers in HTTP): one line naming the address, not a MemoryError."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n" * 4)
+            conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+    try:
+        with pytest.raises(InputError) as caught:
+            with open_client(scheduler=address):
+                pass
+    finally:
+        server.close()
+    message = str(caught.value)
+    assert message.startswith(f"Dask scheduler {address}: ") and "\n" not in message
+
+
 def test_without_dask_installed_the_cluster_options_say_how_to_get_it(monkeypatch):
     import sys
 

@@ -169,8 +169,12 @@ def open_client(workers: Optional[int] = None, scheduler: Optional[str] = None) 
         try:
             client = Client(scheduler, timeout="30s")
         except OSError as exc:
-            raise InputError(f"--scheduler {scheduler}", f"could not be reached ({exc})",
+            raise InputError(f"Dask scheduler {scheduler}", f"could not be reached ({exc})",
                              "Start it (dask-scheduler) and check the address and port") from None
+        except (MemoryError, TypeError, ValueError) as exc:  # another server's reply, read as Dask's framing
+            raise InputError(f"Dask scheduler {scheduler}", f"answered, but not as a Dask scheduler "
+                             f"({type(exc).__name__})", "Check the address and port: dask-scheduler prints "
+                             "them (tcp://HOST:8786 by default)") from None
         try:
             yield client
         finally:
