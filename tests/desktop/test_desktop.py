@@ -97,7 +97,7 @@ def test_screenshot_of_the_dock_and_layers(desktop_run):
 def test_dock_shows_where_prediction_runs(desktop_run):
     """The "Run prediction on" group (opened for desktop_inside_difference.png): the run stays on this
     computer, and the Dask choices are enabled exactly when the worker's Python has Dask (the managed
-    environment installs none), with the way to get it as their tooltip otherwise."""
+    environment has it once 'Add Dask' installed it), with the way to get it as their tooltip otherwise."""
     state = desktop_run.result.get("run_on")
     assert state, "the dock has no run_on_group" + _context(desktop_run)
     assert state["title"] == "Run prediction on: this computer" and state["choice"] == "process", state
@@ -106,6 +106,6 @@ def test_dock_shows_where_prediction_runs(desktop_run):
     assert state["worker_has_dask"] is not None, state
     assert all(choice["enabled"] == state["worker_has_dask"] for choice in dask_choices), state
     if not state["worker_has_dask"]:
-        assert all("pip install dask distributed" in choice["tooltip"] for choice in dask_choices), state
-        assert "pip install dask distributed" in state["hint"], state
+        assert all("'Add Dask' under Python environment" in choice["tooltip"] for choice in dask_choices), state
+        assert "'Add Dask' under Python environment" in state["hint"], state
     assert "Dask" not in desktop_run.result["run"].get("device", ""), desktop_run.result["run"]
