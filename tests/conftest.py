@@ -154,3 +154,15 @@ def artifacts_dir() -> Path:
     folder = Path(__file__).resolve().parents[1] / "test-artifacts"
     folder.mkdir(exist_ok=True)
     return folder
+
+
+def assert_same_raster(got: Path, want: Path, atol: float = 0.01) -> None:
+    """Band 1 of two rasters: the same shape and nodata (-9999) pixels, some data, values within ``atol``."""
+    import rasterio
+
+    with rasterio.open(got) as a_src, rasterio.open(want) as b_src:
+        a, b = a_src.read(1), b_src.read(1)
+    assert a.shape == b.shape
+    assert np.array_equal(a == -9999.0, b == -9999.0)
+    assert (b != -9999.0).any()
+    assert np.abs(a - b).max() <= atol

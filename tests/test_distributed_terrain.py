@@ -22,6 +22,8 @@ from alphaearth_height.plugin.core.errors import InputError
 from alphaearth_height.plugin.core.inference import predict_height
 from alphaearth_height.plugin.core.terrain import predict_surface
 
+from conftest import assert_same_raster
+
 pytest.importorskip("distributed")
 
 CHUNK = 100   # not a multiple of the tile spacing nor of GDAL's blocks: chunk edges fall inside both
@@ -46,21 +48,13 @@ def _read(path: Path) -> np.ndarray:
         return src.read(1)
 
 
-def _assert_same_heights(got: Path, want: Path) -> None:
-    a, b = _read(got), _read(want)
-    assert a.shape == b.shape
-    assert np.array_equal(a == -9999.0, b == -9999.0)
-    assert (b != -9999.0).any()
-    assert np.abs(a - b).max() <= 0.01
-
-
 def test_terrain_model_on_dask_equals_one_process_and_resumes_only_with_its_terrain(
         client, small_scene, terrain_model, scene_terrain, single, tmp_path):
     out = tmp_path / "height.vrt"
     result = predict_distributed(small_scene.embeddings, terrain_model, out, client=client, chunk_size=CHUNK,
                                  device="cpu", terrain=scene_terrain)
     assert (result.chunks, result.done, result.skipped) == (9, 9, 0)
-    _assert_same_heights(out, single)
+    assert_same_raster(out, single)
     # the relief alone is metres away from it: the terrain was added
     relief = tmp_path / "relief.tif"
     predict_height(small_scene.embeddings, terrain_model, relief, relative=True, device="cpu")
@@ -101,7 +95,7 @@ def test_a_terrain_in_another_crs_gives_the_same_heights_as_one_process(client, 
     predict_surface(small_scene.embeddings, terrain_model, tmp_path / "one.tif", terrain, device="cpu")
     predict_distributed(small_scene.embeddings, terrain_model, tmp_path / "dask.vrt", client=client,
                         chunk_size=CHUNK, device="cpu", terrain=terrain)
-    _assert_same_heights(tmp_path / "dask.vrt", tmp_path / "one.tif")
+    assert_same_raster(tmp_path / "dask.vrt", tmp_path / "one.tif")
 
 
 def test_relief_model_without_terrain_is_refused_as_on_one_process(client, small_scene, terrain_model,
@@ -143,7 +137,7 @@ def test_cli_predict_with_terrain_and_workers(small_scene, terrain_model, scene_
             "--device", "cpu", "--terrain", str(scene_terrain)]
     assert main([*base, "--out", str(out), "--workers", "2", "--chunk-size", "128"]) == 0
     assert "4 chunks: 4 run, 0 already done" in capsys.readouterr().out
-    _assert_same_heights(out, single)
+    assert_same_raster(out, single)
     assert not chunk_folder(out).exists()
 
     # the spread of a terrain model on the cluster: its relief's spread, next to the heights
@@ -164,4 +158,4 @@ def test_the_plugins_worker_passes_the_terrain_to_dask(small_scene, terrain_mode
                                      "amp": True, "max_mpx": None, "workers": 2, "scheduler": None,
                                      "too_large_fix": "clip"}, python=sys.executable)
     assert result["device"].startswith("Dask")
-    _assert_same_heights(out, single)
+    assert_same_raster(out, single)

@@ -22,6 +22,8 @@ from alphaearth_height.plugin.core.distributed import MANIFEST, chunk_folder, op
 from alphaearth_height.plugin.core.errors import InputError
 from alphaearth_height.plugin.core.uncertainty import predict_uncertainty
 
+from conftest import assert_same_raster
+
 pytest.importorskip("distributed")
 
 CHUNK = 100   # not a multiple of the tile spacing: chunk edges fall inside tiles
@@ -58,14 +60,6 @@ def _read(path: Path) -> np.ndarray:
         return src.read(1)
 
 
-def _assert_same_values(got: Path, want: Path) -> None:
-    a, b = _read(got), _read(want)
-    assert a.shape == b.shape
-    assert np.array_equal(a == -9999.0, b == -9999.0)
-    assert (b != -9999.0).any()
-    assert np.abs(a - b).max() <= 0.01
-
-
 def _described(path: Path) -> tuple[str, dict, dict]:
     """Band description, band tags (statistics left out) and dataset tags."""
     with rasterio.open(path) as src:
@@ -79,7 +73,7 @@ def test_spread_on_dask_equals_one_process_with_its_tags_and_resumes(client, sma
     result = predict_distributed(small_scene.embeddings, calibrated_model, out, client=client, chunk_size=CHUNK,
                                  device="cpu", uncertainty=True)
     assert (result.chunks, result.done, result.skipped) == (9, 9, 0)
-    _assert_same_values(out, single)
+    assert_same_raster(out, single)
     assert _described(out) == _described(single)
     assert float(_described(out)[1]["INTERVAL_90_SCALE"]) == pytest.approx(K)
     assert json.loads((chunk_folder(out) / MANIFEST).read_text())["uncertainty"] is True
@@ -88,7 +82,7 @@ def test_spread_on_dask_equals_one_process_with_its_tags_and_resumes(client, sma
     again = predict_distributed(small_scene.embeddings, calibrated_model, out, client=client, chunk_size=CHUNK,
                                 device="cpu", uncertainty=True)
     assert (again.done, again.skipped) == (1, 8)
-    _assert_same_values(out, single)
+    assert_same_raster(out, single)
 
     with pytest.raises(InputError, match="holds chunks of another run"):  # heights never reuse spread chunks
         predict_distributed(small_scene.embeddings, calibrated_model, out, client=client, chunk_size=CHUNK,
@@ -101,7 +95,7 @@ def test_a_terrain_models_spread_needs_no_terrain_as_on_one_process(client, smal
     predict_uncertainty(small_scene.embeddings, terrain_model, tmp_path / "one.tif", device="cpu")
     predict_distributed(small_scene.embeddings, terrain_model, tmp_path / "dask.tif", client=client,
                         chunk_size=CHUNK, device="cpu", uncertainty=True, terrain=scene_terrain)
-    _assert_same_values(tmp_path / "dask.tif", tmp_path / "one.tif")
+    assert_same_raster(tmp_path / "dask.tif", tmp_path / "one.tif")
     assert not chunk_folder(tmp_path / "dask.tif").exists()  # one GeoTIFF asked for: chunks removed
 
 
@@ -118,8 +112,8 @@ def test_cli_predict_uncertainty_on_workers_equals_one_process(small_scene, cali
     assert "4 chunks: 4 run, 0 already done" in printed
     assert "test-time augmentation spread, 256x256 px, 4 chunks" in printed
     assert f"prediction ± {K:.2f} x spread" in printed
-    _assert_same_values(tmp_path / "h.tif", tmp_path / "h1.tif")
-    _assert_same_values(tmp_path / "u.vrt", tmp_path / "u1.tif")
+    assert_same_raster(tmp_path / "h.tif", tmp_path / "h1.tif")
+    assert_same_raster(tmp_path / "u.vrt", tmp_path / "u1.tif")
     assert _described(tmp_path / "u.vrt") == _described(tmp_path / "u1.tif")
     assert np.abs(_read(tmp_path / "h.tif") - _read(tmp_path / "u.vrt")).max() > 10  # a spread, not heights
 
