@@ -29,8 +29,8 @@ import rasterio
 from affine import Affine
 
 from alphaearth_height.plugin.core import aef
-from alphaearth_height.plugin.core.inference import (DEFAULT_BAND_WIDTH, PREDICT_GDAL_CACHE, TilePlan, _read_batches,
-                                                     make_runner, predict_height)
+from alphaearth_height.plugin.core.inference import (DEFAULT_BAND_WIDTH, TilePlan, _read_batches, make_runner,
+                                                     predict_height, read_cache_bytes)
 from alphaearth_height.plugin.core.models import bundled_model_dir, open_package
 from alphaearth_height.plugin.core.rasters import EmbeddingRaster
 from rasterio.windows import Window
@@ -38,14 +38,13 @@ from rasterio.windows import Window
 BATCH_SIZE = 4  # predict's default
 
 def write_area(path: Path, side: int, block: int = 512) -> None:
-    """An AEF-like int8 raster of side x side px, written block by block."""
+    """An AEF-like int8 raster of side x side px, written block by block, stored as fetch
+    stores the embeddings it writes (``aef.int8_profile``)."""
     rng = np.random.default_rng(0)
     values = rng.standard_normal((aef.N_BANDS, block, block)).astype(np.float32)
     values /= np.linalg.norm(values, axis=0, keepdims=True)
     q = aef.quantise(values)
-    profile = {"driver": "GTiff", "width": side, "height": side, "count": aef.N_BANDS, "dtype": "int8",
-               "nodata": aef.NODATA_INT8, "crs": "EPSG:32630", "transform": Affine(10, 0, 690000, 0, -10, 4975000),
-               "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
+    profile = aef.int8_profile(side, side, "EPSG:32630", Affine(10, 0, 690000, 0, -10, 4975000))
     with rasterio.open(path, "w", **profile) as dst:
         for r in range(0, side, block):
             for c in range(0, side, block):
@@ -64,12 +63,17 @@ def model_only(path: Path, device: str, backend: str) -> tuple[float, float, int
     """Seconds spent in forward passes alone over the batches predict would run, and seconds
     spent reading and de-quantising those batches (predict's own reader, one batch at a
     time, nothing else running): the CPU work that cannot overlap with a model that
-    already keeps every core busy."""
+    already keeps every core busy.
+
+    The runner is fresh, as predict's is, and every pass is timed, the first included
+    (ONNX Runtime and torch set up their buffers on it, ~0.1 s): the same forward passes
+    predict makes, so the ratio is what reading, blending and writing add to them.
+    """
     package = open_package(bundled_model_dir())
     runner = make_runner(package, backend, device)
     plan = default_plan(path)
-    seconds, read_seconds, warm = 0.0, 0.0, False
-    with rasterio.Env(GDAL_CACHEMAX=PREDICT_GDAL_CACHE), EmbeddingRaster(path) as src:
+    seconds, read_seconds = 0.0, 0.0
+    with EmbeddingRaster(path) as src, rasterio.Env(GDAL_CACHEMAX=read_cache_bytes(src, plan)):
         batches = _read_batches(src, plan, BATCH_SIZE)
         while True:
             start = time.perf_counter()
@@ -79,9 +83,6 @@ def model_only(path: Path, device: str, backend: str) -> tuple[float, float, int
                 break
             if batch.stack is None:
                 continue
-            if not warm:
-                runner(batch.stack)  # warm-up (graph optimisation, allocator), as predict's first batch pays
-                warm = True
             start = time.perf_counter()
             runner(batch.stack)
             seconds += time.perf_counter() - start

@@ -25,6 +25,34 @@ def test_dequantise_into_a_buffer_with_nodata_as_zero():
     np.testing.assert_array_equal(np.isnan(aef.dequantise(q)), q == aef.NODATA_INT8)
 
 
+def test_dequantise_is_the_same_across_its_chunks_and_into_a_strided_buffer():
+    """A tile is looked up a chunk at a time: values on both sides of every chunk boundary,
+    and a buffer with no flat view (a column slice) get the formula's values too."""
+    q = np.random.default_rng(3).integers(-128, 128, (3, 400, 500)).astype(np.int8)  # 600 000 values: 3 chunks
+    scaled = q.astype(np.float64) / 127.5
+    expected = np.where(q == aef.NODATA_INT8, 0.0, np.sign(scaled) * scaled ** 2)
+    np.testing.assert_allclose(aef.dequantise(q, nodata="zero"), expected, rtol=1e-6, atol=0)
+    wide = np.full((3, 400, 600), 7.0, dtype=np.float32)
+    aef.dequantise(q, out=wide[:, :, 50:550], nodata="zero")
+    np.testing.assert_allclose(wide[:, :, 50:550], expected, rtol=1e-6, atol=0)
+    assert (wide[:, :, :50] == 7.0).all() and (wide[:, :, 550:] == 7.0).all()
+
+
+def test_int8_rasters_are_written_like_the_published_tiles(tmp_path):
+    """Band by band, ZSTD (this GDAL has it): the profile fetch, the tile cache and the demo write."""
+    import rasterio
+    from affine import Affine
+
+    path = tmp_path / "e.tif"
+    q = np.random.default_rng(0).integers(-128, 128, (aef.N_BANDS, 300, 260)).astype(np.int8)
+    with rasterio.open(path, "w", **aef.int8_profile(260, 300, "EPSG:32630", Affine(10, 0, 5e5, 0, -10, 5e6))) as dst:
+        dst.write(q)
+    with rasterio.open(path) as src:
+        assert src.profile["compress"] == "zstd" and src.profile["interleave"] == "band"
+        assert src.block_shapes[0] == (256, 256) and src.nodata == aef.NODATA_INT8
+        np.testing.assert_array_equal(src.read(), q)
+
+
 def test_dequantise_is_not_the_linear_bug():
     assert aef.dequantise(np.array([64], dtype=np.int8))[0] == pytest.approx(0.2520, abs=1e-4)
     assert aef.dequantise(np.array([64], dtype=np.int8))[0] != pytest.approx(64 / 127.5, abs=1e-3)

@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional, Union
@@ -41,13 +42,22 @@ from .sizes import check_size, format_bytes
 
 DEFAULT_BAND_WIDTH = 4096
 BATCH_TILE_PX = 256 * 256  # a batch holds at most batch_size tiles and batch_size x this many pixels
-# GDAL's block cache (process-wide, 5 % of RAM by default) would keep every block read or
-# written until full: peak memory grew with the area up to that size. During a prediction
-# it is capped (and restored after) at the blocks one tile touches, so neighbouring tiles
-# share the blocks they overlap; a cache for a whole row of tiles (4 block rows of a
-# 4096 px band: 272 MB) would decode each block once but raised peak memory by as much
-# for about 3 % less time.
-PREDICT_GDAL_CACHE = 64 * 2**20
+MIN_READ_CACHE, MAX_READ_CACHE = 64 * 2**20, 256 * 2**20
+
+
+def read_cache_bytes(source: EmbeddingRaster, plan: "TilePlan") -> int:
+    """GDAL's block cache for a prediction: 1.5 x the blocks one tile touches, 64-256 MB.
+
+    The cache is process-wide, 5 % of RAM by default, and kept every block read or
+    written until full: peak memory grew with the area up to that size. Capped at one
+    tile's blocks (64 MB for 608 px tiles on 256 px blocks), the next tile found none of
+    the blocks it shares with this one (they are read band by band, the first bands
+    evicted by the last), and decoding took half as long again; half a tile more keeps
+    them. Decoding each block once would take a whole row of tiles' blocks (272 MB at
+    4096 px): memory would grow with the band's width.
+    """
+    wanted = 3 * source.window_block_bytes(plan.th, plan.tw) // 2
+    return min(max(wanted, MIN_READ_CACHE), MAX_READ_CACHE)
 
 
 @dataclass
@@ -254,7 +264,7 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
     overlap = int(package.default("overlap", tile // 4) if overlap is None else overlap)
     _check_tiling(tile, overlap, batch_size, package.multiple)
     out = check_output_path(out_path, embeddings)
-    with rasterio.Env(GDAL_CACHEMAX=PREDICT_GDAL_CACHE), EmbeddingRaster(embeddings) as source:
+    with EmbeddingRaster(embeddings) as source:
         grid = source.grid
         plan = TilePlan(grid, tile, overlap, package.multiple, max(band_width, tile))
         check_size(embeddings, grid.width, grid.height, max_mpx, resolution_m=grid.resolution[0],
@@ -262,40 +272,47 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
                            f"{format_bytes(4 * grid.width * grid.height)} of heights to write",
                    allow=too_large_fix)
         ensure_free_space(out, raster_bytes(grid.width, grid.height), "the prediction")
-        runner = make_runner(package, backend, device, amp, channels_last)
-        stats = _Stats()
-        with atomic_write(out) as tmp:
-            with rasterio.open(tmp, "w", **float_profile(grid)) as dst:
-                describe_band(dst, description, "m", MODEL=package.name,
-                              SOURCE_EMBEDDINGS=Path(embeddings).name, TILE=str(tile), OVERLAP=str(overlap))
-                done = 0
-                batches = _prefetched(_read_batches(source, plan, batch_size))
-                strips = _predict_strips(batches, runner, plan, cancel)
-                # One writer thread: statistics, the non-finite check and the (compressing) write of
-                # a strip overlap with the model's next batches; at most one strip is in flight.
-                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-writer") as writer:
-                    pending: Optional[Future] = None
-                    try:
-                        for window, values, n_tiles in strips:
-                            if pending is not None:
-                                pending.result()
-                            pending = writer.submit(_check_and_write, dst, stats, window, values, package.path)
-                            done += n_tiles
-                            if progress:
-                                progress(done, plan.total_tiles)
-                        if pending is not None:
-                            pending.result()
-                    finally:  # stop and join the reader before the source closes, also on cancel or error
-                        strips.close()
-                        batches.close()
-                if not stats.n:
-                    raise InputError(embeddings, f"has no valid pixel in its {grid.width} x {grid.height} px "
-                                     "(every pixel is nodata, NaN or infinite)",
-                                     "Give embeddings with data over the area (AEF marks missing pixels -128), "
-                                     "or fetch the area again")
-                dst.update_tags(1, **stats.tags(), **(band_tags or {}))
+        # The reader fetches the first batch while the model loads.
+        with rasterio.Env(GDAL_CACHEMAX=read_cache_bytes(source, plan)), \
+                closing(_Prefetched(_read_batches(source, plan, batch_size))) as batches:
+            runner = make_runner(package, backend, device, amp, channels_last)
+            stats = _Stats()
+            with atomic_write(out) as tmp:
+                with rasterio.open(tmp, "w", **float_profile(grid)) as dst:
+                    describe_band(dst, description, "m", MODEL=package.name,
+                                  SOURCE_EMBEDDINGS=Path(embeddings).name, TILE=str(tile), OVERLAP=str(overlap))
+                    _write_strips(dst, _predict_strips(batches, runner, plan, cancel), stats, package.path,
+                                  plan.total_tiles, progress)
+                    if not stats.n:
+                        raise InputError(embeddings, f"has no valid pixel in its {grid.width} x {grid.height} px "
+                                         "(every pixel is nodata, NaN or infinite)",
+                                         "Give embeddings with data over the area (AEF marks missing pixels -128), "
+                                         "or fetch the area again")
+                    dst.update_tags(1, **stats.tags(), **(band_tags or {}))
     return PredictionResult(out, grid, plan.total_tiles, time.perf_counter() - started,
                             runner.description, stats.summary())
+
+
+def _write_strips(dst: rasterio.io.DatasetWriter, strips: Iterator[tuple[Window, np.ndarray, int]],
+                  stats: "_Stats", model_path: Path, total_tiles: int, progress: Optional[ProgressFn]) -> None:
+    """Write strips as the model finishes them. One writer thread: statistics, the
+    non-finite check and the (compressing) write of a strip overlap with the model's next
+    batches; at most one strip is in flight."""
+    done = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-writer") as writer:
+        pending: Optional[Future] = None
+        try:
+            for window, values, n_tiles in strips:
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(_check_and_write, dst, stats, window, values, model_path)
+                done += n_tiles
+                if progress:
+                    progress(done, total_tiles)
+            if pending is not None:
+                pending.result()
+        finally:  # stops the model's loop (and with it the reader) on cancel or error
+            strips.close()
 
 
 def _check_and_write(dst: rasterio.io.DatasetWriter, stats: "_Stats", window: Window, values: np.ndarray,
@@ -411,7 +428,7 @@ class _Batch(NamedTuple):
 def _read_batches(source: EmbeddingRaster, plan: TilePlan, batch_size: int) -> Iterator[_Batch]:
     """Read, de-quantise and mask every batch in order; the model gets finite values only."""
     # Two buffers in turn: the consumer is done with a batch when it asks for the one after
-    # next (``_prefetched`` holds one batch ahead), and refilling memory already touched
+    # next (``_Prefetched`` holds one batch ahead), and refilling memory already touched
     # spares the page faults of a fresh 50-300 MB array every batch.
     buffers = [np.empty((plan.tiles_per_batch(batch_size), aef.N_BANDS, plan.th, plan.tw), dtype=np.float32)
                for _ in range(2)]
@@ -424,49 +441,62 @@ def _read_batches(source: EmbeddingRaster, plan: TilePlan, batch_size: int) -> I
         yield _Batch(band, k, r, cols, masks, live, stack)
 
 
-def _prefetched(items: Iterator[_Batch]) -> Iterator[_Batch]:
-    """Run ``items`` on a reader thread, one batch ahead of the consumer.
+class _Prefetched:
+    """Batches read on a reader thread, one batch ahead of the consumer; the reader starts
+    at once (on the first batch while the model loads).
 
     Reading and de-quantising the next batch then overlaps with the model (torch and
     ONNX Runtime release the GIL). The reader starts a batch only once the consumer has
     taken the previous one, so two batches at most are in memory. An error in the reader
-    is raised here; when the consumer stops early (cancel, error), the reader stops
-    before its next batch.
+    is raised to the consumer; ``close`` (also on cancel or error) stops the reader
+    before its next batch and waits for it, so the source can be closed after.
     """
-    handoff: queue.Queue = queue.Queue(maxsize=1)
-    may_read = threading.Semaphore(1)
-    stop = threading.Event()
-    done = object()
 
-    def work() -> None:
+    _DONE = object()
+
+    def __init__(self, items: Iterator[_Batch]) -> None:
+        self._items = items
+        self._handoff: queue.Queue = queue.Queue(maxsize=1)
+        self._may_read = threading.Semaphore(1)
+        self._stop = threading.Event()
+        self._finished = False
+        self._reader = threading.Thread(target=self._work, name="predict-reader", daemon=True)
+        self._reader.start()
+
+    def _work(self) -> None:
         try:
             while True:
-                while not may_read.acquire(timeout=0.1):
-                    if stop.is_set():
+                while not self._may_read.acquire(timeout=0.1):
+                    if self._stop.is_set():
                         return
-                if stop.is_set():
+                if self._stop.is_set():
                     return
-                item = next(items, done)
-                handoff.put(item)  # never blocks: the consumer took the previous item
-                if item is done:
+                item = next(self._items, self._DONE)
+                self._handoff.put(item)  # never blocks: the consumer took the previous item
+                if item is self._DONE:
                     return
         except BaseException as exc:  # handed to the consumer, raised there
-            handoff.put(exc)
+            self._handoff.put(exc)
 
-    reader = threading.Thread(target=work, name="predict-reader", daemon=True)
-    reader.start()
-    try:
-        while True:
-            item = handoff.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            may_read.release()
-            yield item
-    finally:
-        stop.set()
-        reader.join()
+    def __iter__(self) -> "_Prefetched":
+        return self
+
+    def __next__(self) -> _Batch:
+        if self._finished:
+            raise StopIteration
+        item = self._handoff.get()
+        if item is self._DONE:
+            self._finished = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        self._may_read.release()
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._reader.join()
 
 
 def _predict_strips(batches: Iterator[_Batch], runner: ModelRunner, plan: TilePlan,
