@@ -29,8 +29,8 @@ import rasterio
 from affine import Affine
 
 from alphaearth_height.plugin.core import aef
-from alphaearth_height.plugin.core.inference import (DEFAULT_BAND_WIDTH, TilePlan, _read_batches, make_runner,
-                                                     predict_height, read_cache_bytes)
+from alphaearth_height.plugin.core.inference import (DEFAULT_BAND_WIDTH, TilePlan, TileReader, _read_batches,
+                                                     make_runner, predict_height, read_cache_bytes)
 from alphaearth_height.plugin.core.models import bundled_model_dir, open_package
 from alphaearth_height.plugin.core.rasters import EmbeddingRaster
 from rasterio.windows import Window
@@ -61,9 +61,9 @@ def default_plan(path: Path) -> TilePlan:
 
 def model_only(path: Path, device: str, backend: str) -> tuple[float, float, int]:
     """Seconds spent in forward passes alone over the batches predict would run, and seconds
-    spent reading and de-quantising those batches (predict's own reader, one batch at a
-    time, nothing else running): the CPU work that cannot overlap with a model that
-    already keeps every core busy.
+    spent reading and de-quantising those batches (predict's own reader, on every core,
+    one batch at a time, nothing else running): on the CPU, predict reads between the
+    forward passes, so this is what it adds to them.
 
     The runner is fresh, as predict's is, and every pass is timed, the first included
     (ONNX Runtime and torch set up their buffers on it, ~0.1 s): the same forward passes
@@ -73,8 +73,9 @@ def model_only(path: Path, device: str, backend: str) -> tuple[float, float, int
     runner = make_runner(package, backend, device)
     plan = default_plan(path)
     seconds, read_seconds = 0.0, 0.0
-    with EmbeddingRaster(path) as src, rasterio.Env(GDAL_CACHEMAX=read_cache_bytes(src, plan)):
-        batches = _read_batches(src, plan, BATCH_SIZE)
+    with EmbeddingRaster(path) as src, rasterio.Env(GDAL_CACHEMAX=read_cache_bytes(src, plan)), \
+            TileReader(src) as reader:
+        batches = _read_batches(reader, plan, BATCH_SIZE)
         while True:
             start = time.perf_counter()
             batch = next(batches, None)

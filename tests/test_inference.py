@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.crs import CRS
+from rasterio.windows import Window
 
 from alphaearth_height.plugin.core.errors import InputError
 from alphaearth_height.plugin.core.cancel import Cancelled
@@ -138,7 +139,7 @@ def test_column_bands_give_the_same_result_and_run_each_tile_once(scene, tiny_mo
         def run(batch):
             seen.extend(tile.tobytes() for tile in batch)
             return runner(batch)
-        run.description = runner.description
+        run.description, run.on_cpu = runner.description, runner.on_cpu
         return run
 
     predict_height(path, tiny_model, tmp_path / "one.tif", device="cpu")
@@ -151,6 +152,58 @@ def test_column_bands_give_the_same_result_and_run_each_tile_once(scene, tiny_mo
                         100)
     assert len(plan.bands()) > 1 and result.tiles == len(plan.rows) * len(plan.cols)
     assert len(seen) == len(set(seen)) == result.tiles
+
+
+def test_the_block_cache_keeps_a_tile_and_a_half_of_blocks(tmp_path):
+    """Blocks one 544 px tile touches on 256 px blocks: 4 x 4 of 64 bands x 64 KiB, but no
+    more than the raster has (a 320 px tile on 300 px); the cache holds half as many again,
+    64 MiB at least."""
+    from affine import Affine
+
+    from alphaearth_height.plugin.core import aef
+    from alphaearth_height.plugin.core.inference import read_cache_bytes
+
+    sizes = {}
+    for side in (1024, 300):
+        path = tmp_path / f"e{side}.tif"
+        with rasterio.open(path, "w", **aef.int8_profile(side, side, "EPSG:32630",
+                                                          Affine(10, 0, 5e5, 0, -10, 5e6))) as dst:
+            dst.write(np.zeros((aef.N_BANDS, side, side), dtype=np.int8))
+        with EmbeddingRaster(path) as src:
+            plan = TilePlan(src.grid, 608, 64, 32, 4096)
+            sizes[side] = plan.th, src.window_block_bytes(plan.th, plan.tw), read_cache_bytes(src, plan)
+    assert sizes[1024] == (544, 16 * aef.N_BANDS * 2**16, 96 * 2**20)
+    assert sizes[300] == (320, 4 * aef.N_BANDS * 2**16, 64 * 2**20)
+
+
+@pytest.mark.parametrize("bottom_up", [False, True])
+def test_reading_a_tile_on_several_threads_gives_what_one_reads(tmp_path, bottom_up):
+    """Each thread reads its share of the bands on its own handle: the same values and mask
+    as one whole read, with nodata pixels (all bands) and one band alone at -128, uneven
+    shares (64 bands on 3 threads), windows inside and one reaching past the edge."""
+    from alphaearth_height.plugin.core import aef
+    from alphaearth_height.plugin.core.inference import TileReader
+
+    values = np.random.default_rng(5).uniform(-1, 1, (aef.N_BANDS, 90, 110)).astype(np.float32)
+    values[:, 10:20, 30:50] = np.nan            # nodata: all bands
+    values[40, 50:60, 5:15] = -1.0              # one band at its least valid code (-127)
+    path = write_embeddings(tmp_path / "e.tif", values, bottom_up=bottom_up)
+    with rasterio.open(path, "r+") as dst:      # one band alone at -128 makes the pixel invalid
+        data = dst.read(42)
+        data[90 - 1 - 84 if bottom_up else 84, 100] = aef.NODATA_INT8
+        dst.write(data, 42)
+    first, inside, past_edge = Window(0, 0, 64, 64), Window(40, 21, 64, 64), Window(60, 50, 64, 64)
+    masks = {}
+    with EmbeddingRaster(path) as src, TileReader(src, threads=3) as reader:
+        assert src.reads_directly(inside) and not src.reads_directly(past_edge)
+        for window in (first, inside, past_edge):
+            alone, shared = (np.full((aef.N_BANDS, 64, 64), 9.0, dtype=np.float32) for _ in range(2))
+            masks[window] = src.read_model_input(window, alone)
+            np.testing.assert_array_equal(reader.read_model_input(window, shared), masks[window])
+            np.testing.assert_array_equal(shared, alone)
+    assert not masks[first][10:20, 30:50].any() and masks[first][:10].all() and masks[first][50:60, 5:15].all()
+    assert not masks[inside][84 - 21, 100 - 40] and masks[inside].sum() == 64 * 64 - 1
+    assert not masks[past_edge][40:].any()      # rows past the raster's 90
 
 
 def test_cancel_leaves_no_output(scene, tiny_model, tmp_path):
@@ -179,6 +232,8 @@ def test_bad_settings_are_refused_without_output(scene, tiny_model, tmp_path, kw
     with pytest.raises(InputError, match=expected):
         predict_height(path, tiny_model, tmp_path / "h.tif", **kwargs)
     assert list(tmp_path.iterdir()) == []
+    # the reader starts on the first batch while the model loads: a refused device stops it
+    assert not [t for t in threading.enumerate() if t.name.startswith("predict-reader")]
 
 
 def test_missing_output_folder_and_overwriting_input_are_refused(scene, tiny_model, tmp_path):

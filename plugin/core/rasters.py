@@ -186,27 +186,36 @@ class EmbeddingRaster:
         cols = min(-(-(width - 1) // block_w) + 1, -(-self.width // block_w))
         return rows * cols * block_h * block_w * self._ds.count * np.dtype(self._ds.dtypes[0]).itemsize
 
-    def read_model_input(self, window: Window, out: np.ndarray) -> np.ndarray:
+    def reads_directly(self, window: Window) -> bool:
+        """Whether ``read_model_input`` reads this window straight from the int8 file (AEF
+        int8 and inside the raster), so any share of the bands can be read on its own."""
+        return (self.quantised and window.col_off >= 0 and window.row_off >= 0
+                and window.col_off + window.width <= self.width and window.row_off + window.height <= self.height)
+
+    def read_model_input(self, window: Window, out: np.ndarray, bands: Optional[slice] = None) -> np.ndarray:
         """Fill ``out`` (float32, 64 x h x w) with what a model is given for a north-up window
         and return the window's validity mask (``valid_mask`` of ``read``).
 
         Missing pixels (nodata, NaN, +-Inf, outside the raster) are 0 in ``out``, since a
         NaN would spread through the convolutions into the neighbouring pixels. An int8
         window inside the raster is de-quantised straight into ``out`` in one table pass:
-        the reader's work per tile is then a small fraction of the model's.
+        the reader's work per tile is then a small fraction of the model's. There,
+        ``bands`` (a slice of the 64) reads only those into ``out`` (their count x h x w)
+        and the mask is theirs: threads can share a window, each on its own handle.
         """
-        inside = (self.quantised and window.col_off >= 0 and window.row_off >= 0
-                  and window.col_off + window.width <= self.width and window.row_off + window.height <= self.height)
-        if not inside:
+        if not self.reads_directly(window):
+            if bands is not None:
+                raise ValueError(f"{self.path}: a share of the bands is read only where reads_directly holds")
             out[...] = self.read(window)
             mask = valid_mask(out)
             np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
             return mask
         row = self.height - window.row_off - window.height if self.bottom_up else window.row_off
+        indexes = list(range(bands.start + 1, bands.stop + 1)) if bands is not None else None
         if self._raw is None or self._raw.shape != out.shape:
             self._raw = np.empty(out.shape, dtype=np.int8)
-        raw = read_or_fail(self._ds, self.path, window=Window(window.col_off, row, window.width, window.height),
-                           out=self._raw)
+        raw = read_or_fail(self._ds, self.path, indexes, window=Window(window.col_off, row, window.width,
+                                                                       window.height), out=self._raw)
         if self.bottom_up:
             raw = raw[:, ::-1, :]
         aef.dequantise(raw, out=out, nodata="zero")
