@@ -139,7 +139,7 @@ def test_column_bands_give_the_same_result_and_run_each_tile_once(scene, tiny_mo
         def run(batch):
             seen.extend(tile.tobytes() for tile in batch)
             return runner(batch)
-        run.description, run.on_cpu = runner.description, runner.on_cpu
+        run.description = runner.description
         return run
 
     predict_height(path, tiny_model, tmp_path / "one.tif", device="cpu")

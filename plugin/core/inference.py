@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import itertools
 import os
 import queue
 import threading
@@ -121,7 +122,6 @@ class TorchRunner:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.module = package.torch_module().to(self.device, memory_format=memory_format).eval()
         self.mean, self.std = package.target_mean, package.target_std
-        self.on_cpu = self.device.type == "cpu"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
@@ -152,7 +152,6 @@ class OnnxRunner:
         self.mean, self.std = package.target_mean, package.target_std
         threads = options.intra_op_num_threads or os.cpu_count() or 1
         self.description = f"cpu (ONNX Runtime {ort.__version__}, {threads} threads)"
-        self.on_cpu = True
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=np.float32)
@@ -274,16 +273,21 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
                            f"{format_bytes(4 * grid.width * grid.height)} of heights to write",
                    allow=too_large_fix)
         ensure_free_space(out, raster_bytes(grid.width, grid.height), "the prediction")
-        runner = make_runner(package, backend, device, amp, channels_last)
-        with rasterio.Env(GDAL_CACHEMAX=read_cache_bytes(source, plan)), \
-                TileReader(source) as reader, closing(_batches_for(runner, reader, plan, batch_size)) as batches:
+        on_cpu = _runs_on_cpu(package, backend, device)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-model-load") as loader, \
+                rasterio.Env(GDAL_CACHEMAX=read_cache_bytes(source, plan)), TileReader(source) as reader, \
+                closing(_batches_for(on_cpu, reader, plan, batch_size)) as batches:
+            loading = loader.submit(make_runner, package, backend, device, amp, channels_last)
+            first = next(batches, None)  # read while the model loads
+            runner = loading.result()
             stats = _Stats()
             with atomic_write(out) as tmp:
-                with rasterio.open(tmp, "w", **float_profile(grid)) as dst:
+                with rasterio.open(tmp, "w", **float_profile(grid), num_threads="ALL_CPUS") as dst:
                     describe_band(dst, description, "m", MODEL=package.name,
                                   SOURCE_EMBEDDINGS=Path(embeddings).name, TILE=str(tile), OVERLAP=str(overlap))
-                    _write_strips(dst, _predict_strips(batches, runner, plan, cancel), stats, package.path,
-                                  plan.total_tiles, progress)
+                    strips = _predict_strips(itertools.chain([first] if first else [], batches), runner, plan,
+                                             cancel)
+                    _write_strips(dst, strips, stats, package.path, plan.total_tiles, progress)
                     if not stats.n:
                         raise InputError(embeddings, f"has no valid pixel in its {grid.width} x {grid.height} px "
                                          "(every pixel is nodata, NaN or infinite)",
@@ -477,15 +481,23 @@ class TileReader:
 MAX_READ_THREADS = 8  # beyond that a tile's share of bands is too small to gain from another thread
 
 
-def _batches_for(runner: ModelRunner, reader: TileReader, plan: TilePlan, batch_size: int) -> Iterator[_Batch]:
-    """The batches for ``runner``, read between its forward passes on the CPU, ahead of them on a GPU.
+def _runs_on_cpu(package: ModelPackage, backend: str, device: str) -> bool:
+    """Whether ``make_runner`` will run the model on the CPU (the same choices, made before it loads)."""
+    if resolve_backend(package, backend, device) == "onnx":
+        return True
+    return select_device(device).type == "cpu"
+
+
+def _batches_for(on_cpu: bool, reader: TileReader, plan: TilePlan, batch_size: int) -> Iterator[_Batch]:
+    """The batches for a model on the CPU, read between its forward passes; for one on a GPU,
+    read ahead of them.
 
     On the CPU the model keeps every core busy: a reader running beside it took its time
     from the model's threads (whose parallel steps then wait for the slowest), so reading
     each batch on all cores in turn costs half as much on 2 cores. A GPU leaves the cores
     free while it runs: there the next batch is read during the forward pass.
     """
-    if runner.on_cpu:
+    if on_cpu:
         return _read_batches(reader, plan, batch_size, buffers=1)
     return _Prefetched(_read_batches(reader, plan, batch_size, buffers=2))
 
