@@ -51,6 +51,29 @@ def write_area(path: Path, side: int, block: int = 512) -> None:
                 dst.write(q, window=Window(c, r, block, block))
 
 
+FORMER_INT8 = {"compress": "deflate", "predictor": 2, "interleave": "pixel"}  # fetch's files before 2026-11-26
+
+
+def write_former(path: Path, source: Path) -> None:
+    """``source`` rewritten as fetch wrote embeddings before: pixel by pixel, DEFLATE with a predictor."""
+    with rasterio.open(source) as src, rasterio.open(path, "w", **{**src.profile, **FORMER_INT8}) as dst:
+        for _, window in src.block_windows(1):
+            dst.write(src.read(window=window), window=window)
+
+
+def read_only(path: Path, repeats: int) -> float:
+    """Seconds predict's reader takes for every batch of ``path`` alone (best of ``repeats``)."""
+    plan, best = default_plan(path), float("inf")
+    for _ in range(repeats):
+        with EmbeddingRaster(path) as src, rasterio.Env(GDAL_CACHEMAX=read_cache_bytes(src, plan)), \
+                TileReader(src) as reader:
+            start = time.perf_counter()
+            for _ in _read_batches(reader, plan, BATCH_SIZE):
+                pass
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
 def default_plan(path: Path) -> TilePlan:
     """The plan predict makes with the bundled model's defaults."""
     package = open_package(bundled_model_dir())
@@ -127,11 +150,18 @@ def main() -> None:
     if args.child:
         child(*args.child[:2], args.device, args.child[2])
         return
-    rows, tiling = [], []
+    rows, tiling, formats = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for side in args.sizes:
             emb = Path(tmp) / f"e{side}.tif"
             write_area(emb, side)
+            if side == min(args.sizes):
+                former = Path(tmp) / f"former{side}.tif"
+                write_former(former, emb)
+                now, before = read_only(emb, args.repeats), read_only(former, args.repeats)
+                formats.append(f"  {side}x{side}: band by band, ZSTD (what fetch writes) {now:.2f} s; pixel by pixel, "
+                               f"DEFLATE + predictor (fetch's files before) {before:.2f} s: x{now / before:.2f}")
+                former.unlink()
             plan = default_plan(emb)
             tiling.append(f"{side}x{side}: {plan.total_tiles} tiles of {plan.tw}x{plan.th} px (tile {plan.tile}, "
                           f"overlap {plan.overlap}): {plan.input_per_output:.3f} input px per output px")
@@ -158,6 +188,9 @@ def main() -> None:
             if len(heights) == 2:
                 a, b = heights.values()
                 print(f"{side}x{side}: backends agree within {np.abs(a - b).max():.4f} m (max |difference|)")
+    print("reading every batch with predict's reader, nothing else running, by how the embeddings are stored:")
+    for line in formats:
+        print(line)
     print("default tiling of the bundled model (the model computes each input pixel of each tile):")
     for line in tiling:
         print("  " + line)
