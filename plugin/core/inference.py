@@ -106,8 +106,8 @@ def _round_up(value: int, multiple: int) -> int:
 class TorchRunner:
     """Holds the torch model on its device and turns batches of finite embeddings into heights.
 
-    Missing pixels are zeroed by the reader thread (``EmbeddingRaster.read_model_input``),
-    not here, so that work overlaps with the model instead of delaying it.
+    Missing pixels are zeroed by the reader (``EmbeddingRaster.read_model_input``, on
+    every core), not here.
     """
 
     def __init__(self, package: ModelPackage, device_name: str, amp: bool, channels_last: Optional[bool]) -> None:
