@@ -206,7 +206,12 @@ def test_reading_a_tile_on_several_threads_gives_what_one_reads(tmp_path, bottom
     assert not masks[past_edge][40:].any()      # rows past the raster's 90
 
 
-def test_cancel_leaves_no_output(scene, tiny_model, tmp_path):
+@pytest.mark.parametrize("on_cpu", [True, False])
+def test_cancel_leaves_no_output(scene, tiny_model, tmp_path, monkeypatch, on_cpu):
+    """Also as with a model on a GPU (reading ahead on a thread), which this machine has not."""
+    from alphaearth_height.plugin.core import inference
+
+    monkeypatch.setattr(inference, "_runs_on_cpu", lambda *args: on_cpu)
     path, _ = scene
     calls = []
 
@@ -217,8 +222,20 @@ def test_cancel_leaves_no_output(scene, tiny_model, tmp_path):
     with pytest.raises(Cancelled):
         predict_height(path, tiny_model, tmp_path / "h.tif", device="cpu", batch_size=1, cancel=cancel)
     assert list(tmp_path.iterdir()) == []
-    # the reader thread (prefetching batches) and the writer thread stopped with the prediction
+    # the reader threads (sharing tiles, or reading ahead) and the writer thread stopped with the prediction
     assert not [t for t in threading.enumerate() if t.name.startswith(("predict-reader", "predict-writer"))]
+
+
+def test_reading_ahead_gives_the_same_heights(scene, tiny_model, tmp_path, monkeypatch):
+    """The GPU's way (the next batch read on a thread during the forward pass, two buffers in
+    turn) and the CPU's (each batch read on every core between passes) write the same file."""
+    from alphaearth_height.plugin.core import inference
+
+    path, _ = scene
+    predict_height(path, tiny_model, tmp_path / "between.tif", device="cpu", batch_size=1)
+    monkeypatch.setattr(inference, "_runs_on_cpu", lambda *args: False)
+    predict_height(path, tiny_model, tmp_path / "ahead.tif", device="cpu", batch_size=1)
+    np.testing.assert_array_equal(_read(tmp_path / "ahead.tif")[0], _read(tmp_path / "between.tif")[0])
 
 
 @pytest.mark.parametrize("kwargs, expected", [

@@ -44,6 +44,7 @@ from .sizes import check_size, format_bytes
 DEFAULT_BAND_WIDTH = 4096
 BATCH_TILE_PX = 256 * 256  # a batch holds at most batch_size tiles and batch_size x this many pixels
 MIN_READ_CACHE, MAX_READ_CACHE = 64 * 2**20, 256 * 2**20
+MAX_READ_THREADS = 8  # beyond that a tile's share of bands is too small to gain from another thread
 
 
 def read_cache_bytes(source: EmbeddingRaster, plan: "TilePlan") -> int:
@@ -285,7 +286,7 @@ def predict_height(embeddings: str | os.PathLike, model: str | os.PathLike | Mod
                 with rasterio.open(tmp, "w", **float_profile(grid), num_threads="ALL_CPUS") as dst:
                     describe_band(dst, description, "m", MODEL=package.name,
                                   SOURCE_EMBEDDINGS=Path(embeddings).name, TILE=str(tile), OVERLAP=str(overlap))
-                    strips = _predict_strips(itertools.chain([first] if first else [], batches), runner, plan,
+                    strips = _predict_strips(itertools.chain([] if first is None else [first], batches), runner, plan,
                                              cancel)
                     _write_strips(dst, strips, stats, package.path, plan.total_tiles, progress)
                     if not stats.n:
@@ -478,9 +479,6 @@ class TileReader:
         self.close()
 
 
-MAX_READ_THREADS = 8  # beyond that a tile's share of bands is too small to gain from another thread
-
-
 def _runs_on_cpu(package: ModelPackage, backend: str, device: str) -> bool:
     """Whether ``make_runner`` will run the model on the CPU (the same choices, made before it loads)."""
     if resolve_backend(package, backend, device) == "onnx":
@@ -499,13 +497,13 @@ def _batches_for(on_cpu: bool, reader: TileReader, plan: TilePlan, batch_size: i
     """
     if on_cpu:
         return _read_batches(reader, plan, batch_size, buffers=1)
-    return _Prefetched(_read_batches(reader, plan, batch_size, buffers=2))
+    return _prefetched(_read_batches(reader, plan, batch_size, buffers=2))
 
 
 def _read_batches(reader: TileReader, plan: TilePlan, batch_size: int, buffers: int = 1) -> Iterator[_Batch]:
     """Read, de-quantise and mask every batch in order; the model gets finite values only.
 
-    ``buffers`` batch arrays are filled in turn: 2 when a reader thread keeps one batch
+    ``buffers`` batch arrays are filled in turn: 2 when ``_prefetched`` keeps one batch
     ahead (the consumer is done with a batch when it asks for the one after next), 1
     otherwise. Refilling memory already touched spares the page faults of a fresh
     50-300 MB array every batch.
@@ -521,61 +519,49 @@ def _read_batches(reader: TileReader, plan: TilePlan, batch_size: int, buffers: 
         yield _Batch(band, k, r, cols, masks, live, stack)
 
 
-class _Prefetched:
-    """Batches read on a reader thread, one batch ahead of the consumer (a model on a GPU).
+def _prefetched(items: Iterator[_Batch]) -> Iterator[_Batch]:
+    """Run ``items`` on a reader thread, one batch ahead of the consumer (a model on a GPU).
 
     Reading and de-quantising the next batch then overlaps with the forward pass (torch
     releases the GIL). The reader starts a batch only once the consumer has
     taken the previous one, so two batches at most are in memory. An error in the reader
-    is raised to the consumer; ``close`` (also on cancel or error) stops the reader
-    before its next batch and waits for it, so the source can be closed after.
+    is raised here; when the consumer stops early (cancel, error), the reader stops
+    before its next batch.
     """
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    may_read = threading.Semaphore(1)
+    stop = threading.Event()
+    done = object()
 
-    _DONE = object()
-
-    def __init__(self, items: Iterator[_Batch]) -> None:
-        self._items = items
-        self._handoff: queue.Queue = queue.Queue(maxsize=1)
-        self._may_read = threading.Semaphore(1)
-        self._stop = threading.Event()
-        self._finished = False
-        self._reader = threading.Thread(target=self._work, name="predict-reader", daemon=True)
-        self._reader.start()
-
-    def _work(self) -> None:
+    def work() -> None:
         try:
             while True:
-                while not self._may_read.acquire(timeout=0.1):
-                    if self._stop.is_set():
+                while not may_read.acquire(timeout=0.1):
+                    if stop.is_set():
                         return
-                if self._stop.is_set():
+                if stop.is_set():
                     return
-                item = next(self._items, self._DONE)
-                self._handoff.put(item)  # never blocks: the consumer took the previous item
-                if item is self._DONE:
+                item = next(items, done)
+                handoff.put(item)  # never blocks: the consumer took the previous item
+                if item is done:
                     return
         except BaseException as exc:  # handed to the consumer, raised there
-            self._handoff.put(exc)
+            handoff.put(exc)
 
-    def __iter__(self) -> "_Prefetched":
-        return self
-
-    def __next__(self) -> _Batch:
-        if self._finished:
-            raise StopIteration
-        item = self._handoff.get()
-        if item is self._DONE:
-            self._finished = True
-            raise StopIteration
-        if isinstance(item, BaseException):
-            self._finished = True
-            raise item
-        self._may_read.release()
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._reader.join()
+    reader = threading.Thread(target=work, name="predict-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = handoff.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            may_read.release()
+            yield item
+    finally:
+        stop.set()
+        reader.join()
 
 
 def _predict_strips(batches: Iterator[_Batch], runner: ModelRunner, plan: TilePlan,
